@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from activeguard.control import ControlConfig, decide
 
+# Per-row step size: halved each time p_t crosses c, never below 1/64 of the start.
+_DECAY, _FLOOR = 0.5, 1 / 64
 ENCODINGS = ("float32", "uint8")
 
 
@@ -150,7 +152,7 @@ def _optimize(
         (grad,) = torch.autograd.grad(loss, wa)
         side = torch.sign(p_t.detach() - c)
         crossed = (side * last_side[active]) < 0
-        row_lr[active[crossed]] = (row_lr[active[crossed]] * 0.5).clamp(min=lr / 64)
+        row_lr[active[crossed]] = (row_lr[active[crossed]] * _DECAY).clamp(min=lr * _FLOOR)
         last_side[active] = side
         m[active] = beta1 * m[active] + (1 - beta1) * grad
         v[active] = beta2 * v[active] + (1 - beta2) * grad**2
@@ -172,7 +174,7 @@ def generate_fingerprints(
     per_user: int = 1,
     input_shape: tuple[int, ...] | None = None,
     alpha: float = 20.0,
-    lr: float = 0.05,
+    lr: float = 0.2,
     max_steps: int = 1000,
     encoding: str = "float32",
     seed: int = 0,

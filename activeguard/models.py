@@ -103,6 +103,14 @@ def arch_name(model: nn.Module) -> str:
     raise ValueError(f"{type(model).__name__} is not a registered ActiveGuard architecture")
 
 
+def input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one input row, read from the architecture's config."""
+    cfg = model.config
+    if "image_size" in cfg:
+        return (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    return (cfg.get("in_features") or cfg["latent_dim"],)
+
+
 def build_model(arch: str, **config: Any) -> nn.Module:
     try:
         cls = ARCHITECTURES[arch]

@@ -1,0 +1,1 @@
+"""Ownership audits: suspect models and the methods that judge them."""

@@ -1,0 +1,278 @@
+"""The ``activeguard`` admin command line.
+
+Exit codes: 0 success, 1 a negative verdict or a failed run, 2 a usage or input error.
+Every command that produces figures accepts ``--json`` for automation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
+PASSPHRASE_ENV = "ACTIVEGUARD_WM_PASSPHRASE"
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], str]) -> None:
+    print(json.dumps(payload, indent=2) if args.json else human())
+
+
+def _parse_users(text: str, total: int) -> list[int]:
+    """'all', '3', '0-9' or '1,4,7-9' → user indices."""
+    if text == "all":
+        return list(range(total))
+    users: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            users.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"--users {text!r}: use 'all', a number, a range like 0-9, or a comma list") from None
+    return users
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _parse_digits(text: str) -> list[int]:
+    if not text.isdigit():
+        raise UsageError(f"--digits {text!r}: give the watermark as a string of digits 0-9, e.g. 1234567890210")
+    return [int(ch) for ch in text]
+
+
+def _passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
+    """From --passphrase-file, the environment, or a prompt; never from the command line (ps shows it)."""
+    if args.passphrase_file:
+        return Path(args.passphrase_file).read_text().rstrip("\n")
+    if os.environ.get(args.passphrase_env):
+        return os.environ[args.passphrase_env]
+    if sys.stdin.isatty():
+        first = getpass.getpass("watermark key passphrase: ")
+        if confirm and getpass.getpass("repeat passphrase: ") != first:
+            raise UsageError("the passphrases differ")
+        return first
+    raise UsageError(f"no passphrase: set ${args.passphrase_env} or pass --passphrase-file")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from activeguard.data import load_dataset
+    from activeguard.models import accuracy, save_model, train_lenet5
+
+    split = load_dataset(args.dataset, seed=args.seed)
+    if split.task != "classification":
+        raise UsageError(f"train builds a LeNet-5 classifier; {args.dataset} is a {split.task} dataset")
+    model = train_lenet5(split, epochs=args.epochs, seed=args.seed, progress=not args.json)
+    acc = accuracy(model, split.x_test, split.y_test)
+    mid = save_model(model, args.out, {"dataset": args.dataset, "seed": args.seed, "epochs": args.epochs})
+    payload = {"model": str(args.out), "model_id": mid, "dataset": args.dataset, "test_accuracy": acc}
+    _emit(args, payload, lambda: f"saved {args.out}\n  model id {mid}\n  test accuracy {acc:.2%}")
+    return EXIT_OK
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from activeguard.control import ControlConfig
+    from activeguard.data import load_dataset
+    from activeguard.evaluation import seed_images
+    from activeguard.fingerprints import generate_fingerprints
+    from activeguard.models import input_shape, load_model, model_id
+
+    model = load_model(args.model)
+    num_classes = model.config["num_classes"]
+    config = ControlConfig(num_classes=num_classes, confidences=_parse_floats(args.confidences), epsilon=args.epsilon)
+    users = _parse_users(args.users, config.num_users)
+    count = len(users) * args.per_user
+    seeds = None if args.seeds == "noise" else seed_images(load_dataset(args.seeds, seed=args.seed).x_test, count, args.seed)
+    fps = generate_fingerprints(model, config, users, seeds, per_user=args.per_user,
+                                input_shape=input_shape(model),
+                                encoding=args.encoding, seed=args.seed, progress=not args.json)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for row, user in enumerate(fps.users.tolist()):
+        target, confidence = config.fo_of_user(user)
+        name = f"user-{user:03d}-{row % args.per_user:02d}.npy"
+        if fps.success[row]:
+            np.save(out / name, fps.inputs[row].numpy())
+        entries.append({"user": user, "class": target, "confidence": confidence, "ok": bool(fps.success[row]),
+                        "measured": float(fps.confidence[row]), "file": name if fps.success[row] else None})
+    manifest = {"model_id": model_id(model), "encoding": args.encoding, "epsilon": args.epsilon,
+                "confidences": list(config.confidences), "fingerprints": entries}
+    (out / "fingerprints.json").write_text(json.dumps(manifest, indent=2))
+    failed = sum(not e["ok"] for e in entries)
+    _emit(args, manifest, lambda: f"wrote {len(entries) - failed} fingerprints to {out}"
+          + (f" ({failed} failed the re-check and were not written)" if failed else ""))
+    return EXIT_NEGATIVE if failed else EXIT_OK
+
+
+def cmd_watermark_embed(args: argparse.Namespace) -> int:
+    from activeguard import watermark as wm
+    from activeguard.data import load_dataset
+    from activeguard.models import accuracy, load_model, save_model
+
+    model = load_model(args.model)
+    split = load_dataset(args.dataset, seed=args.seed)
+    passphrase = _passphrase(args, confirm=True)
+    key = wm.generate_key(model, _parse_digits(args.digits), layer=args.layer, seed=args.seed)
+    before = accuracy(model, split.x_test, split.y_test)
+    marked = wm.embed(model, key, split.x_train, split.y_train, epochs=args.epochs, lam=args.lam,
+                      seed=args.seed, progress=not args.json)
+    result = wm.verify(marked, key)
+    after = accuracy(marked, split.x_test, split.y_test)
+    mid = save_model(marked, args.out, {"watermarked": True})
+    wm.save_key(key, args.key_out, passphrase)
+    payload = {"model": str(args.out), "model_id": mid, "key": str(args.key_out), "verified": result.success,
+               "digits_matched": result.matched, "digits": result.total,
+               "accuracy_before": before, "accuracy_after": after}
+    _emit(args, payload, lambda: (
+        f"embedded {result.total} digits in {args.layer}: extracted {result.matched}/{result.total}\n"
+        f"  test accuracy {before:.2%} -> {after:.2%}\n  model {args.out} (id {mid})\n"
+        f"  encrypted key {args.key_out} (mode 0600)"))
+    return EXIT_OK if result.success else EXIT_NEGATIVE
+
+
+def cmd_watermark_verify(args: argparse.Namespace) -> int:
+    from activeguard import watermark as wm
+    from activeguard.models import load_model
+
+    key = wm.load_key(args.key, _passphrase(args))
+    result = wm.verify(load_model(args.model), key)
+    payload = {"model": str(args.model), "verified": result.success, "digits_matched": result.matched,
+               "digits": result.total, "chance_probability": result.chance_probability}
+    verdict = "OWNERSHIP VERIFIED" if result.success else "not verified"
+    _emit(args, payload, lambda: f"{verdict}: {result.matched}/{result.total} digits match "
+          f"(an unmarked model matches that many with probability {result.chance_probability:.2g})")
+    return EXIT_OK if result.success else EXIT_NEGATIVE
+
+
+def _run_core(args: argparse.Namespace, title: str) -> int:
+    from activeguard import pipeline
+
+    out = Path(args.out)
+    log = (lambda _msg: None) if args.json else print
+    if not args.json:
+        print(f"{title} (report directory: {out})")
+    report = pipeline.run(out, quick=args.quick, seed=args.seed, log=log, progress=not args.json,
+                          passphrase=os.environ.get(PASSPHRASE_ENV))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print((out / "report.md").read_text())
+        print(f"report written to {out}/ (report.json, report.md, pruning.png)")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run_core(args, "ActiveGuard demo: train, watermark, fingerprint, control, attack")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    return _run_core(args, "ActiveGuard core evaluation (Tables 1-4 and Figure 2 analogs)")
+
+
+def _add_common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed for data split and optimization (default 0)")
+
+
+def _add_passphrase(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--passphrase-env", default=PASSPHRASE_ENV, metavar="VAR",
+                   help=f"environment variable holding the key passphrase (default {PASSPHRASE_ENV})")
+    p.add_argument("--passphrase-file", metavar="PATH", help="read the key passphrase from this file instead")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="activeguard",
+        description="Protect served PyTorch models: user fingerprints, a control layer and weight watermarks.",
+        epilog="Exit codes: 0 ok, 1 negative verdict or failure, 2 usage error.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole core flow on the bundled MNIST digits and write a report")
+    p.add_argument("--quick", action="store_true", help="fewer fingerprints per user (CI profile)")
+    p.add_argument("--out", default="reports/demo", help="report directory (default reports/demo)")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="paper-shaped evaluation tables")
+    p.add_argument("suite", choices=["core"], help="core: ActiveGuard Tables 1-4 and Figure 2 analogs")
+    p.add_argument("--quick", action="store_true", help="5 instead of 20 fingerprints per user")
+    p.add_argument("--out", default="reports/evaluate-core", help="report directory")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train the reference LeNet-5 and save a weights-only checkpoint")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits8x8"])
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint path to write (.pt)")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("fingerprint", help="generate users' fingerprints (C&W examples with fixed class and confidence)")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint written by 'activeguard train'")
+    p.add_argument("--users", default="all", help="'all', '7', '0-9' or '1,4,7-9' (user = class*T + j)")
+    p.add_argument("--per-user", type=int, default=1, help="fingerprints per user (default 1)")
+    p.add_argument("--confidences", default="0.2,0.3,0.4", help="the confidence set C_fp (default 0.2,0.3,0.4)")
+    p.add_argument("--epsilon", type=float, default=0.01, help="tolerance of the control layer (default 0.01)")
+    p.add_argument("--encoding", default="float32", choices=["float32", "uint8"],
+                   help="the exact encoding clients will send; uint8 quantizes pixels to 8 bits")
+    p.add_argument("--seeds", default="mnist", help="dataset whose test images seed the search, or 'noise'")
+    p.add_argument("--out", required=True, help="directory for .npy fingerprints and fingerprints.json")
+    _add_common(p)
+    p.set_defaults(func=cmd_fingerprint)
+
+    wm_parser = sub.add_parser("watermark", help="embed or verify a digit watermark in conv weights")
+    wm_sub = wm_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = wm_sub.add_parser("embed", help="fine-tune a model with the watermark regularizer (Eq. 4)")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--digits", default="1234567890210", help="the watermark, digits 0-9 (default: the paper's wm1)")
+    p.add_argument("--layer", default="conv2.weight", help="conv weight to carry the watermark")
+    p.add_argument("--dataset", default="mnist", help="training data for the fine-tuning")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lam", type=float, default=0.01, help="regularizer weight lambda (default 0.01, as the paper)")
+    p.add_argument("--out", required=True, type=Path, help="watermarked checkpoint to write")
+    p.add_argument("--key-out", required=True, type=Path, help="encrypted key file to write (mode 0600)")
+    _add_passphrase(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_watermark_embed)
+    p = wm_sub.add_parser("verify", help="extract the watermark from a suspect model (exit 0 = verified)")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--key", required=True, type=Path)
+    _add_passphrase(p)
+    _add_common(p, seed=False)
+    p.set_defaults(func=cmd_watermark_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from activeguard.watermark import WatermarkKeyError
+
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, WatermarkKeyError) as exc:
+        print(f"activeguard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Digit watermark (ActiveGuard §2.5): analogs of the paper's Tables 2-4, plus the key file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from activeguard import watermark as wm
+from activeguard.data import load_mnist
+from activeguard.models import LeNet5, MLPClassifier, accuracy, train, train_lenet5
+
+# Measured: with λ = 0.01 and Adam lr 1e-3 the farthest position (digit 9 on a weight that
+# started negative) needs ~14 epochs to round correctly, so 15 fine-tuning epochs are used.
+EMBED_EPOCHS = 15
+PASS = "correct horse battery staple"
+
+
+def prune_layer(model: nn.Module, layer: str, rate: float) -> nn.Module:
+    """Han et al. magnitude pruning of one parameter: zero the ``rate`` fraction of smallest |w|."""
+    model = copy.deepcopy(model)
+    weight = dict(model.named_parameters())[layer]
+    with torch.no_grad():
+        flat = weight.view(-1)
+        count = int(round(rate * flat.numel()))
+        flat[torch.argsort(flat.abs())[:count]] = 0.0
+    return model
+
+
+def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
+    """The fine-tuning attack: SGD lr 0.01, momentum 0.9, all layers, no regularizer."""
+    return train(copy.deepcopy(model), x, y, epochs=epochs, lr=0.01, optimizer="sgd", seed=1)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_mnist(seed=0)
+
+
+@pytest.fixture(scope="module")
+def base(split):
+    return train_lenet5(split, epochs=15, seed=0)
+
+
+@pytest.fixture(scope="module")
+def wm1(split, base):
+    key = wm.generate_key(base, wm.WM1, seed=0)
+    marked = wm.embed(copy.deepcopy(base), key, split.x_train, split.y_train, epochs=EMBED_EPOCHS)
+    return key, marked
+
+
+@pytest.fixture(scope="module")
+def wm2(split, base):
+    key = wm.generate_key(base, wm.WM2, seed=1)
+    marked = wm.embed(copy.deepcopy(base), key, split.x_train, split.y_train, epochs=EMBED_EPOCHS)
+    return key, marked
+
+
+@pytest.fixture()
+def small_key() -> wm.WatermarkKey:
+    return wm.WatermarkKey(layer="conv2.weight", filter=3, positions=(5, 17, 42), a=30.0, b=-2.0, digits=(3, 8, 0))
+
+
+# --- Tables 2-4 analogs ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fine_tune_embedding_keeps_accuracy_and_extracts(split, base, wm1):
+    key, marked = wm1
+    before = accuracy(base, split.x_test, split.y_test)
+    after = accuracy(marked, split.x_test, split.y_test)
+    print(f"\nTable 2 analog: accuracy {before:.4f} -> {after:.4f} with WM1 embedded")
+    assert after >= before - 0.005
+    assert wm.extract(marked, key) == list(wm.WM1)
+    result = wm.verify(marked, key)
+    assert result.success and result.matched == result.total == 13
+    assert result.chance_probability == pytest.approx(1e-13)
+
+
+@pytest.mark.slow
+def test_unmarked_models_do_not_verify(split, base, wm1):
+    key, _ = wm1
+    other_seed = train_lenet5(split, epochs=5, seed=1)
+    for name, model in (("base", base), ("other seed", other_seed)):
+        result = wm.verify(model, key)
+        print(f"\nunmarked {name}: {result.matched}/{result.total}, chance {result.chance_probability:.3g}")
+        assert not result.success
+        assert result.matched < result.total
+        assert 0.0 < result.chance_probability <= 1.0
+
+
+@pytest.mark.slow
+def test_watermark_survives_fine_tuning(split, wm1):
+    key, marked = wm1
+    attacked = fine_tune(marked, split.x_train, split.y_train, epochs=10)
+    print(f"\nTable 3 analog: accuracy after 10 SGD epochs {accuracy(attacked, split.x_test, split.y_test):.4f}")
+    assert wm.verify(attacked, key).success
+
+
+@pytest.mark.slow
+def test_wm2_survives_pruning_80_percent(split, wm2):
+    key, marked = wm2
+    assert wm.verify(marked, key).success
+    pruned = prune_layer(marked, key.layer, 0.8)
+    assert float((pruned.conv2.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
+    print(f"\nTable 4 analog: accuracy at 80% pruning {accuracy(pruned, split.x_test, split.y_test):.4f}")
+    assert wm.verify(pruned, key).success
+
+
+# --- key generation, extraction rules ---------------------------------------------------
+
+
+def test_generate_key_uses_largest_filter_and_weight_range():
+    torch.manual_seed(0)
+    model = LeNet5()
+    weight = model.conv2.weight.detach()
+    key = wm.generate_key(model, wm.WM2, seed=7)
+    assert key.filter == int(weight.flatten(1).norm(dim=1).argmax())
+    lo, hi = float(weight.abs().median()), float(weight.abs().max())
+    assert key.a * lo + key.b == pytest.approx(0.0, abs=1e-9)
+    assert key.a * hi + key.b == pytest.approx(9.0)
+    assert len(set(key.positions)) == 13 and all(0 <= p < 150 for p in key.positions)
+    assert key == wm.generate_key(model, wm.WM2, seed=7)
+    assert key.positions != wm.generate_key(model, wm.WM2, seed=8).positions
+
+
+def test_extract_reads_mapped_weights_without_clamping(small_key):
+    model = LeNet5()
+    with torch.no_grad():
+        flat = model.conv2.weight[small_key.filter].view(-1)
+        for pos, digit in zip(small_key.positions, (3, 8, 0)):
+            flat[pos] = (digit + 0.3 - small_key.b) / small_key.a
+    assert wm.verify(model, small_key).success
+    with torch.no_grad():
+        flat[small_key.positions[1]] = 0.0  # pruned: map(0) = b = -2
+    result = wm.verify(model, small_key)
+    assert result.extracted == [3, -2, 0]
+    assert (result.success, result.matched, result.total) == (False, 2, 3)
+    assert result.chance_probability == pytest.approx(0.028)  # P(Bin(3, 0.1) >= 2)
+
+
+def test_regularizer_is_eq4(small_key):
+    model = LeNet5()
+    v = model.conv2.weight[small_key.filter].reshape(-1)[list(small_key.positions)]
+    expected = 0.01 * torch.mean((torch.tensor([3.0, 8.0, 0.0]) - (30.0 * v - 2.0)) ** 2)
+    value = wm.regularizer(small_key)(model)
+    assert value.item() == pytest.approx(expected.item())
+    value.backward()
+    assert model.conv2.weight.grad.count_nonzero() == 3
+
+
+def test_architecture_mismatch_raises(small_key):
+    with pytest.raises(ValueError, match="no parameter 'conv2.weight'"):
+        wm.verify(MLPClassifier(), small_key)
+
+    class Narrow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv2 = nn.Conv2d(2, 2, 3)
+
+    with pytest.raises(ValueError, match="does not fit the key"):
+        wm.verify(Narrow(), small_key)
+
+
+def test_invalid_inputs_raise_value_error():
+    model = LeNet5()
+    with pytest.raises(ValueError, match="0..9"):
+        wm.generate_key(model, [1, 10])
+    with pytest.raises(ValueError, match="0..9"):
+        wm.generate_key(model, [-1])
+    with pytest.raises(ValueError, match="int"):
+        wm.generate_key(model, [1.5])
+    with pytest.raises(ValueError, match="string"):
+        wm.generate_key(model, "123")
+    with pytest.raises(ValueError, match="empty"):
+        wm.generate_key(model, [])
+    with pytest.raises(ValueError, match="only 150 positions"):
+        wm.generate_key(model, [1] * 151)
+    with pytest.raises(ValueError, match="4-D conv weight"):
+        wm.generate_key(model, [1], layer="fc1.weight")
+    with pytest.raises(ValueError, match="no parameter"):
+        wm.generate_key(model, [1], layer="conv9.weight")
+    with pytest.raises(ValueError, match="distinct"):
+        wm.WatermarkKey("conv2.weight", 0, (1, 1), 1.0, 0.0, (2, 3))
+
+
+def test_repr_hides_secret(small_key):
+    text = repr(small_key)
+    assert "positions" not in text and "42" not in text and "digits" not in text
+
+
+# --- encrypted key file ------------------------------------------------------------------
+
+
+def test_key_file_round_trip_and_mode(tmp_path: Path, small_key):
+    path = tmp_path / "owner.key"
+    path.write_text("old")
+    path.chmod(0o644)
+    wm.save_key(small_key, path, PASS)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    raw = path.read_text()
+    assert "conv2" not in raw and "positions" not in raw
+    assert wm.load_key(path, PASS) == small_key
+    document = json.loads(raw)
+    assert document["kdf"] == {"name": "scrypt", "n": 2**15, "r": 8, "p": 1}
+    wm.save_key(small_key, tmp_path / "again.key", PASS)
+    assert json.loads((tmp_path / "again.key").read_text())["salt"] != document["salt"]
+
+
+def test_key_file_wrong_passphrase(tmp_path: Path, small_key):
+    path = tmp_path / "owner.key"
+    wm.save_key(small_key, path, PASS)
+    with pytest.raises(wm.WatermarkKeyError, match="wrong passphrase or tampered key file"):
+        wm.load_key(path, PASS + "!")
+
+
+def test_key_file_empty_passphrase(tmp_path: Path, small_key):
+    with pytest.raises(ValueError, match="passphrase"):
+        wm.save_key(small_key, tmp_path / "k", "")
+    wm.save_key(small_key, tmp_path / "k", PASS)
+    with pytest.raises(ValueError, match="passphrase"):
+        wm.load_key(tmp_path / "k", "")
+
+
+def _rewrite(path: Path, **changes) -> None:
+    document = json.loads(path.read_text())
+    document.update(changes)
+    path.write_text(json.dumps(document))
+
+
+def test_key_file_tampering_and_corruption(tmp_path: Path, small_key):
+    path = tmp_path / "owner.key"
+    wm.save_key(small_key, path, PASS)
+    good = path.read_text()
+    document = json.loads(good)
+
+    import base64
+
+    flipped = bytearray(base64.b64decode(document["ciphertext"]))
+    flipped[3] ^= 0x01
+    _rewrite(path, ciphertext=base64.b64encode(bytes(flipped)).decode())
+    with pytest.raises(wm.WatermarkKeyError, match="wrong passphrase or tampered"):
+        wm.load_key(path, PASS)
+
+    path.write_text(good)
+    _rewrite(path, kdf={"name": "scrypt", "n": 2**14, "r": 8, "p": 1})  # downgraded cost
+    with pytest.raises(wm.WatermarkKeyError, match="wrong passphrase or tampered"):
+        wm.load_key(path, PASS)
+
+    path.write_text(good)
+    _rewrite(path, kdf={"name": "scrypt", "n": 2**30, "r": 8, "p": 1})
+    with pytest.raises(wm.WatermarkKeyError, match="out of range"):
+        wm.load_key(path, PASS)
+
+    path.write_text(good)
+    _rewrite(path, nonce="not base64!")
+    with pytest.raises(wm.WatermarkKeyError, match="base64"):
+        wm.load_key(path, PASS)
+
+    path.write_text(good[: len(good) // 2])
+    with pytest.raises(wm.WatermarkKeyError, match="not JSON"):
+        wm.load_key(path, PASS)
+
+    path.write_bytes(os.urandom(200))
+    with pytest.raises(wm.WatermarkKeyError):
+        wm.load_key(path, PASS)
+
+    path.write_text('{"format": "something-else"}')
+    with pytest.raises(wm.WatermarkKeyError, match="not a watermark key file"):
+        wm.load_key(path, PASS)
+
+    path.write_text("")
+    with pytest.raises(wm.WatermarkKeyError, match="not JSON"):
+        wm.load_key(path, PASS)
