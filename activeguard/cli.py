@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits", default="1234567890210", help="the watermark, digits 0-9 (default: the paper's wm1)")
     p.add_argument("--layer", default="conv2.weight", help="conv weight to carry the watermark")
     p.add_argument("--dataset", default="mnist", help="training data for the fine-tuning")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=15,
+                   help="fine-tuning epochs (default 15: with lambda=0.01 fewer may leave a digit unextracted)")
     p.add_argument("--lam", type=float, default=0.01, help="regularizer weight lambda (default 0.01, as the paper)")
     p.add_argument("--out", required=True, type=Path, help="watermarked checkpoint to write")
     p.add_argument("--key-out", required=True, type=Path, help="encrypted key file to write (mode 0600)")

@@ -8,6 +8,7 @@ report directory: report.json, report.md and PNG plots.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Profile:
 
     @classmethod
     def named(cls, quick: bool) -> "Profile":
-        return cls(15, 5, 5, 10) if quick else cls(15, 5, 20, 10)
+        return cls(15, 15, 5, 10) if quick else cls(15, 15, 20, 10)
 
 
 def pruning_sweep(model: torch.nn.Module, key: wm.WatermarkKey, split: Split) -> list[dict]:
@@ -79,7 +80,7 @@ def run(out_dir: Path, *, quick: bool = True, seed: int = 0, passphrase: str | N
         results = {}
         for name, digits in (("wm1", wm.WM1), ("wm2", wm.WM2)):
             key = wm.generate_key(state["base"], digits, layer=WATERMARK_LAYER, seed=seed)
-            marked = wm.embed(state["base"], key, split.x_train, split.y_train, epochs=profile.embed_epochs,
+            marked = wm.embed(copy.deepcopy(state["base"]), key, split.x_train, split.y_train, epochs=profile.embed_epochs,
                               seed=seed, progress=progress)
             state[name] = (marked, key)
             check = wm.verify(marked, key)

@@ -1,4 +1,3 @@
-import warnings
 from pathlib import Path
 
 import pytest
@@ -6,7 +5,7 @@ import torch
 
 from activeguard import data
 from activeguard.models import (
-    LeNet5, MLPRegressor, accuracy, build_model, load_model, model_id, save_model, train_generator, train_regressor,
+    accuracy, build_model, load_model, model_id, save_model, train_generator, train_regressor,
 )
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from activeguard import watermark as wm
-from activeguard.data import load_mnist
-from activeguard.models import LeNet5, MLPClassifier, accuracy, train, train_lenet5
+from activeguard.audit.suspects import fine_tune, prune_layer
+from activeguard.models import LeNet5, MLPClassifier, accuracy, train_lenet5
 
 # Measured: with λ = 0.01 and Adam lr 1e-3 the farthest position (digit 9 on a weight that
 # started negative) needs ~14 epochs to round correctly, so 15 fine-tuning epochs are used.
@@ -22,30 +22,14 @@ EMBED_EPOCHS = 15
 PASS = "correct horse battery staple"
 
 
-def prune_layer(model: nn.Module, layer: str, rate: float) -> nn.Module:
-    """Han et al. magnitude pruning of one parameter: zero the ``rate`` fraction of smallest |w|."""
-    model = copy.deepcopy(model)
-    weight = dict(model.named_parameters())[layer]
-    with torch.no_grad():
-        flat = weight.view(-1)
-        count = int(round(rate * flat.numel()))
-        flat[torch.argsort(flat.abs())[:count]] = 0.0
-    return model
-
-
-def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
-    """The fine-tuning attack: SGD lr 0.01, momentum 0.9, all layers, no regularizer."""
-    return train(copy.deepcopy(model), x, y, epochs=epochs, lr=0.01, optimizer="sgd", seed=1)
+@pytest.fixture(scope="module")
+def split(mnist):
+    return mnist
 
 
 @pytest.fixture(scope="module")
-def split():
-    return load_mnist(seed=0)
-
-
-@pytest.fixture(scope="module")
-def base(split):
-    return train_lenet5(split, epochs=15, seed=0)
+def base(lenet):
+    return lenet
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +82,7 @@ def test_unmarked_models_do_not_verify(split, base, wm1):
 @pytest.mark.slow
 def test_watermark_survives_fine_tuning(split, wm1):
     key, marked = wm1
-    attacked = fine_tune(marked, split.x_train, split.y_train, epochs=10)
+    attacked = fine_tune(marked, split.x_train, split.y_train, epochs=10, seed=1)
     print(f"\nTable 3 analog: accuracy after 10 SGD epochs {accuracy(attacked, split.x_test, split.y_test):.4f}")
     assert wm.verify(attacked, key).success
 
