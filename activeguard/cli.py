@@ -26,6 +26,11 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[],
     print(json.dumps(payload, indent=2) if args.json else human())
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching a terminal, never in JSON or piped output."""
+    return not args.json and sys.stderr.isatty()
+
+
 def _parse_users(text: str, total: int) -> list[int]:
     """'all', '3', '0-9' or '1,4,7-9' → user indices."""
     if text == "all":
@@ -74,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = load_dataset(args.dataset, seed=args.seed)
     if split.task != "classification":
         raise UsageError(f"train builds a LeNet-5 classifier; {args.dataset} is a {split.task} dataset")
-    model = train_lenet5(split, epochs=args.epochs, seed=args.seed, progress=not args.json)
+    model = train_lenet5(split, epochs=args.epochs, seed=args.seed, progress=_progress(args))
     acc = accuracy(model, split.x_test, split.y_test)
     mid = save_model(model, args.out, {"dataset": args.dataset, "seed": args.seed, "epochs": args.epochs})
     payload = {"model": str(args.out), "model_id": mid, "dataset": args.dataset, "test_accuracy": acc}
@@ -99,7 +104,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     seeds = None if args.seeds == "noise" else seed_images(load_dataset(args.seeds, seed=args.seed).x_test, count, args.seed)
     fps = generate_fingerprints(model, config, users, seeds, per_user=args.per_user,
                                 input_shape=input_shape(model),
-                                encoding=args.encoding, seed=args.seed, progress=not args.json)
+                                encoding=args.encoding, seed=args.seed, progress=_progress(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -130,7 +135,7 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
     key = wm.generate_key(model, _parse_digits(args.digits), layer=args.layer, seed=args.seed)
     before = accuracy(model, split.x_test, split.y_test)
     marked = wm.embed(model, key, split.x_train, split.y_train, epochs=args.epochs, lam=args.lam,
-                      seed=args.seed, progress=not args.json)
+                      seed=args.seed, progress=_progress(args))
     result = wm.verify(marked, key)
     after = accuracy(marked, split.x_test, split.y_test)
     mid = save_model(marked, args.out, {"watermarked": True})
@@ -166,7 +171,7 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
     log = (lambda _msg: None) if args.json else print
     if not args.json:
         print(f"{title} (report directory: {out})")
-    report = pipeline.run(out, quick=args.quick, seed=args.seed, log=log, progress=not args.json,
+    report = pipeline.run(out, quick=args.quick, seed=args.seed, log=log, progress=_progress(args),
                           passphrase=os.environ.get(PASSPHRASE_ENV))
     if args.json:
         print(json.dumps(report, indent=2))

@@ -28,6 +28,7 @@ from activeguard.control import ControlConfig, decide
 
 # Per-row step size: halved each time p_t crosses c, never below 1/64 of the start.
 _DECAY, _FLOOR = 0.5, 1 / 64
+_KL_WEIGHT = 1.0
 ENCODINGS = ("float32", "uint8")
 
 
@@ -148,7 +149,7 @@ def _optimize(
         target_dist = _target_distribution(t, c, logits.shape[1])
         kl = (target_dist * (target_dist.log() - log_p)).sum(1)
         distance = ((x - x0[active]) ** 2).flatten(1).sum(1)
-        loss = ((distance + alpha * (g0 + (p_t - c).abs() + kl)) * (~hit)).sum()
+        loss = ((distance + alpha * (g0 + (p_t - c).abs() + _KL_WEIGHT * kl)) * (~hit)).sum()
         (grad,) = torch.autograd.grad(loss, wa)
         side = torch.sign(p_t.detach() - c)
         crossed = (side * last_side[active]) < 0

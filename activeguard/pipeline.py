@@ -174,17 +174,19 @@ def plot_pruning(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     attacks = report["steps"]["attacks"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (acc_ax, wm_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     for name in ("wm1", "wm2"):
         rows = attacks[f"pruning_{name}"]
         rates = [r["rate"] * 100 for r in rows]
-        ax.plot(rates, [r["accuracy"] * 100 for r in rows], marker="o", label=f"{name} accuracy")
-        ax.scatter([r for r, row in zip(rates, rows) if not row["verified"]],
-                   [row["accuracy"] * 100 for row in rows if not row["verified"]], marker="x", s=80, color="red")
-    ax.set_xlabel("pruning rate of conv2 (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Watermark under pruning (x = watermark lost)")
-    ax.legend()
+        acc_ax.plot(rates, [r["accuracy"] * 100 for r in rows], marker="o", label=name)
+        wm_ax.plot(rates, [r["matched"] for r in rows], marker="o", label=name)
+    total = report["steps"]["embed"]["wm1"]["digits"]
+    wm_ax.axhline(total, color="grey", linestyle="--", label="verified (all digits)")
+    acc_ax.set(xlabel="pruning rate of conv2 (%)", ylabel="test accuracy (%)", title="Accuracy under pruning")
+    wm_ax.set(xlabel="pruning rate of conv2 (%)", ylabel="digits extracted", title="Watermark under pruning",
+              ylim=(0, total + 1))
+    acc_ax.legend()
+    wm_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
