@@ -1,0 +1,353 @@
+"""Command line of the license server and its admin client.
+
+    activeguard-license-server serve --data-dir DIR [--database-url URL] [--port 50061] [--metrics-port 9461]
+    activeguard-license-server create-token --hash-file DIR/admin_token.sha256 --token-out admin.token
+    activeguard-license-server register --model model.pt [--upload] [--pregenerate]
+    activeguard-license-server issue --model-id ID --user NAME [--validity-days 365] --out alice.aglicense
+    activeguard-license-server revoke LICENSE_ID [--reason TEXT]
+    activeguard-license-server list [--model-id ID] [--user NAME] [--state active|revoked|expired]
+    activeguard-license-server show LICENSE_ID [--out FILE.aglicense]
+    activeguard-license-server verify FILE.aglicense [--model-id ID]
+
+Entry points for the ``activeguard`` CLI: :func:`register` (the ``activeguard.commands`` plugin
+hook: adds ``activeguard license-server`` and ``activeguard license issue|revoke|list|show|verify``),
+or call :func:`server_main` / :func:`license_main` with an argv list directly.
+The admin token comes from ``--token-file`` or ``$ACTIVEGUARD_ADMIN_TOKEN``, never from the
+command line; a database URL with a password is best passed as ``$ACTIVEGUARD_LICENSE_DB``.
+Exit codes: 0 ok, 1 refused or failed, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DB_ENV = "ACTIVEGUARD_LICENSE_DB"
+STATES = {"active": 1, "revoked": 2, "expired": 3}
+_USAGE_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default="license-data", help="key, token hash, uploaded models, SQLite file")
+    p.add_argument("--database-url", default=None,
+                   help=f"SQLAlchemy URL (default: SQLite in the data dir; or ${DB_ENV}), "
+                        "e.g. postgresql+psycopg://user@127.0.0.1:5432/db")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061, help="0: any free port (see --ready-file)")
+    p.add_argument("--metrics-port", type=int, default=9461, help="Prometheus endpoint; -1 disables, 0 any free port")
+    p.add_argument("--signing-key", default=None, help="Ed25519 PEM key (created 0600 on first start)")
+    p.add_argument("--admin-token-hash-file", default=None,
+                   help=f"sha256 of the admin token (default DATA_DIR/admin_token.sha256; created with a new "
+                        f"token in DATA_DIR/admin.token if missing, or from ${'ACTIVEGUARD_ADMIN_TOKEN'})")
+    p.add_argument("--default-validity-days", type=float, default=365.0)
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--ready-file", default=None, help="write {pid, port, metrics_port, key_id} here once serving")
+    p.add_argument("--max-steps", type=int, default=1000, help="fingerprint optimizer steps")
+    p.add_argument("--log-level", default="INFO")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from license_server.service import LicenseServer, ServerConfig, configure_logging
+
+    configure_logging(args.log_level)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("error: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        data_dir=Path(args.data_dir),
+        database_url=args.database_url or os.environ.get(DB_ENV, ""),
+        host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        signing_key=Path(args.signing_key) if args.signing_key else None,
+        admin_token_hash_file=Path(args.admin_token_hash_file) if args.admin_token_hash_file else None,
+        default_validity=int(args.default_validity_days * 86400),
+        tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
+        tls_client_ca=args.tls_client_ca and Path(args.tls_client_ca),
+        max_steps=args.max_steps,
+    )
+    server = LicenseServer(config).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.ready_file:
+        ready = Path(args.ready_file)
+        tmp = ready.with_name(ready.name + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "port": server.port, "metrics_port": server.metrics_port,
+                                   "key_id": server.service.key_id}))
+        os.replace(tmp, ready)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    """``activeguard license-server [serve options]``: start the server in the foreground."""
+    p = argparse.ArgumentParser(prog="activeguard license-server", description="run the gRPC license server")
+    add_serve_arguments(p)
+    return serve(p.parse_args(argv))
+
+
+# -- admin client ---------------------------------------------------------------------------------
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help="host:port (default $ACTIVEGUARD_LICENSE_SERVER or 127.0.0.1:50061)")
+    p.add_argument("--token-file", default=None, help="admin token file (default $ACTIVEGUARD_ADMIN_TOKEN)")
+    p.add_argument("--ca-cert", default=None, help="TLS: CA certificate of the server")
+    p.add_argument("--client-cert", default=None, help="mTLS client certificate")
+    p.add_argument("--client-key", default=None, help="mTLS client key")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _client(args: argparse.Namespace):
+    from license_server.client import LicenseClient, read_token
+
+    return LicenseClient(args.server, read_token(args.token_file), ca_cert=args.ca_cert,
+                         client_cert=args.client_cert, client_key=args.client_key)
+
+
+def _license_dict(msg) -> dict[str, Any]:
+    from activeguard_proto.v1 import license_pb2
+
+    return {
+        "license_id": msg.license_id, "model_id": msg.model_id, "user": msg.user,
+        "fo_class": msg.fo.target_class, "fo_confidence": round(msg.fo.confidence, 6), "user_index": msg.fo.user_index,
+        "issued_at": msg.issued_at, "expires_at": msg.expires_at, "key_id": msg.key_id,
+        "state": license_pb2.LicenseState.Name(msg.state).removeprefix("LICENSE_STATE_").lower(),
+        **({"revoked_at": msg.revoked_at, "revoke_reason": msg.revoke_reason} if msg.revoked_at else {}),
+    }
+
+
+def _human(d: dict[str, Any]) -> str:
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    text = (f"{d['license_id']}  {d['state']:<7}  user={d['user']!r}  model={d['model_id'][:16]}  "
+            f"FO=({d['fo_class']}, {d['fo_confidence']})  expires {when(d['expires_at'])}")
+    if d.get("revoked_at"):
+        text += f"  revoked {when(d['revoked_at'])}: {d['revoke_reason']}"
+    return text
+
+
+def _emit(args, payload: Any, human: str) -> None:
+    print(json.dumps(payload, indent=2) if args.json else human)
+
+
+def _save_license(msg, out: str) -> Path:
+    from activeguard.licenses import write_license
+    from license_server.client import to_signed
+
+    return write_license(to_signed(msg), out)
+
+
+def cmd_register(args) -> int:
+    with _client(args) as c:
+        if args.upload:
+            resp = c.register_model(checkpoint=Path(args.model).read_bytes(), name=args.name or "",
+                                    pregenerate=args.pregenerate)
+        else:
+            resp = c.register_model(model_path=str(Path(args.model).resolve()), name=args.name or "",
+                                    pregenerate=args.pregenerate)
+    d = {"model_id": resp.profile.model_id, "name": resp.profile.name, "created": resp.created,
+         "capacity": resp.capacity, "issued": resp.issued, "pregenerated": resp.pregenerated}
+    _emit(args, d, f"model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
+                   f"{d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated")
+    return 0
+
+
+def cmd_issue(args) -> int:
+    validity = int(args.validity_days * 86400) if args.validity_days is not None else 0
+    if args.validity_days is not None and validity <= 0:
+        print("error: --validity-days must be positive", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        msg = c.issue(args.model_id, args.user, validity)
+    path = _save_license(msg, args.out or f"{msg.license_id}.aglicense")
+    d = _license_dict(msg) | {"file": str(path)}
+    _emit(args, d, _human(d) + f"\nwritten to {path} (a bearer credential: give it only to {args.user!r})")
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    with _client(args) as c:
+        msg = c.revoke(args.license_id, args.reason or "")
+    d = _license_dict(msg)
+    _emit(args, d, _human(d))
+    return 0
+
+
+def cmd_list(args) -> int:
+    with _client(args) as c:
+        msgs = c.list(model_id=args.model_id or "", user=args.user or "", state=STATES.get(args.state or "", 0))
+    rows = [_license_dict(m) for m in msgs]
+    _emit(args, rows, "\n".join(_human(r) for r in rows) or "no licenses")
+    return 0
+
+
+def cmd_show(args) -> int:
+    with _client(args) as c:
+        msg = c.get(args.license_id)
+    d = _license_dict(msg)
+    if args.out:
+        d["file"] = str(_save_license(msg, args.out))
+    _emit(args, d, _human(d) + (f"\nwritten to {d['file']}" if args.out else ""))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Signature, expiry, model id and revocation, with keys and revocations from the server."""
+    from activeguard.licenses import LicenseError, read_license, verify_license
+
+    signed = read_license(args.file)
+    with _client(args) as c:
+        keys = c.verification_keys()
+        revoked = {r.license_id for r in c.revocations().revocations}
+    try:
+        payload = verify_license(signed, keys, model_id=args.model_id, revoked=revoked)
+    except LicenseError as exc:
+        _emit(args, {"valid": False, "reason": exc.reason, "message": str(exc)}, f"INVALID ({exc.reason}): {exc}")
+        return 1
+    d = {"valid": True, "license_id": payload.license_id, "user": payload.user, "model_id": payload.model_id,
+         "fo_class": payload.fo_class, "fo_confidence": payload.fo_confidence, "expires_at": payload.expires_at}
+    _emit(args, d, f"valid: license {payload.license_id} for {payload.user!r}, FO=({payload.fo_class}, "
+                   f"{payload.fo_confidence}) on model {payload.model_id[:16]}")
+    return 0
+
+
+def cmd_create_token(args) -> int:
+    from license_server.auth import create_admin_token
+
+    out = Path(args.token_out)
+    if out.exists() and not args.force:
+        print(f"error: {out} exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    create_admin_token(Path(args.hash_file), out)
+    print(f"admin token written to {out} (mode 0600); its sha256 to {args.hash_file}. Restart the server to use it.")
+    return 0
+
+
+def add_license_commands(sub) -> None:
+    """Add issue|revoke|list|show|verify|register (and create-token) to an argparse subparsers object."""
+    p = sub.add_parser("register", help="register a model (checkpoint) with the license server")
+    p.add_argument("--model", required=True)
+    p.add_argument("--name", default=None)
+    p.add_argument("--upload", action="store_true", help="send the checkpoint bytes instead of a server-side path")
+    p.add_argument("--pregenerate", action="store_true", help="generate every slot's fingerprint now")
+    _add_client(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("issue", help="issue a license to a user and save it as .aglicense")
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument("--validity-days", type=float, default=None)
+    p.add_argument("--out", default=None)
+    _add_client(p)
+    p.set_defaults(func=cmd_issue)
+
+    p = sub.add_parser("revoke", help="revoke a license")
+    p.add_argument("license_id")
+    p.add_argument("--reason", default=None)
+    _add_client(p)
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("list", help="list licenses")
+    p.add_argument("--model-id", default=None)
+    p.add_argument("--user", default=None)
+    p.add_argument("--state", choices=sorted(STATES), default=None)
+    _add_client(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show one license (optionally save it)")
+    p.add_argument("license_id")
+    p.add_argument("--out", default=None)
+    _add_client(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("verify", help="verify an .aglicense against the server's keys and revocations")
+    p.add_argument("file")
+    p.add_argument("--model-id", default=None)
+    _add_client(p)
+    p.set_defaults(func=cmd_verify)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _guarded(args.func)(args)
+
+
+def _guarded(cmd):
+    """Wrap a client command: gRPC and input errors become one line on stderr and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        import grpc
+
+        from activeguard.licenses import LicenseError
+
+        try:
+            return cmd(args)
+        except grpc.RpcError as exc:
+            code = exc.code().name if exc.code() else "UNKNOWN"
+            print(f"error: {code}: {exc.details()}", file=sys.stderr)
+            return 2 if code in _USAGE_CODES else 1
+        except (OSError, LicenseError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(sub) -> None:
+    """Plugin hook (entry point group ``activeguard.commands``): adds ``activeguard license-server``
+    (start the server) and ``activeguard license issue|revoke|list|show|verify|register``."""
+    p = sub.add_parser("license-server", help="run the gRPC license server (allocates, signs, stores licenses)")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve)
+    lp = sub.add_parser("license", help="issue, revoke, list, show or verify licenses on a license server")
+    lsub = lp.add_subparsers(dest="license_command", required=True)
+    add_license_commands(lsub)
+    for choice in lsub.choices.values():
+        choice.set_defaults(func=_guarded(choice.get_default("func")))
+
+
+def license_main(argv: list[str] | None = None) -> int:
+    """``activeguard license issue|revoke|list|show|verify|register ...``."""
+    p = argparse.ArgumentParser(prog="activeguard license", description="administer licenses on a license server")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_license_commands(sub)
+    return _run(p.parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="activeguard-license-server", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the gRPC license server")
+    add_serve_arguments(s)
+    s.set_defaults(func=serve)
+    t = sub.add_parser("create-token", help="create a new admin token (0600 file) and store its hash")
+    t.add_argument("--hash-file", required=True)
+    t.add_argument("--token-out", required=True)
+    t.add_argument("--force", action="store_true")
+    t.set_defaults(func=cmd_create_token)
+    add_license_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.func is serve:
+        return serve(args)
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The license store: SQLAlchemy Core over SQLite (default) or PostgreSQL (``postgresql+psycopg://``).
+
+Invariants the schema itself enforces (not just the code):
+
+- one license per slot, ever: ``UNIQUE (model_id, fo_class, conf_index)`` on ``licenses``; a
+  revoked license keeps its row, so an FO is never handed out twice;
+- a license row is inserted whole (payload, signature, FO) in one transaction, together with the
+  removal of the slot's pre-generated fingerprint, so a crash leaves the license or nothing;
+- ``schema_version`` holds the schema's version; a newer database is refused, an older one is
+  migrated step by step by :data:`MIGRATIONS` (empty so far: version 1 is the first).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import (
+    Boolean, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text,
+    UniqueConstraint, and_, create_engine, delete, event, func, insert, select, text, update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+SCHEMA_VERSION = 1
+# version -> list of SQL statements that migrate from version-1 to version.
+MIGRATIONS: dict[int, list[str]] = {}
+
+metadata = MetaData()
+
+schema_version = Table(
+    "ag_schema_version", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", Integer, nullable=False),
+)
+
+models = Table(
+    "ag_models", metadata,
+    Column("model_id", String(64), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("num_classes", Integer, nullable=False),
+    Column("confidences", Text, nullable=False),  # JSON list
+    Column("epsilon", Float, nullable=False),
+    Column("input_shape", Text, nullable=False),  # JSON list
+    Column("encoding", String(16), nullable=False),
+    Column("model_path", Text, nullable=False),
+    Column("created_at", Integer, nullable=False),
+)
+
+licenses = Table(
+    "ag_licenses", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("license_id", String(64), nullable=False, unique=True),
+    Column("model_id", String(64), ForeignKey("ag_models.model_id"), nullable=False, index=True),
+    Column("user_name", String(256), nullable=False, index=True),
+    Column("fo_class", Integer, nullable=False),
+    Column("conf_index", Integer, nullable=False),
+    Column("fo_confidence", Float, nullable=False),
+    Column("user_index", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("issued_at", Integer, nullable=False),
+    Column("expires_at", Integer, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("revoked_at", Integer, nullable=True),
+    Column("revoke_reason", Text, nullable=True),
+    UniqueConstraint("model_id", "fo_class", "conf_index", name="uq_ag_licenses_slot"),
+)
+
+revocations = Table(
+    "ag_revocations", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("license_id", String(64), ForeignKey("ag_licenses.license_id"), nullable=False, unique=True),
+    Column("model_id", String(64), nullable=False, index=True),
+    Column("revoked_at", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+pregenerated = Table(
+    "ag_pregenerated", metadata,
+    Column("model_id", String(64), ForeignKey("ag_models.model_id"), primary_key=True),
+    Column("fo_class", Integer, primary_key=True),
+    Column("conf_index", Integer, primary_key=True),
+    Column("fingerprint", LargeBinary, nullable=False),  # float32 little-endian, one input row
+    Column("created_at", Integer, nullable=False),
+)
+
+signing_keys = Table(
+    "ag_signing_keys", metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("created_at", Integer, nullable=False),
+)
+
+
+class StoreError(Exception):
+    """The database failed or holds something this server cannot use."""
+
+
+class SlotTaken(Exception):
+    """Another issuance (this process or another) took the slot first."""
+
+
+class AlreadyExists(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model_id: str
+    name: str
+    num_classes: int
+    confidences: tuple[float, ...]
+    epsilon: float
+    input_shape: tuple[int, ...]
+    encoding: str
+    model_path: str
+    created_at: int
+
+    @property
+    def capacity(self) -> int:
+        return self.num_classes * len(self.confidences)
+
+
+def _model_row(r: Any) -> ModelRow:
+    return ModelRow(
+        model_id=r.model_id, name=r.name, num_classes=r.num_classes,
+        confidences=tuple(json.loads(r.confidences)), epsilon=r.epsilon,
+        input_shape=tuple(json.loads(r.input_shape)), encoding=r.encoding, model_path=r.model_path,
+        created_at=r.created_at,
+    )
+
+
+def redact_url(url: str) -> str:
+    """The database URL without its password (for logs)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - never let a log line fail
+        return "<unparseable database url>"
+
+
+class Store:
+    def __init__(self, url: str, *, echo: bool = False):
+        self.url = url
+        self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=True, future=True)
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            self._sqlite_setup(self.engine)
+        # SQLite allows one writer; serializing this process's writers avoids busy-wait storms.
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
+        self.ensure_schema()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sqlite_setup(engine: Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record):  # noqa: ANN001
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # noqa: ANN001
+            # Take the write lock at BEGIN: no deadlock when two processes upgrade read locks.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def ensure_schema(self) -> int:
+        """Create or migrate the schema; returns the version in force."""
+        try:
+            with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # Two servers starting on one empty database must not race on CREATE TABLE.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7302446117)"))
+                metadata.create_all(conn, checkfirst=True)
+                row = conn.execute(select(schema_version.c.version).where(schema_version.c.id == 1)).first()
+                if row is None:
+                    conn.execute(insert(schema_version).values(id=1, version=SCHEMA_VERSION, updated_at=_now()))
+                    return SCHEMA_VERSION
+                version = row.version
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the database has schema version {version}, newer than this server's {SCHEMA_VERSION}; "
+                        "upgrade the server"
+                    )
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for stmt in MIGRATIONS.get(v, []):
+                        conn.execute(text(stmt))
+                    conn.execute(update(schema_version).where(schema_version.c.id == 1).values(version=v, updated_at=_now()))
+                return SCHEMA_VERSION
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot prepare the database schema: {type(exc).__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(schema_version.c.version)).scalar_one())
+
+    def _write(self):
+        return _WriteTxn(self)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def record_key(self, key_id: str, public_key: bytes) -> None:
+        with self._write() as conn:
+            if conn.execute(select(signing_keys.c.key_id).where(signing_keys.c.key_id == key_id)).first() is None:
+                conn.execute(insert(signing_keys).values(key_id=key_id, public_key=public_key, created_at=_now()))
+
+    def keys(self) -> list[tuple[str, bytes, int]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(signing_keys).order_by(signing_keys.c.created_at)).all()
+        return [(r.key_id, bytes(r.public_key), r.created_at) for r in rows]
+
+    # -- models --------------------------------------------------------------------------------
+
+    def add_model(self, row: ModelRow) -> tuple[ModelRow, bool]:
+        """Insert a model; (existing, False) if registered with the same profile; AlreadyExists otherwise."""
+        with self._write() as conn:
+            existing = conn.execute(select(models).where(models.c.model_id == row.model_id)).first()
+            if existing is not None:
+                old = _model_row(existing)
+                same = (old.num_classes, old.confidences, old.epsilon, old.input_shape, old.encoding) == (
+                    row.num_classes, row.confidences, row.epsilon, row.input_shape, row.encoding)
+                if not same:
+                    raise AlreadyExists(
+                        f"model {row.model_id[:16]}… is already registered with another profile "
+                        f"(K={old.num_classes}, C_fp={list(old.confidences)}, epsilon={old.epsilon}, "
+                        f"encoding={old.encoding}); a profile cannot change once licenses may exist"
+                    )
+                return old, False
+            conn.execute(insert(models).values(
+                model_id=row.model_id, name=row.name, num_classes=row.num_classes,
+                confidences=json.dumps(list(row.confidences)), epsilon=row.epsilon,
+                input_shape=json.dumps(list(row.input_shape)), encoding=row.encoding,
+                model_path=row.model_path, created_at=row.created_at,
+            ))
+        return row, True
+
+    def get_model(self, model_id: str) -> ModelRow | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(models).where(models.c.model_id == model_id)).first()
+        return None if r is None else _model_row(r)
+
+    def list_models(self) -> list[ModelRow]:
+        with self.engine.connect() as conn:
+            return [_model_row(r) for r in conn.execute(select(models).order_by(models.c.created_at)).all()]
+
+    # -- slots ---------------------------------------------------------------------------------
+
+    def taken_slots(self, model_id: str) -> set[tuple[int, int]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(licenses.c.fo_class, licenses.c.conf_index).where(licenses.c.model_id == model_id)
+            ).all()
+        return {(r.fo_class, r.conf_index) for r in rows}
+
+    def count_licenses(self, model_id: str | None = None) -> int:
+        q = select(func.count()).select_from(licenses)
+        if model_id is not None:
+            q = q.where(licenses.c.model_id == model_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def save_pregenerated(self, model_id: str, rows: Iterable[tuple[int, int, bytes]]) -> int:
+        """Store ready fingerprints for free slots (replacing older ones); returns how many."""
+        n = 0
+        with self._write() as conn:
+            taken = {
+                (r.fo_class, r.conf_index)
+                for r in conn.execute(select(licenses.c.fo_class, licenses.c.conf_index).where(licenses.c.model_id == model_id))
+            }
+            for cls, j, data in rows:
+                if (cls, j) in taken:
+                    continue
+                conn.execute(delete(pregenerated).where(and_(
+                    pregenerated.c.model_id == model_id, pregenerated.c.fo_class == cls, pregenerated.c.conf_index == j)))
+                conn.execute(insert(pregenerated).values(
+                    model_id=model_id, fo_class=cls, conf_index=j, fingerprint=data, created_at=_now()))
+                n += 1
+        return n
+
+    def pregenerated_for(self, model_id: str, slot: tuple[int, int]) -> bytes | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(pregenerated.c.fingerprint).where(and_(
+                pregenerated.c.model_id == model_id, pregenerated.c.fo_class == slot[0],
+                pregenerated.c.conf_index == slot[1]))).first()
+        return None if r is None else bytes(r.fingerprint)
+
+    def pregenerated_slots(self, model_id: str) -> set[tuple[int, int]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(pregenerated.c.fo_class, pregenerated.c.conf_index).where(
+                pregenerated.c.model_id == model_id)).all()
+        return {(r.fo_class, r.conf_index) for r in rows}
+
+    # -- licenses ------------------------------------------------------------------------------
+
+    def insert_license(self, row: dict[str, Any]) -> None:
+        """Insert one whole license and drop its slot's pre-generated fingerprint, atomically.
+
+        Raises :class:`SlotTaken` when the unique slot constraint (or the license id) refuses it.
+        """
+        try:
+            with self._write() as conn:
+                conn.execute(insert(licenses).values(**row, revoked=False))
+                conn.execute(delete(pregenerated).where(and_(
+                    pregenerated.c.model_id == row["model_id"], pregenerated.c.fo_class == row["fo_class"],
+                    pregenerated.c.conf_index == row["conf_index"])))
+        except IntegrityError as exc:
+            raise SlotTaken(str(exc.orig)) from exc
+
+    def get_license(self, license_id: str) -> Any | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
+
+    def list_licenses(
+        self, *, model_id: str = "", user: str = "", state: str = "", after_seq: int = 0, limit: int = 100,
+        now: int | None = None,
+    ) -> list[Any]:
+        now = _now() if now is None else now
+        q = select(licenses).where(licenses.c.seq > after_seq)
+        if model_id:
+            q = q.where(licenses.c.model_id == model_id)
+        if user:
+            q = q.where(licenses.c.user_name == user)
+        if state == "active":
+            q = q.where(and_(licenses.c.revoked.is_(False), licenses.c.expires_at > now))
+        elif state == "revoked":
+            q = q.where(licenses.c.revoked.is_(True))
+        elif state == "expired":
+            q = q.where(and_(licenses.c.revoked.is_(False), licenses.c.expires_at <= now))
+        with self.engine.connect() as conn:
+            return conn.execute(q.order_by(licenses.c.seq).limit(limit)).all()
+
+    def revoke(self, license_id: str, reason: str) -> tuple[Any | None, bool]:
+        """(row, newly_revoked); row None if the license does not exist."""
+        with self._write() as conn:
+            r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
+            if r is None:
+                return None, False
+            if r.revoked:
+                return r, False
+            now = _now()
+            conn.execute(update(licenses).where(licenses.c.license_id == license_id).values(
+                revoked=True, revoked_at=now, revoke_reason=reason))
+            conn.execute(insert(revocations).values(
+                license_id=license_id, model_id=r.model_id, revoked_at=now, reason=reason))
+            r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
+        return r, True
+
+    def list_revocations(self, since: int = 0, model_id: str = "", limit: int = 1000) -> list[Any]:
+        q = select(revocations).where(revocations.c.seq > since)
+        if model_id:
+            q = q.where(revocations.c.model_id == model_id)
+        with self.engine.connect() as conn:
+            return conn.execute(q.order_by(revocations.c.seq).limit(limit)).all()
+
+
+class _WriteTxn:
+    """``with store._write() as conn``: one transaction, serialized in-process on SQLite."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.ctx = None
+
+    def __enter__(self) -> Connection:
+        if self.store._write_lock is not None:
+            self.store._write_lock.acquire()
+        try:
+            self.ctx = self.store.engine.begin()
+            return self.ctx.__enter__()
+        except BaseException:
+            if self.store._write_lock is not None:
+                self.store._write_lock.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        try:
+            return self.ctx.__exit__(*exc)
+        finally:
+            if self.store._write_lock is not None:
+                self.store._write_lock.release()
+
+
+def _now() -> int:
+    return int(time.time())
