@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv/ at the repository root and installs ActiveGuard into it.
-#   ./setup.sh          runtime only
+#   ./setup.sh          the product: core, TorchServe serving, license server
 #   ./setup.sh --dev    plus the test tools
 # torch==2.13.0 goes in first: it is the CPU wheel on local disk, and anything unpinned
 # would otherwise pull a multi-GB CUDA build. A second run skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-extras=""
+extras="[serving,license-server]"
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="[dev]" ;;

@@ -263,7 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passphrase(p)
     _add_common(p, seed=False)
     p.set_defaults(func=cmd_watermark_verify)
+    _register_plugins(sub)
     return parser
+
+
+def _register_plugins(sub: argparse._SubParsersAction) -> None:
+    """Server packages add their commands through the ``activeguard.commands`` entry point group,
+    so the core never imports them (one direction of dependency)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="activeguard.commands"):
+        try:
+            ep.load()(sub)
+        except ImportError as exc:
+            hint = f"{ep.name} commands need extra packages ({exc.name}): run ./setup.sh or pip install activeguard[{ep.name}]"
+            p = sub.add_parser(ep.name, help=f"(unavailable: {exc.name} is not installed)")
+            p.set_defaults(func=lambda _args, hint=hint: (_ for _ in ()).throw(UsageError(hint)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, WatermarkKeyError) as exc:
         print(f"activeguard {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:  # e.g. a server that could not start: say why, no traceback
+        print(f"activeguard {args.command}: failed: {exc}", file=sys.stderr)
+        return EXIT_NEGATIVE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import torch
 
 from activeguard.data import Split, load_mnist
 from activeguard.models import LeNet5, train_lenet5
+from tests.serving_fixtures import Deployment, build
 
 torch.set_num_threads(2)
 
@@ -20,3 +21,24 @@ def mnist() -> Split:
 def lenet(mnist: Split) -> LeNet5:
     """The reference LeNet-5 (15 epochs, seed 0). Tests must not modify it in place."""
     return train_lenet5(mnist, epochs=15, seed=0)
+
+
+@pytest.fixture(scope="session")
+def deployment(lenet, mnist, tmp_path_factory) -> Deployment:
+    """Keys, two users' fingerprints and licenses for the reference model."""
+    return build(lenet, mnist.x_test, tmp_path_factory.mktemp("serving"), users=[4, 17])
+
+
+@pytest.fixture(scope="session")
+def server(deployment):
+    """One real TorchServe serving the model three ways: random policy, reject policy, paper mode."""
+    from handlers.packaging import package
+    from handlers.server import ManagedTorchServe
+
+    d = deployment
+    package(d.model_path, d.profile(policy="random"), "guarded", d.store)
+    package(d.model_path, d.profile(policy="reject"), "strict", d.store)
+    package(d.model_path, d.profile(policy="reject", paper_mode=True), "paper", d.store)
+    with ManagedTorchServe(d.store, {"guarded": "guarded.mar", "strict": "strict.mar", "paper": "paper.mar"},
+                           batch_size=8, max_batch_delay_ms=20) as ts:
+        yield ts

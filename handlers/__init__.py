@@ -1,0 +1,1 @@
+"""TorchServe glue for ActiveGuard: the handler, `.mar` packaging and a managed TorchServe."""

@@ -1,0 +1,91 @@
+"""`activeguard package` and `activeguard serve`, registered into the core CLI by entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, POLICIES
+from activeguard.licenses import key_id, load_public_key, public_key_pem
+from activeguard.models import input_shape, load_model, model_id
+from activeguard.protection import Profile
+from handlers.packaging import package
+from handlers.server import ManagedTorchServe
+
+DEFAULT_STORE = Path("model_store")
+
+
+def _pem(path: str) -> tuple[str, str]:
+    key = load_public_key(path)
+    return key_id(key), public_key_pem(key).decode()
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    keys = dict(_pem(p) for p in args.license_key)
+    if not keys and not args.paper_mode:
+        print("warning: no --license-key given: only paper-mode fingerprints or gateway sessions can authenticate",
+              file=sys.stderr)
+    profile = Profile(
+        model_id=model_id(model), input_shape=input_shape(model), num_classes=model.config["num_classes"],
+        confidences=tuple(float(c) for c in args.confidences.split(",")), epsilon=args.epsilon,
+        policy=args.policy, paper_mode=args.paper_mode, license_public_keys=keys,
+        gateway_public_key=_pem(args.gateway_key)[1] if args.gateway_key else None,
+        revocation_file=str(Path(args.revocation_file).resolve()) if args.revocation_file else None,
+    )
+    profile.control  # validate before building anything
+    mar = package(Path(args.model), profile, args.name, Path(args.store))
+    payload = {"mar": str(mar), "model_id": profile.model_id, "policy": profile.policy,
+               "paper_mode": profile.paper_mode, "license_keys": sorted(keys)}
+    print(json.dumps(payload, indent=2) if args.json else f"wrote {mar} (model id {profile.model_id[:16]}…)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    models = {}
+    for spec in args.model:
+        name, _, mar = spec.partition("=")
+        models[name] = mar or f"{name}.mar"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with ManagedTorchServe(Path(args.store), models, workers=args.workers, batch_size=args.batch_size,
+                           max_batch_delay_ms=args.max_batch_delay) as ts:
+        info = {"inference": ts.url, "management": ts.management_url, "metrics": ts.metrics_url,
+                "grpc": ts.grpc_target, "models": sorted(models)}
+        print(json.dumps(info) if args.json else "TorchServe ready:\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()),
+              flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("package", help="build a TorchServe .mar with the ActiveGuard handler and a protection profile")
+    p.add_argument("--model", required=True, help="weights-only checkpoint (activeguard train / watermark embed)")
+    p.add_argument("--name", required=True, help="model name in TorchServe (and of the .mar file)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help="output folder (default model_store/)")
+    p.add_argument("--policy", default="random", choices=POLICIES, help="answer for unauthorized requests")
+    p.add_argument("--paper-mode", action="store_true", help="also admit bare fingerprints (forgeable; reproduction only)")
+    p.add_argument("--confidences", default=",".join(map(str, PAPER_CONFIDENCES)), help="C_fp")
+    p.add_argument("--epsilon", type=float, default=PAPER_EPSILON)
+    p.add_argument("--license-key", action="append", default=[], metavar="PEM",
+                   help="license server public key (repeat while keys rotate)")
+    p.add_argument("--gateway-key", metavar="PEM", help="gateway public key whose session tokens are trusted")
+    p.add_argument("--revocation-file", help="file of revoked license ids, re-read when it changes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("serve", help="run a local TorchServe on 127.0.0.1 until Ctrl-C")
+    p.add_argument("model", nargs="+", help="NAME or NAME=FILE.mar from the store")
+    p.add_argument("--store", default=str(DEFAULT_STORE))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds to wait to fill a batch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_serve)

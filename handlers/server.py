@@ -1,0 +1,208 @@
+"""A managed TorchServe: isolated, bound to 127.0.0.1 on free ports, ready means a READY worker.
+
+``torchserve --start`` returns 0 even when the server fails and ``/ping`` is healthy before any
+worker can answer, so this runs TorchServe in the foreground as our own process group, waits
+for the management API to report a READY worker, and on exit stops the whole group and waits
+for it. Used by ``activeguard serve``, the tests, the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class TorchServeError(RuntimeError):
+    """TorchServe could not be started or did not become ready; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int
+    management: int
+    metrics: int
+    grpc_inference: int
+    grpc_management: int
+
+    @classmethod
+    def pick(cls) -> "Ports":
+        return cls(*(free_port() for _ in range(5)))
+
+
+class ManagedTorchServe:
+    """Context manager: ``with ManagedTorchServe(store, {"mnist": "mnist.mar"}) as ts: ts.url``."""
+
+    def __init__(self, model_store: Path, models: dict[str, str], *, workers: int = 1, batch_size: int = 1,
+                 max_batch_delay_ms: int = 5, ports: Ports | None = None, startup_timeout: float = 180.0,
+                 workdir: Path | None = None, max_request_bytes: int = 32 * 1024 * 1024):
+        self.model_store = Path(model_store).resolve()
+        self.models = models
+        self.workers, self.batch_size, self.max_batch_delay_ms = workers, batch_size, max_batch_delay_ms
+        self.ports = ports or Ports.pick()
+        self.startup_timeout = startup_timeout
+        self.max_request_bytes = max_request_bytes
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="activeguard-ts-"))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc_inference}"
+
+    def _config(self) -> Path:
+        models = {
+            name: {"1.0": {"defaultVersion": True, "marName": mar, "minWorkers": self.workers,
+                           "maxWorkers": self.workers, "batchSize": self.batch_size,
+                           "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": 60}}
+            for name, mar in self.models.items()
+        }
+        p = self.ports
+        lines = [
+            f"inference_address=http://127.0.0.1:{p.inference}",
+            f"management_address=http://127.0.0.1:{p.management}",
+            f"metrics_address=http://127.0.0.1:{p.metrics}",
+            "grpc_inference_address=127.0.0.1",
+            f"grpc_inference_port={p.grpc_inference}",
+            "grpc_management_address=127.0.0.1",
+            f"grpc_management_port={p.grpc_management}",
+            f"model_store={self.model_store}",
+            f"load_models={','.join(self.models.values())}",
+            f"models={json.dumps(models)}",
+            "disable_token_authorization=true",
+            # Let oversized bodies reach the handler, which answers a JSON 400 (Netty would reset).
+            f"max_request_size={self.max_request_bytes}",
+            "enable_envvars_config=false",
+            "install_py_dep_per_model=false",
+            "metrics_mode=prometheus",
+            "model_metrics_auto_detect=true",
+            "disable_system_metrics=true",
+            f"default_workers_per_model={self.workers}",
+        ]
+        path = self.workdir / "config.properties"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def log_tail(self, lines: int = 30) -> str:
+        chunks = []
+        for name in ("model_log.log", "ts_log.log", "console.log"):
+            path = (self.workdir / "logs" / name) if name != "console.log" else self.workdir / name
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                chunks.append(f"--- {name} ---\n" + "\n".join(text))
+        return "\n".join(chunks)
+
+    def start(self) -> "ManagedTorchServe":
+        if shutil.which("java") is None:
+            raise TorchServeError("Java is not installed: TorchServe needs a Java 11+ runtime (apt-get install default-jre)")
+        for port in self.ports.__dict__.values():
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    raise TorchServeError(f"port {port} on 127.0.0.1 is already taken")
+        torchserve = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), TEMP=str(self.workdir / "tmp"),
+                   LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"),
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        cmd = [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(self.model_store),
+               "--ts-config", str(self._config())]
+        console = open(self.workdir / "console.log", "wb")
+        self.process = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT, env=env,
+                                        cwd=self.workdir, start_new_session=True)
+        console.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        pending = set(self.models)
+        while pending:
+            if self.process.poll() is not None:
+                raise TorchServeError(f"TorchServe exited with code {self.process.returncode}\n{self.log_tail()}")
+            for name in list(pending):
+                if self.worker_status(name) == "READY":
+                    pending.discard(name)
+            if time.monotonic() > deadline:
+                raise TorchServeError(f"no READY worker for {sorted(pending)} after {self.startup_timeout:.0f} s"
+                                      f"\n{self.log_tail()}")
+            time.sleep(0.3)
+
+    def worker_status(self, name: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"{self.management_url}/models/{name}", timeout=2) as resp:
+                workers = json.load(resp)[0].get("workers", [])
+        except (urllib.error.URLError, OSError, ValueError, IndexError):
+            return None
+        return "READY" if any(w.get("status") == "READY" for w in workers) else (workers[0]["status"] if workers else None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop TorchServe and its workers (our own process group) and wait until they are gone."""
+        if self.process is None or self.process.poll() is not None:
+            self._cleanup()
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        self._wait_group_gone(self.process.pid)
+        self._cleanup()
+
+    @staticmethod
+    def _wait_group_gone(pgid: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _cleanup(self) -> None:
+        if self._own_workdir and os.environ.get("ACTIVEGUARD_KEEP_TS_LOGS") is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "ManagedTorchServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,80 @@
+"""Builds a licensed deployment for the serving tests: keys, fingerprints, licenses, .mar files."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from activeguard import licenses
+from activeguard.control import ControlConfig
+from activeguard.evaluation import seed_images
+from activeguard.fingerprints import generate_fingerprints
+from activeguard.models import save_model
+from activeguard.protection import Profile, encode_license_header
+
+CONFIG = ControlConfig()
+
+
+@dataclass
+class Deployment:
+    store: Path
+    model_path: Path
+    model_id: str
+    server_key: Ed25519PrivateKey
+    gateway_key: Ed25519PrivateKey
+    revocation_file: Path
+    fingerprints: torch.Tensor  # one per user in `users`
+    users: list[int]
+
+    def profile(self, **kw) -> Profile:
+        pub = self.server_key.public_key()
+        return Profile(model_id=self.model_id, input_shape=(1, 28, 28),
+                       license_public_keys={licenses.key_id(pub): licenses.public_key_pem(pub).decode()},
+                       gateway_public_key=licenses.public_key_pem(self.gateway_key.public_key()).decode(),
+                       revocation_file=str(self.revocation_file), **kw)
+
+    def license(self, row: int = 0, *, user: str = "alice", validity: int = 3600, mid: str | None = None,
+                key: Ed25519PrivateKey | None = None) -> str:
+        key = key or self.server_key
+        index = self.users[row]
+        payload = licenses.make_payload(model_id=mid or self.model_id, user=user, user_index=index,
+                                        fo=CONFIG.fo_of_user(index), epsilon=CONFIG.epsilon,
+                                        fingerprint=self.fingerprints[row : row + 1], key=key,
+                                        validity_seconds=validity)
+        return licenses.sign_license(payload, key).to_text()
+
+
+def build(model: torch.nn.Module, x_seed: torch.Tensor, root: Path, users: list[int]) -> Deployment:
+    model_path = root / "model.pt"
+    mid = save_model(model, model_path)
+    fps = generate_fingerprints(model, CONFIG, users, seed_images(x_seed, len(users), 3))
+    assert fps.success.all()
+    return Deployment(root / "store", model_path, mid, Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate(),
+                      root / "revoked.txt", fps.inputs, users)
+
+
+def header_value(license_text: str) -> str:
+    return encode_license_header(license_text)
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, {"raw": raw.decode(errors="replace")}
+
+
+def json_body(x: torch.Tensor) -> bytes:
+    return json.dumps({"inputs": x.tolist()}).encode()
