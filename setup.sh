@@ -23,10 +23,12 @@ if [ ! -x .venv/bin/python ]; then
   "$python_bin" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# This machine's pip config names local index folders that may be absent; hide that noise only.
+run_pip() { "${pip[@]}" "$@" 2> >(grep -v "is neither a file nor a directory" >&2); }
 
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   echo "==> installing torch==2.13.0 (CPU)"
-  "${pip[@]}" install torch==2.13.0
+  run_pip install torch==2.13.0
 fi
 
 # Fashion-MNIST comes from Debian's package; without it the code falls back to 8x8 digits and warns.
@@ -41,7 +43,7 @@ stamp=".venv/.activeguard-installed$extras"
 fingerprint="$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ]; then
   echo "==> installing activeguard$extras (editable)"
-  "${pip[@]}" install -e ".$extras"
+  run_pip install -e ".$extras"
   echo "$fingerprint" > "$stamp"
 fi
 echo "==> ready: .venv/bin/activeguard --help"
