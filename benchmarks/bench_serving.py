@@ -9,7 +9,9 @@ round-robin across the modes so machine load hits each alike. Usage:
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -22,7 +24,7 @@ from activeguard.data import load_mnist
 from activeguard.models import train_lenet5
 from handlers.packaging import package
 from handlers.server import ManagedTorchServe
-from tests.serving_fixtures import build, header_value, json_body, post
+from tests.serving_fixtures import build, header_value, json_body
 
 PLAIN_HANDLER = Path(__file__).with_name("plain_handler.py")
 
@@ -30,6 +32,15 @@ PLAIN_HANDLER = Path(__file__).with_name("plain_handler.py")
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def timed_post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> tuple[float, int]:
+    """One request on a kept-alive connection: (milliseconds, status)."""
+    start = time.perf_counter()
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **headers})
+    response = conn.getresponse()
+    response.read()
+    return (time.perf_counter() - start) * 1000, response.status
 
 
 def main() -> None:
@@ -55,28 +66,32 @@ def main() -> None:
         }
         results = {}
         with ManagedTorchServe(d.store, {"plain": "plain.mar", "guarded": "guarded.mar"}) as ts:
+            conns = {m: http.client.HTTPConnection("127.0.0.1", ts.ports.inference, timeout=60) for m in modes}
+            order = random.Random(0)
             for batch in (1, 32):
                 body = json_body(split.x_test[:batch])
                 latencies: dict[str, list[float]] = {m: [] for m in modes}
-                for _ in range(20):  # warm-up
-                    for model_name, headers in modes.values():
-                        post(f"{ts.url}/predictions/{model_name}", body, headers)
-                for _ in range(args.requests):
-                    for mode, (model_name, headers) in modes.items():
-                        start = time.perf_counter()
-                        status, _ = post(f"{ts.url}/predictions/{model_name}", body, headers)
-                        latencies[mode].append((time.perf_counter() - start) * 1000)
+                for round_ in range(20 + args.requests):  # 20 warm-up rounds, then measured ones
+                    names = list(modes)
+                    order.shuffle(names)  # no mode always follows another
+                    for mode in names:
+                        model_name, headers = modes[mode]
+                        ms, status = timed_post(conns[mode], f"/predictions/{model_name}", body, headers)
                         assert status == 200, (mode, status)
+                        if round_ >= 20:
+                            latencies[mode].append(ms)
                 for mode, values in latencies.items():
                     results[f"{mode}_batch{batch}"] = {
                         "p50_ms": statistics.median(values), "p99_ms": percentile(values, 0.99),
                         "throughput_rows_per_s": batch * len(values) / (sum(values) / 1000),
                     }
+            for conn in conns.values():
+                conn.close()
         for batch in (1, 32):
             base = results[f"plain_batch{batch}"]["p50_ms"]
             for mode in ("session", "license"):
                 results[f"{mode}_batch{batch}"]["p50_ratio_vs_plain"] = results[f"{mode}_batch{batch}"]["p50_ms"] / base
-    out = {"benchmark": "TorchServe handler overhead, LeNet-5 MNIST, sequential HTTP requests on loopback",
+    out = {"benchmark": "TorchServe handler overhead, LeNet-5 MNIST, sequential kept-alive HTTP requests on loopback, modes shuffled per round",
            "requests_per_cell": args.requests, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
