@@ -11,8 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,56 +34,7 @@ from license_server.client import LicenseClient, to_signed  # noqa: E402
 from license_server.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
-ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "agt_test_" + secrets.token_urlsafe(24)
-
-
-class ServerProcess:
-    """One ``license_server serve`` process on a free loopback port."""
-
-    def __init__(self, data_dir: Path, database_url: str = "", token: str = TOKEN):
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ready = self.data_dir / f"ready-{uuid.uuid4().hex}.json"
-        self.log = open(self.data_dir / "server.log", "ab")
-        cmd = [sys.executable, "-m", "license_server", "serve", "--data-dir", str(self.data_dir), "--port", "0",
-               "--metrics-port", "0", "--ready-file", str(self.ready), "--log-level", "INFO"]
-        if database_url:
-            cmd += ["--database-url", database_url]
-        env = {**os.environ, "ACTIVEGUARD_ADMIN_TOKEN": token, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"license server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"license server not ready in 90 s: {self.log_text()[-2000:]}")
-            time.sleep(0.1)
-        info = json.loads(self.ready.read_text())
-        self.port, self.metrics_port, self.key_id = info["port"], info["metrics_port"], info["key_id"]
-        self.target = f"127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return (self.data_dir / "server.log").read_text(errors="replace")
-
-    def client(self, token: str | None = TOKEN) -> LicenseClient:
-        return LicenseClient(self.target, token, timeout=120)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL, this pid only
-            self.proc.wait(20)
+from tests.processes import TOKEN, ServerProcess  # noqa: E402
 
 
 @pytest.fixture

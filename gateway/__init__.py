@@ -1,0 +1,1 @@
+"""The ActiveGuard gRPC gateway: sessions from licenses, inference forwarded to TorchServe."""

@@ -1,0 +1,59 @@
+"""A small Python client: authenticate once with a license, predict with numpy, re-authenticate
+transparently when the session expires."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from activeguard import licenses
+from activeguard_proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.tensors import from_tensor, to_tensor
+
+
+class GatewayClient:
+    def __init__(self, channel: grpc.Channel, license: licenses.SignedLicense, *, timeout: float = 30.0):
+        self.stub = gateway_pb2_grpc.GatewayStub(channel)
+        self.license = license
+        self.timeout = timeout
+        self._sessions: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self.user: str | None = None
+
+    def authenticate(self, model: str) -> str:
+        signed = common_pb2.SignedLicense(payload=self.license.payload, signature=self.license.signature,
+                                          key_id=self.license.key_id)
+        reply = self.stub.Authenticate(gateway_pb2.AuthenticateRequest(model=model, license=signed),
+                                       timeout=self.timeout)
+        with self._lock:
+            self._sessions[model] = (reply.session_token, reply.expires_at)
+        self.user = reply.user
+        return reply.session_token
+
+    def _token(self, model: str) -> str:
+        with self._lock:
+            token, expires = self._sessions.get(model, ("", 0.0))
+        return token if token and expires - time.time() > 1.0 else self.authenticate(model)
+
+    def predict(self, model: str, inputs: np.ndarray) -> np.ndarray:
+        request = gateway_pb2.PredictRequest(model=model, inputs=to_tensor(inputs))
+        for attempt in range(2):
+            metadata = (("authorization", f"Bearer {self._token(model)}"),)
+            try:
+                return from_tensor(self.stub.Predict(request, metadata=metadata, timeout=self.timeout).outputs)
+            except grpc.RpcError as err:  # an expired session: authenticate again, once
+                if attempt == 0 and err.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in (err.details() or ""):
+                    with self._lock:
+                        self._sessions.pop(model, None)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+
+def connect(target: str, license_path: str | Path, **kw) -> GatewayClient:
+    """``connect("127.0.0.1:50071", "alice.aglicense")``."""
+    return GatewayClient(grpc.insecure_channel(target), licenses.read_license(license_path), **kw)
