@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from activeguard.licenses import load_or_create_signing_key, public_key_pem
 from gateway.server import serve
 from gateway.service import GatewayConfig
 
@@ -13,6 +14,12 @@ from gateway.service import GatewayConfig
 def cmd_gateway(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format='{"time":"%(asctime)s","level":"%(levelname)s","msg":"%(message)s"}')
     config = GatewayConfig.from_json(Path(args.config))
+    if args.export_public_key:
+        key, created = load_or_create_signing_key(config.signing_key)
+        Path(args.export_public_key).write_bytes(public_key_pem(key.public_key()))
+        print(f"{'created' if created else 'loaded'} {config.signing_key}; public key written to {args.export_public_key}"
+              " (give it to `activeguard package --gateway-key`)")
+        return 0
     return serve(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                  ready_file=Path(args.ready_file) if args.ready_file else None)
 
@@ -27,4 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint; 0 picks a free port")
     p.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--export-public-key", metavar="PEM",
+                   help="create the signing key if needed, write its public half here, and exit")
     p.set_defaults(func=cmd_gateway)
