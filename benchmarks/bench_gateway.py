@@ -24,6 +24,7 @@ import torch
 
 from activeguard import licenses, sessions
 from activeguard.data import load_mnist
+from benchmarks.common import percentile
 from activeguard.models import train_lenet5
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
@@ -32,11 +33,6 @@ from handlers.packaging import package
 from handlers.server import ManagedTorchServe
 from tests.processes import GatewayProcess
 from tests.serving_fixtures import build
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def main() -> None:

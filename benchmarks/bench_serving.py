@@ -21,17 +21,13 @@ import torch
 
 from activeguard import sessions
 from activeguard.data import load_mnist
+from benchmarks.common import percentile
 from activeguard.models import train_lenet5
 from handlers.packaging import package
 from handlers.server import ManagedTorchServe
 from tests.serving_fixtures import build, header_value, json_body
 
 PLAIN_HANDLER = Path(__file__).with_name("plain_handler.py")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def timed_post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> tuple[float, int]:

@@ -14,6 +14,17 @@ from pathlib import Path
 
 from license_server.client import LicenseClient
 
+
+def terminate(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM this pid (only), then SIGKILL it if it has not exited within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "agt_test_" + secrets.token_urlsafe(24)
 
@@ -52,12 +63,7 @@ class ServerProcess:
         return LicenseClient(self.target, token, timeout=120)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc)
         self.log.close()
 
     def kill(self) -> None:
@@ -91,11 +97,5 @@ class GatewayProcess:
         self.metrics_url = f"http://127.0.0.1:{info['metrics_port']}/metrics"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(20)
+        terminate(self.proc)
         self.log.close()
