@@ -57,9 +57,11 @@ def stack(lenet, deployment, tmp_path_factory):
         (root / "gateway.json").write_text(json.dumps(config))
         gw = GatewayProcess(root / "gateway.json", root)
         channel = grpc.insecure_channel(gw.target)
-        yield {"ls": ls, "ts": ts, "gw": gw, "channel": channel, "licenses": issued, "gateway_key": gateway_key,
-               "model_id": mid}
+        state = {"ls": ls, "ts": ts, "gw": gw, "channel": channel, "licenses": issued, "gateway_key": gateway_key,
+                 "model_id": mid}
+        yield state
         channel.close()
+        ts = state["ts"]  # a test may have replaced TorchServe with a restarted one: stop that one
     finally:
         for proc in (gw, ts):
             if proc is not None:
