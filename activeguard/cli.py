@@ -186,6 +186,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.suite == "audit":
+        from activeguard.audit.evaluate import run_audit_evaluation
+
+        out = "reports/evaluate-audit" if args.out == "reports/evaluate-core" else args.out
+        result = run_audit_evaluation(out, quick=args.quick, seed=args.seed, progress=not args.json)
+        if args.json:
+            print(json.dumps(result, indent=2, default=float))
+        else:
+            print(Path(out, "audit.md").read_text())
+        return 0
     return _run_core(args, "ActiveGuard core evaluation (Tables 1-4 and Figure 2 analogs)")
 
 
@@ -216,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", help="paper-shaped evaluation tables")
-    p.add_argument("suite", choices=["core"], help="core: ActiveGuard Tables 1-4 and Figure 2 analogs")
+    p.add_argument("suite", choices=["core", "audit"],
+                   help="core: ActiveGuard Tables 1-4 and Figure 2 analogs; audit: IPGuard/CEM/TAFA tables")
     p.add_argument("--quick", action="store_true", help="5 instead of 20 fingerprints per user")
     p.add_argument("--out", default="reports/evaluate-core", help="report directory")
     _add_common(p)

@@ -7,11 +7,19 @@ spawn a whole zoo of suspects.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from activeguard.models import train
+from activeguard.models import predict, train
 
 
 def fine_tune(
@@ -61,3 +69,331 @@ def global_prune(model: nn.Module, rate: float) -> nn.Module:
     for w in weights:
         w[w.abs() <= threshold] = 0.0
     return pruned
+
+
+# ---------------------------------------------------------------------------------------------
+# Suspect zoo for the black-box audits (IPGuard §5.1.2): positives are post-processed copies of
+# the owner's model, negatives are independently trained models.
+# ---------------------------------------------------------------------------------------------
+
+ZOO_FORMAT = "activeguard-zoo/1"
+MAX_ACCURACY_DROP = 0.03  # IPGuard §5.1.2: stop pruning when accuracy drops by more than 3 points
+
+
+@dataclass
+class ZooMember:
+    """One suspect: ``model`` is a torch module or a fitted scikit-learn estimator."""
+
+    name: str
+    kind: str
+    positive: bool
+    model: Any
+    quality: float  # test accuracy (classifiers) or negative test MSE (others)
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str]:
+    last = None
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, name)
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no linear layer")
+    return last
+
+
+def _train_subset(model: nn.Module, trainable: list[nn.Parameter], x, y, **kwargs) -> nn.Module:
+    keep = {id(p) for p in trainable}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(id(p) in keep)
+    try:
+        train(model, x, y, **kwargs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return model.eval()
+
+
+def fine_tune_last_layer(model: nn.Module, x, y, *, epochs: int = 5, lr: float = 0.01, seed: int = 0,
+                         loss: str = "cross_entropy") -> nn.Module:
+    """FTLL: fine-tune only the last layer."""
+    copy_ = copy.deepcopy(model)
+    parent, name = _last_linear(copy_)
+    return _train_subset(copy_, list(getattr(parent, name).parameters()), x, y, epochs=epochs, lr=lr, seed=seed,
+                         loss=loss, optimizer="sgd")
+
+
+def retrain_last_layer(model: nn.Module, x, y, *, all_layers: bool, epochs: int = 5, lr: float = 0.01,
+                       seed: int = 0, loss: str = "cross_entropy") -> nn.Module:
+    """RTLL (``all_layers=False``) / RTAL (``True``): re-initialize the last layer, then retrain."""
+    copy_ = copy.deepcopy(model)
+    parent, name = _last_linear(copy_)
+    old = getattr(parent, name)
+    torch.manual_seed(seed)
+    setattr(parent, name, nn.Linear(old.in_features, old.out_features))
+    trainable = list(copy_.parameters()) if all_layers else list(getattr(parent, name).parameters())
+    return _train_subset(copy_, trainable, x, y, epochs=epochs, lr=lr, seed=seed, loss=loss, optimizer="sgd")
+
+
+@torch.no_grad()
+def filter_prune(model: nn.Module, fraction: float) -> nn.Module:
+    """Zero the ``fraction`` of each conv layer's filters with the smallest L1 norm (and their biases)."""
+    _check_rate(fraction)
+    pruned = copy.deepcopy(model)
+    for conv in (m for m in pruned.modules() if isinstance(m, nn.Conv2d)):
+        n = int(round(fraction * conv.out_channels))
+        if n == 0:
+            continue
+        order = conv.weight.abs().flatten(1).sum(1).argsort()[:n]
+        conv.weight[order] = 0.0
+        if conv.bias is not None:
+            conv.bias[order] = 0.0
+    return pruned
+
+
+def prune_sweep(model: nn.Module, quality: Callable[[nn.Module], float], prune: Callable[[nn.Module, float], nn.Module],
+                rates: list[float], max_drop: float = MAX_ACCURACY_DROP) -> list[tuple[float, nn.Module, float]]:
+    """Prune at increasing rates; stop (excluding it) at the first whose quality drops by > ``max_drop``."""
+    base = quality(model)
+    kept = []
+    for rate in rates:
+        pruned = prune(model, rate)
+        q = quality(pruned)
+        if base - q > max_drop:
+            break
+        kept.append((rate, pruned, q))
+    return kept
+
+
+def _hash(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode() if not isinstance(part, bytes) else part)
+    return h.hexdigest()[:20]
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.digest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ACTIVEGUARD_CACHE", ".activeguard-cache"))
+
+
+def cached(key: str, build: Callable[[], Any], cache_dir: str | Path | None) -> Any:
+    """Load ``key`` from the on-disk cache or build and store it (``cache_dir=None`` disables caching)."""
+    if cache_dir is None:
+        return build()
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.exists():
+        try:
+            data = torch.load(path, weights_only=False)  # our own cache file, written below
+            if data.get("format") == ZOO_FORMAT:
+                return data["value"]
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
+            pass
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": ZOO_FORMAT, "value": value}, tmp)
+    tmp.replace(path)
+    return value
+
+
+def classifier_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 0,
+                   cache_dir: str | Path | None = "default", progress: bool = False) -> list[ZooMember]:
+    """The classifier suspect zoo for ``owner`` (a LeNet-5 trained on ``split``).
+
+    The attacker's data is the first half of the test set (IPGuard lets the attacker fine-tune on
+    part of the test data); quality is accuracy on the second half.  Positives: FTLL, FTAL, RTLL,
+    RTAL, weight pruning p = 0.1, 0.2, … and filter pruning c = 1/16, 2/16, … until accuracy drops
+    by more than 3 points, and surrogates retrained on the owner's output labels (soft labels, as in a
+    distillation-style model extraction; LeNet-5 and MLP).
+    Negatives: LeNet-5 with ≥ 5 other seeds, two MLP architectures, two random forests.
+    """
+    from activeguard.models import LeNet5, MLPClassifier, accuracy, model_id
+
+    if cache_dir == "default":
+        cache_dir = default_cache_dir()
+    epochs = 3 if quick else 8
+    n_train = 1000 if quick else len(split.x_train)  # quick: independent models see a quarter of the data
+    config = {"quick": quick, "seed": seed, "epochs": epochs, "n_train": n_train, "v": 2}
+    key = "zoo-cls-" + _hash(config, model_id(owner), _tensor_digest(split.x_train, split.x_test))
+
+    def build() -> list[ZooMember]:
+        from sklearn.ensemble import RandomForestClassifier
+        from tqdm.auto import tqdm
+
+        half = len(split.x_test) // 2
+        xa, ya = split.x_test[:half], split.y_test[:half]
+        xe, ye = split.x_test[half:], split.y_test[half:]
+        acc = lambda m: accuracy(m, xe, ye)
+        xt, yt = split.x_train[:n_train], split.y_train[:n_train]
+        # the surrogate's training labels: the owner's output distribution (a distillation-style extraction)
+        owner_labels = torch.softmax(predict(owner, xt), 1)
+        c, side = split.num_classes, split.input_shape[-1]
+        feats = int(np.prod(split.input_shape))
+        members: list[ZooMember] = []
+        steps = ["ft", "prune", "surrogate"] + [f"lenet{s}" for s in range(5)] + ["mlp", "rf"]
+        bar = tqdm(steps, desc="suspect zoo", disable=not progress, leave=False)
+        for step in bar:
+            if step == "ft":
+                for kind, make in {
+                    "FTLL": lambda: fine_tune_last_layer(owner, xa, ya, epochs=epochs, seed=seed),
+                    "FTAL": lambda: fine_tune(owner, xa, ya, epochs=epochs, lr=0.01, seed=seed),
+                    "RTLL": lambda: retrain_last_layer(owner, xa, ya, all_layers=False, epochs=2 * epochs, seed=seed),
+                    "RTAL": lambda: retrain_last_layer(owner, xa, ya, all_layers=True, epochs=2 * epochs, seed=seed),
+                }.items():
+                    m = make()
+                    members.append(ZooMember(kind, kind, True, m, acc(m)))
+            elif step == "prune":
+                for rate, m, q in prune_sweep(owner, acc, global_prune, [round(0.1 * i, 1) for i in range(1, 10)]):
+                    members.append(ZooMember(f"WP p={rate}", "WP", True, m, q))
+                for rate, m, q in prune_sweep(owner, acc, filter_prune, [i / 16 for i in range(1, 16)]):
+                    members.append(ZooMember(f"FP c={round(rate * 16)}/16", "FP", True, m, q))
+            elif step == "surrogate":
+                torch.manual_seed(seed + 50)
+                m = train(LeNet5(c, split.input_shape[0], side), xt, owner_labels, epochs=epochs,
+                          seed=seed + 50)
+                members.append(ZooMember("surrogate LeNet-5", "surrogate", True, m, acc(m)))
+                torch.manual_seed(seed + 51)
+                m = train(MLPClassifier(c, feats), xt, owner_labels, epochs=2 * epochs, seed=seed + 51)
+                members.append(ZooMember("surrogate MLP", "surrogate", True, m, acc(m)))
+            elif step.startswith("lenet"):
+                s = seed + 1 + int(step[5:])
+                torch.manual_seed(s)
+                m = train(LeNet5(c, split.input_shape[0], side), xt, yt, epochs=epochs, seed=s)
+                members.append(ZooMember(f"LeNet-5 seed {s}", "same-arch", False, m, acc(m)))
+            elif step == "mlp":
+                for s, hidden in ((seed + 11, (256, 128)), (seed + 12, (512,))):
+                    torch.manual_seed(s)
+                    m = train(MLPClassifier(c, feats, hidden), xt, yt, epochs=2 * epochs, seed=s)
+                    members.append(ZooMember(f"MLP {hidden}", "other-arch", False, m, acc(m)))
+            elif step == "rf":
+                for s in (seed + 21, seed + 22):
+                    rf = RandomForestClassifier(n_estimators=100, random_state=s, n_jobs=1)
+                    rf.fit(torch.flatten(xt, 1).numpy(), yt.numpy())
+                    q = float((rf.predict(torch.flatten(xe, 1).numpy()) == ye.numpy()).mean())
+                    members.append(ZooMember(f"random forest {s}", "random-forest", False, rf, q))
+        return members
+
+    return cached(key, build, cache_dir)
+
+
+def as_callable(member_model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A suspect as a function inputs -> outputs (torch modules) or labels (scikit-learn)."""
+    if isinstance(member_model, nn.Module):
+        member_model.eval()
+        return lambda x: predict(member_model, x)
+    return lambda x: torch.as_tensor(member_model.predict(torch.flatten(x, 1).numpy()))
+
+
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.nn.functional.mse_loss(predict(model, x).reshape(y.shape), y))
+
+
+def regressor_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 0,
+                  cache_dir: str | Path | None = "default") -> list[ZooMember]:
+    """Suspects for the diabetes MLP regressor; quality = R² on the second half of the test set.
+
+    Positives: FTLL, FTAL, RTLL, RTAL on the attacker's half of the test set, weight pruning until R²
+    drops by > 0.03.  Negatives: five other seeds and two other MLP architectures.
+    """
+    from activeguard.models import MLPRegressor, model_id
+
+    if cache_dir == "default":
+        cache_dir = default_cache_dir()
+    epochs = 60 if quick else 200
+    key = "zoo-reg-" + _hash({"quick": quick, "seed": seed, "v": 1}, model_id(owner), _tensor_digest(split.x_train))
+
+    def build() -> list[ZooMember]:
+        half = len(split.x_test) // 2
+        xa, ya = split.x_test[:half], split.y_test[:half]
+        xe, ye = split.x_test[half:], split.y_test[half:]
+        var = float(ye.var(unbiased=False))
+        r2 = lambda m: 1 - _mse(m, xe, ye) / var
+        kw = dict(loss="mse", seed=seed)
+        members = [
+            ZooMember("FTLL", "FTLL", True, fine_tune_last_layer(owner, xa, ya, epochs=20, lr=0.005, **kw), 0.0),
+            ZooMember("FTAL", "FTAL", True, fine_tune(owner, xa, ya, epochs=20, lr=0.005, **kw), 0.0),
+            ZooMember("RTLL", "RTLL", True,
+                      retrain_last_layer(owner, xa, ya, all_layers=False, epochs=40, lr=0.005, **kw), 0.0),
+            ZooMember("RTAL", "RTAL", True,
+                      retrain_last_layer(owner, xa, ya, all_layers=True, epochs=40, lr=0.005, **kw), 0.0),
+        ]
+        for rate, m, _ in prune_sweep(owner, r2, global_prune, [round(0.1 * i, 1) for i in range(1, 10)]):
+            members.append(ZooMember(f"WP p={rate}", "WP", True, m, 0.0))
+        for s in range(seed + 1, seed + 6):
+            torch.manual_seed(s)
+            m = train(MLPRegressor(split.input_shape[0]), split.x_train, split.y_train, loss="mse", epochs=epochs,
+                      batch_size=32, seed=s)
+            members.append(ZooMember(f"MLP (64, 64) seed {s}", "same-arch", False, m, 0.0))
+        for s, hidden in ((seed + 11, (128,)), (seed + 12, (32, 32, 32))):
+            torch.manual_seed(s)
+            m = train(MLPRegressor(split.input_shape[0], hidden), split.x_train, split.y_train, loss="mse",
+                      epochs=epochs, batch_size=32, seed=s)
+            members.append(ZooMember(f"MLP {hidden}", "other-arch", False, m, 0.0))
+        for member in members:
+            member.quality = r2(member.model)
+        return members
+
+    return cached(key, build, cache_dir)
+
+
+def generator_zoo(owner: nn.Module, images: torch.Tensor, *, quick: bool = False, seed: int = 0,
+                  cache_dir: str | Path | None = "default") -> list[ZooMember]:
+    """Suspects for the Fashion-MNIST generator; quality = −MSE to the owner's outputs on N(0, I) latents.
+
+    Positives: fine-tuning all / the last layer on the owner's own samples G(z) for the attacker's
+    latents z ~ N(0, 1.5²) (the pirate has only the generator), weight pruning p = 0.1, … while the
+    relative output error stays ≤ 3 %, and Gaussian weight noise.  Negatives: generators trained with
+    five other seeds and one with another hidden architecture.
+    """
+    from activeguard.models import FCGenerator, model_id, train_generator
+
+    if cache_dir == "default":
+        cache_dir = default_cache_dir()
+    epochs = 2 if quick else 5
+    latent = owner.config["latent_dim"]
+    key = "zoo-gen-" + _hash({"quick": quick, "seed": seed, "v": 1}, model_id(owner), _tensor_digest(images))
+
+    def build() -> list[ZooMember]:
+        gen = torch.Generator().manual_seed(seed)
+        z_eval = torch.randn(512, latent, generator=gen)
+        ref = predict(owner, z_eval)
+        scale = float(ref.pow(2).mean())
+        quality = lambda m: -_mse(m, z_eval, ref) / scale
+        z_att = 1.5 * torch.randn(2048, latent, generator=gen)
+        target = predict(owner, z_att)
+        members = [
+            ZooMember("FTAL", "FTAL", True, fine_tune(owner, z_att, target, epochs=3, lr=0.01, loss="mse", seed=seed), 0),
+            ZooMember("FTLL", "FTLL", True,
+                      fine_tune_last_layer(owner, z_att, target, epochs=3, lr=0.01, loss="mse", seed=seed), 0),
+        ]
+        for rate, m, _ in prune_sweep(owner, lambda m: 1 + quality(m), global_prune,
+                                      [round(0.1 * i, 1) for i in range(1, 10)]):
+            members.append(ZooMember(f"WP p={rate}", "WP", True, m, 0))
+        noisy = copy.deepcopy(owner)
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            for p in noisy.parameters():
+                p.add_(0.01 * p.std() * torch.randn_like(p))
+        members.append(ZooMember("weight noise 1%", "noise", True, noisy, 0))
+        for s in range(seed + 1, seed + 6):
+            members.append(ZooMember(f"generator seed {s}", "same-arch", False,
+                                     train_generator(images, latent_dim=latent, epochs=epochs, seed=s), 0))
+        torch.manual_seed(seed + 11)
+        other = FCGenerator(latent, images[0].numel(), (256, 256))
+        enc = nn.Sequential(nn.Linear(images[0].numel(), 256), nn.ReLU(), nn.Linear(256, latent))
+        flat = torch.flatten(images, 1)
+        train(nn.Sequential(enc, other), flat, flat, loss="mse", epochs=epochs, batch_size=128, seed=seed + 11)
+        members.append(ZooMember("generator (256, 256)", "other-arch", False, other.eval(), 0))
+        for member in members:
+            member.quality = quality(member.model)
+        return members
+
+    return cached(key, build, cache_dir)

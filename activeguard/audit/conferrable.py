@@ -1,0 +1,157 @@
+"""Conferrable adversarial examples (Lukas, Zhang, Kerschbaum, ICLR 2021): the CEM fingerprint.
+
+The defender trains locally *surrogate* models (on the source model's labels, i.e. what a model
+extraction produces) and *reference* models (on ground truth, i.e. independent models).  The
+Conferrable Ensemble Method (CEM) perturbs benign inputs x0 within an L∞ ball so that the result x'
+transfers to surrogates but not to references, measured per class by the conferrability score
+
+    σ(x') = S̄(x') · (1 − R̄(x'))
+
+where S̄ and R̄ are the mean softmax outputs of the surrogate and reference members, each member
+kept with probability 1 − ``dropout`` at every step (dropout over ensemble members).  The loss has
+the paper's three terms (weights α, β, γ):
+
+    α · CE(σ(x'), t) − β · CE(M(x'), M(x0)) + γ · CE(M(x'), S̄(x'))
+
+(maximize the ensemble's conferrability for a target class t ≠ the source's label of x0; move the
+source model's prediction away from its initial label; keep the source in agreement with its
+surrogates).  Adam, L∞ clipping around x0 and to the pixel box, as PGD.  Examples whose
+conferrability on the training ensemble at the source's label is ≥ ``threshold`` are kept.
+Verification: CAEAcc = fraction of fingerprints where the suspect predicts the source's label,
+compared with a decision threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from activeguard.audit.ipguard import suspect_labels
+from activeguard.audit.metrics import matching_rate
+
+DECISION_THRESHOLD = 0.75
+CONFERRABILITY_THRESHOLD = 0.85
+
+
+@dataclass
+class CemFingerprint:
+    points: torch.Tensor
+    labels: torch.Tensor
+    conferrability: torch.Tensor
+    threshold: float
+    passed: int  # how many reached the conferrability threshold (the rest, if any, are the best-scoring fill)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.points) == 0:
+            raise ValueError("the fingerprint is empty: it holds no points")
+
+
+def train_ensemble(owner: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_surrogates: int = 3,
+                   n_references: int = 3, epochs: int = 3, seed: int = 100) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Surrogates on the owner's (soft) labels and references on the ground truth (LeNet-5 and MLP, alternating)."""
+    from activeguard.models import LeNet5, MLPClassifier, predict, train
+
+    owner_probs = F.softmax(predict(owner, x), 1)  # the source's labels, as soft labels (distillation)
+    c = owner_probs.shape[1]
+
+    def make(a: int) -> nn.Module:
+        torch.manual_seed(seed + a)
+        if a % 2 == 0:
+            return LeNet5(c, x.shape[1], x.shape[-1])
+        return MLPClassifier(c, int(x[0].numel()))
+
+    surrogates = [train(make(a), x, owner_probs, epochs=epochs, seed=seed + a) for a in range(n_surrogates)]
+    references = [train(make(a), x, y, epochs=epochs, seed=seed + 50 + a) for a in range(n_references)]
+    return surrogates, references
+
+
+def _mean_softmax(models: list[nn.Module], x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    outs = [F.softmax(m(x), 1) for m, k in zip(models, keep) if k]
+    return torch.stack(outs).mean(0)
+
+
+def _keep_mask(n: int, dropout: float, gen: torch.Generator) -> torch.Tensor:
+    keep = torch.rand(n, generator=gen) >= dropout
+    if not keep.any():
+        keep[torch.randint(n, (1,), generator=gen)] = True
+    return keep
+
+
+@torch.no_grad()
+def conferrability(surrogates, references, x: torch.Tensor) -> torch.Tensor:
+    """σ(x) per class on the full ensemble (no dropout), shape (n, C)."""
+    s = _mean_softmax(surrogates, x, torch.ones(len(surrogates), dtype=torch.bool))
+    r = _mean_softmax(references, x, torch.ones(len(references), dtype=torch.bool))
+    return s * (1 - r)
+
+
+def generate(owner: nn.Module, surrogates: list[nn.Module], references: list[nn.Module], x0: torch.Tensor, *,
+             n: int = 100, eps: float = 0.25, steps: int = 200, lr: float = 0.01, alpha: float = 1.0,
+             beta: float = 1.0, gamma: float = 1.0, dropout: float = 0.3,
+             threshold: float = CONFERRABILITY_THRESHOLD, seed: int = 0) -> CemFingerprint:
+    """Run CEM from the benign inputs x0 (one batch) and keep up to n examples with σ ≥ threshold.
+
+    If fewer than n pass the threshold the best-scoring remaining ones fill the fingerprint and
+    ``passed`` records how many truly passed.
+    """
+    if not surrogates or not references:
+        raise ValueError("CEM needs at least one surrogate and one reference model")
+    gen = torch.Generator().manual_seed(seed)
+    models = [owner, *surrogates, *references]
+    flags = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    for m in models:
+        m.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            y0 = owner(x0).argmax(1)
+        delta = torch.zeros_like(x0, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        for _ in range(steps):
+            x = (x0 + delta).clamp(0, 1)
+            s = _mean_softmax(surrogates, x, _keep_mask(len(surrogates), dropout, gen))
+            r = _mean_softmax(references, x, _keep_mask(len(references), dropout, gen))
+            sigma = s * (1 - r)
+            masked = sigma.detach().clone()
+            masked[torch.arange(len(x)), y0] = -1
+            target = masked.argmax(1)
+            logits = owner(x)
+            loss = (alpha * -torch.log(sigma[torch.arange(len(x)), target] + 1e-12)
+                    - beta * F.cross_entropy(logits, y0, reduction="none")
+                    + gamma * torch.sum(-s.detach() * F.log_softmax(logits, 1), 1))
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta.clamp_(-eps, eps)
+        x = (x0 + delta.detach()).clamp(0, 1)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        labels = owner(x).argmax(1)
+    conf = conferrability(surrogates, references, x)[torch.arange(len(x)), labels]
+    changed = labels != y0
+    score = torch.where(changed, conf, torch.full_like(conf, -1.0))  # only successful adversarial examples
+    order = score.argsort(descending=True)[:n]
+    order = order[score[order] >= 0] if (score >= 0).any() else order
+    passed = int((score[order] >= threshold).sum())
+    return CemFingerprint(x[order], labels[order], conf[order], threshold, passed, time.perf_counter() - start)
+
+
+def caeacc(fp: CemFingerprint, suspect, num_classes: int | None = None) -> float:
+    """CAEAcc: fraction of the fingerprints where the suspect predicts the source model's label."""
+    return matching_rate(fp.labels.numpy(), suspect_labels(suspect, fp.points, num_classes).numpy())
+
+
+def verify(fp: CemFingerprint, suspect, decision_threshold: float = DECISION_THRESHOLD) -> tuple[bool, float]:
+    """(is a surrogate/copy, CAEAcc)."""
+    score = caeacc(fp, suspect)
+    return score >= decision_threshold, score

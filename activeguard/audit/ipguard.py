@@ -1,0 +1,206 @@
+"""IPGuard (Cao, Jia, Gong, AsiaCCS 2021): fingerprint a classifier by points near its boundary.
+
+Each fingerprinting point x is found by minimizing IPGuard's Eq. 5 on the logits Z:
+
+    ReLU(Z_i(x) − Z_j(x) + k) + ReLU(max_{t≠i,j} Z_t(x) − Z_i(x))
+
+with Adam for at most 1,000 iterations: x ends up labelled j with a margin of about k over the
+runner-up i.  ``init`` is "train" (start from training examples, suffix T) or "random" (uniform
+noise, suffix R); ``target`` is "random" (R) or "least-likely" (L) - IPGuard-TL, -TR, -RL, -RR.
+All n points are optimized in **one batch** with a per-sample Adam state and per-sample stopping:
+a point stops (and leaves the batch) as soon as its loss reaches 0.
+
+The fingerprint is the points with the owner's labels; verification is the matching rate of a
+suspect's labels on the points.  A suspect is any callable mapping a float tensor (n, *shape) to
+labels (n,) or scores (n, classes): a torch module, or e.g. a scikit-learn forest via
+:func:`sklearn_suspect`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from activeguard.audit.metrics import matching_rate
+
+METHODS = {"TL": ("train", "least-likely"), "TR": ("train", "random"),
+           "RL": ("random", "least-likely"), "RR": ("random", "random")}
+
+
+@dataclass
+class Fingerprint:
+    """IPGuard fingerprint: points and the owner model's labels on them."""
+
+    points: torch.Tensor
+    labels: torch.Tensor
+    k: float
+    method: str
+    iterations: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.points) == 0:
+            raise ValueError("the fingerprint is empty: it holds no points")
+        if len(self.points) != len(self.labels):
+            raise ValueError(f"fingerprint has {len(self.points)} points but {len(self.labels)} labels")
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"format": "activeguard-ipguard/1", "points": self.points, "labels": self.labels,
+                    "k": self.k, "method": self.method}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Fingerprint:
+        data = torch.load(path, weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != "activeguard-ipguard/1":
+            raise ValueError(f"{path} is not an IPGuard fingerprint file")
+        return cls(data["points"], data["labels"], float(data["k"]), str(data["method"]))
+
+
+def eq5_loss(logits: torch.Tensor, i: torch.Tensor, j: torch.Tensor, k: float) -> torch.Tensor:
+    """Per-sample IPGuard Eq. 5 on logits (n, C) with runner-up i and target j."""
+    rows = torch.arange(len(logits))
+    zi, zj = logits[rows, i], logits[rows, j]
+    others = logits.clone()
+    others[rows, i] = float("-inf")
+    others[rows, j] = float("-inf")
+    return torch.relu(zi - zj + k) + torch.relu(others.max(1).values - zi)
+
+
+def _choose_labels(logits: torch.Tensor, target: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c = logits.shape
+    i = logits.argmax(1)
+    if target == "least-likely":
+        j = logits.argmin(1)
+    elif target == "random":
+        j = (i + torch.randint(1, c, (n,), generator=gen)) % c  # any label other than i
+    else:
+        raise ValueError(f"target must be 'random' or 'least-likely', got {target!r}")
+    return i, j
+
+
+def generate(
+    model: nn.Module, n: int = 100, *, k: float = 10.0, method: str = "TL", x_train: torch.Tensor | None = None,
+    input_shape: tuple[int, ...] | None = None, lr: float = 0.01, max_iter: int = 1000, seed: int = 0,
+) -> Fingerprint:
+    """Find ``n`` fingerprinting points in one batched Adam optimization of Eq. 5."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    init, target = METHODS[method]
+    gen = torch.Generator().manual_seed(seed)
+    if init == "train":
+        if x_train is None or len(x_train) == 0:
+            raise ValueError("IPGuard-T* needs training examples (x_train)")
+        x0 = x_train[torch.randperm(len(x_train), generator=gen)[:n]].clone()
+        if len(x0) < n:
+            raise ValueError(f"asked for {n} points but x_train has only {len(x_train)} examples")
+    else:
+        shape = input_shape or (tuple(x_train.shape[1:]) if x_train is not None else None)
+        if shape is None:
+            raise ValueError("random initialization needs input_shape or x_train")
+        x0 = torch.rand((n, *shape), generator=gen)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    try:
+        points, iters, _, _ = _optimize(model, x0, k, target, lr, max_iter, gen)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        labels = model(points).argmax(1)
+    return Fingerprint(points, labels, float(k), method, iters, seconds)
+
+
+def _optimize(model, x0, k, target, lr, max_iter, gen, beta1=0.9, beta2=0.999, eps=1e-8):
+    x = x0.clone()
+    with torch.no_grad():
+        i, j = _choose_labels(model(x), target, gen)
+    m = torch.zeros_like(x)
+    v = torch.zeros_like(x)
+    iters = torch.full((len(x),), max_iter, dtype=torch.int64)
+    active = torch.arange(len(x))
+    for step in range(1, max_iter + 1):
+        xa = x[active].requires_grad_(True)
+        loss = eq5_loss(model(xa), i[active], j[active], k)
+        done = loss.detach() <= 0
+        if done.any():
+            iters[active[done]] = step - 1
+        keep = ~done
+        if not keep.any():
+            active = active[keep]
+            break
+        (grad,) = torch.autograd.grad(loss[keep].sum(), xa)
+        idx = active[keep]
+        g = grad[keep]
+        m[idx] = beta1 * m[idx] + (1 - beta1) * g
+        v[idx] = beta2 * v[idx] + (1 - beta2) * g * g
+        # every active sample has taken the same number of steps, so one bias correction fits all
+        mhat = m[idx] / (1 - beta1**step)
+        vhat = v[idx] / (1 - beta2**step)
+        x[idx] = xa.detach()[keep] - lr * mhat / (vhat.sqrt() + eps)
+        active = idx
+    return x.detach(), iters, i, j
+
+
+def generate_loop(model: nn.Module, n: int = 100, **kwargs: Any) -> Fingerprint:
+    """The same algorithm point by point (a baseline for the batching benchmark)."""
+    seed = kwargs.pop("seed", 0)
+    x_train = kwargs.pop("x_train", None)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x_train), generator=gen)[:n] if x_train is not None else None
+    parts = []
+    start = time.perf_counter()
+    for a in range(n):
+        xt = x_train[order[a : a + 1]] if x_train is not None else None
+        parts.append(generate(model, 1, x_train=xt, seed=seed + a, **kwargs))
+    seconds = time.perf_counter() - start
+    return Fingerprint(torch.cat([p.points for p in parts]), torch.cat([p.labels for p in parts]),
+                       parts[0].k, parts[0].method, torch.cat([p.iterations for p in parts]), seconds)
+
+
+Suspect = Callable[[torch.Tensor], Any]
+
+
+def sklearn_suspect(estimator: Any) -> Suspect:
+    """Wrap a fitted scikit-learn classifier (trained on flattened inputs) as a suspect."""
+    return lambda x: torch.as_tensor(estimator.predict(torch.flatten(x, 1).numpy()))
+
+
+def suspect_labels(suspect: Suspect | nn.Module, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Labels a suspect assigns to ``x``; raises a clear error on a wrong input shape or output size."""
+    if isinstance(suspect, nn.Module):
+        suspect.eval()
+    try:
+        with torch.no_grad():
+            out = suspect(x)
+    except RuntimeError as exc:
+        raise ValueError(f"suspect cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from exc
+    out = torch.as_tensor(np.asarray(out.detach() if isinstance(out, torch.Tensor) else out))
+    if out.ndim == 2:
+        if num_classes is not None and out.shape[1] != num_classes:
+            raise ValueError(f"suspect has {out.shape[1]} outputs, the owner's model has {num_classes}")
+        out = out.argmax(1)
+    if out.ndim != 1 or len(out) != len(x):
+        raise ValueError(f"suspect returned shape {tuple(out.shape)} for {len(x)} queries")
+    return out.long()
+
+
+def verify(fingerprint: Fingerprint, suspect: Suspect | nn.Module, num_classes: int | None = None) -> float:
+    """Matching rate of the suspect's labels with the owner's labels on the fingerprint."""
+    return matching_rate(fingerprint.labels.numpy(), suspect_labels(suspect, fingerprint.points, num_classes).numpy())
+
+
+def margins(model: nn.Module, points: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 logit at each point."""
+    with torch.no_grad():
+        top = model(points).topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from activeguard.audit import conferrable
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.log(torch.tensor(probs))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_conferrability_score_by_hand():
+    x = torch.zeros(1, 3)
+    s = [_Fixed([0.1, 0.8, 0.1]), _Fixed([0.1, 0.6, 0.3])]  # mean 0.1, 0.7, 0.2
+    r = [_Fixed([0.8, 0.1, 0.1])]
+    sigma = conferrability = conferrable.conferrability(s, r, x)[0]
+    assert torch.allclose(conferrability, torch.tensor([0.1 * 0.2, 0.7 * 0.9, 0.2 * 0.9]), atol=1e-6)
+    assert int(sigma.argmax()) == 1
+
+
+@pytest.fixture(scope="module")
+def cem(lenet, mnist):
+    surrogates, references = conferrable.train_ensemble(
+        lenet, mnist.x_train[:500], mnist.y_train[:500], n_surrogates=1, n_references=1, epochs=1)
+    x0 = mnist.x_test[:40]
+    fp = conferrable.generate(lenet, surrogates, references, x0, n=20, steps=30, eps=0.25)
+    return fp, x0
+
+
+def test_cem_fingerprint(lenet, cem):
+    fp, x0 = cem
+    assert 0 < len(fp.points) <= 20
+    assert fp.points.min() >= 0 and fp.points.max() <= 1
+    # every kept example stays in the L∞ ball around some benign input
+    dist = (fp.points[:, None] - x0[None]).flatten(2).abs().max(2).values.min(1).values
+    assert (dist <= 0.25 + 1e-5).all()
+    assert conferrable.caeacc(fp, lenet) == 1.0
+    verdict, score = conferrable.verify(fp, lenet)
+    assert verdict and score == 1.0
+    assert ((fp.conferrability >= 0) & (fp.conferrability <= 1)).all()
+
+
+def test_cem_bad_input(lenet, cem):
+    with pytest.raises(ValueError, match="empty"):
+        conferrable.CemFingerprint(torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long), torch.empty(0),
+                                   0.85, 0)
+    with pytest.raises(ValueError, match="surrogate"):
+        conferrable.generate(lenet, [], [lenet], torch.zeros(2, 1, 28, 28))
