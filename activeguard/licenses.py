@@ -112,15 +112,19 @@ def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    data = Path(path).read_bytes()
+def public_key_from_pem(pem: str | bytes, source: str = "key") -> Ed25519PublicKey:
+    """Parse a PEM public key and insist it is Ed25519; ``source`` names it in errors."""
     try:
-        key = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
     except ValueError as exc:
-        raise KeyFileError(f"{path} is not a PEM public key: {exc}") from exc
+        raise KeyFileError(f"{source} is not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 public key")
+        raise KeyFileError(f"{source} holds a {type(key).__name__}, expected an Ed25519 public key")
     return key
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    return public_key_from_pem(Path(path).read_bytes(), str(path))
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives import serialization
 from torch import nn
 
 from activeguard import licenses, sessions
@@ -155,9 +154,9 @@ class Guard:
         self.profile = profile
         self.config = profile.control
         self.license_keys = {
-            kid: serialization.load_pem_public_key(pem.encode()) for kid, pem in profile.license_public_keys.items()
+            kid: licenses.public_key_from_pem(pem, f"license key {kid}") for kid, pem in profile.license_public_keys.items()
         }
-        self.gateway_key = (serialization.load_pem_public_key(profile.gateway_public_key.encode())
+        self.gateway_key = (licenses.public_key_from_pem(profile.gateway_public_key, "gateway key")
                             if profile.gateway_public_key else None)
         self._revoked: frozenset[str] = frozenset()
         self._revocation_mtime: float | None = None
@@ -219,10 +218,10 @@ class Guard:
             raise InputError("inputs contain NaN or inf")
         return torch.from_numpy(np.ascontiguousarray(array))
 
-    def _license(self, raw: str | bytes) -> licenses.LicensePayload:
+    def _license(self, raw: str | bytes, revoked: frozenset[str]) -> licenses.LicensePayload:
         signed = licenses.SignedLicense.from_text(decode_license_header(raw))
         payload = licenses.verify_license(signed, self.license_keys, model_id=self.profile.model_id,
-                                          revoked=self.revoked())
+                                          revoked=revoked)
         if int(np.prod(payload.fingerprint_shape)) != int(np.prod(self.profile.input_shape)):
             raise licenses.MalformedLicense("license fingerprint does not fit this model's input shape")
         return payload
@@ -237,6 +236,7 @@ class Guard:
         checks: dict[int, tuple[torch.Tensor, int | None, str | None]] = {}  # fingerprint, user index, user
         sessions_ok: dict[int, sessions.SessionClaims] = {}
         denied: dict[int, str] = {}
+        revoked = self.revoked()  # one look at the revocation file per batch
         for i, request in enumerate(requests):
             try:
                 x, extras = self.parse_inputs(request.body)
@@ -248,9 +248,9 @@ class Guard:
                 if request.session is not None and self.gateway_key is not None:
                     sessions_ok[i] = sessions.verify_session(
                         _text(request.session).removeprefix("Bearer ").strip(), self.gateway_key,
-                        model_id=self.profile.model_id, revoked=self.revoked())
+                        model_id=self.profile.model_id, revoked=revoked)
                 elif request.license is not None or "license" in extras:
-                    payload = self._license(request.license or extras["license"])
+                    payload = self._license(request.license or extras["license"], revoked)
                     checks[i] = (self._fingerprint(payload), payload.user_index, payload.user)
                 elif "fingerprint" in extras and self.profile.paper_mode:
                     checks[i] = (self._as_tensor(extras["fingerprint"])[:1], None, None)

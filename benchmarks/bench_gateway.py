@@ -10,6 +10,7 @@ paths so drift in machine load hits both. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import statistics
@@ -51,9 +52,8 @@ def main() -> None:
         key_path = root / "gateway.key"
         licenses.generate_signing_key(key_path)
         gateway_key = licenses.load_signing_key(key_path)
-        profile = d.profile(policy="reject")
-        profile = type(profile)(**{**profile.__dict__,
-                                   "gateway_public_key": licenses.public_key_pem(gateway_key.public_key()).decode()})
+        profile = dataclasses.replace(d.profile(policy="reject"),
+                                      gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode())
         package(d.model_path, profile, "mnist", d.store)
         token, _ = sessions.issue_session(gateway_key, user="bench", user_index=4, license_id="L",
                                           model_id=d.model_id, ttl_seconds=3600)

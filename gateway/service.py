@@ -114,9 +114,7 @@ class RevocationSync:
     def verification_keys(self) -> dict:
         keys = {}
         for pem in self.config.license_keys_pem:
-            from cryptography.hazmat.primitives import serialization
-
-            key = serialization.load_pem_public_key(pem.encode())
+            key = licenses.public_key_from_pem(pem, "a license_keys_pem entry")
             keys[licenses.key_id(key)] = key
         if self._client is not None:
             keys.update(self._client.verification_keys())
