@@ -26,6 +26,18 @@ def terminate(proc: subprocess.Popen, timeout: float = 20) -> None:
             proc.wait(timeout)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, what: str, timeout: float) -> dict:
+    """The JSON a server writes to its --ready-file; on exit or timeout, stop it and show its log."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready in {timeout:.0f} s"
+            terminate(proc)
+            raise RuntimeError(f"{what} {state}: {log_path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.1)
+    return json.loads(ready.read_text())
 TOKEN = "agt_test_" + secrets.token_urlsafe(24)
 
 
@@ -43,15 +55,8 @@ class ServerProcess:
             cmd += ["--database-url", database_url]
         env = {**os.environ, "ACTIVEGUARD_ADMIN_TOKEN": token, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"license server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"license server not ready in 90 s: {self.log_text()[-2000:]}")
-            time.sleep(0.1)
-        info = json.loads(self.ready.read_text())
+        self.log.flush()
+        info = wait_ready(self.proc, self.ready, self.data_dir / "server.log", "license server", 90)
         self.port, self.metrics_port, self.key_id = info["port"], info["metrics_port"], info["key_id"]
         self.target = f"127.0.0.1:{self.port}"
 
@@ -86,13 +91,7 @@ class GatewayProcess:
                "--port", "0", "--metrics-port", "0", "--ready-file", str(self.ready)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"gateway did not start: {self.log_path.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.1)
-        info = json.loads(self.ready.read_text())
+        info = wait_ready(self.proc, self.ready, self.log_path, "gateway", 60)
         self.target = f"127.0.0.1:{info['port']}"
         self.metrics_url = f"http://127.0.0.1:{info['metrics_port']}/metrics"
 
