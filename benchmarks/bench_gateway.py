@@ -32,7 +32,7 @@ from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.tensors import to_tensor
 from handlers.packaging import package
 from handlers.server import ManagedTorchServe
-from tests.processes import GatewayProcess
+from gateway.process import GatewayProcess
 from tests.serving_fixtures import build
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import threading
 from concurrent import futures
@@ -15,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from activeguard.processes import write_ready_file
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.service import GatewayConfig, GatewayService
 
@@ -45,9 +44,7 @@ def serve(config: GatewayConfig, *, host: str, port: int, metrics_port: int, rea
     server, service, bound, mport = start(config, host=host, port=port, metrics_port=metrics_port)
     log.info("gateway listening on %s:%d (metrics %d)", host, bound, mport)
     if ready_file:
-        tmp = Path(ready_file).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "port": bound, "metrics_port": mport}))
-        tmp.replace(ready_file)
+        write_ready_file(ready_file, {"port": bound, "metrics_port": mport})
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from activeguard.processes import write_ready_file
+
 DB_ENV = "ACTIVEGUARD_LICENSE_DB"
 STATES = {"active": 1, "revoked": 2, "expired": 3}
 _USAGE_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
@@ -82,11 +84,8 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.ready_file:
-        ready = Path(args.ready_file)
-        tmp = ready.with_name(ready.name + ".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "port": server.port, "metrics_port": server.metrics_port,
-                                   "key_id": server.service.key_id}))
-        os.replace(tmp, ready)
+        write_ready_file(args.ready_file, {"port": server.port, "metrics_port": server.metrics_port,
+                                           "key_id": server.service.key_id})
     while not stop.wait(0.5):
         pass
     server.stop()

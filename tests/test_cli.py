@@ -86,10 +86,10 @@ def test_usage_errors_exit_2_with_a_message(args, message, model_file, capsys, t
     assert code == 2 and message in err
 
 
-def test_demo_runs_end_to_end_and_reports(tmp_path):
-    out = tmp_path / "demo"
+def test_core_evaluation_runs_end_to_end_and_reports(tmp_path):
+    out = tmp_path / "core"
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("activeguard")), "demo", "--quick", "--out", str(out), "--json"],
+        [str(Path(sys.executable).with_name("activeguard")), "evaluate", "core", "--quick", "--out", str(out), "--json"],
         capture_output=True, text=True, timeout=900, env={**os.environ, **PASS_ENV},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

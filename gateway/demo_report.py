@@ -1,0 +1,120 @@
+"""The demo's report directory: report.json, report.md (the verdict table) and two PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METHODS = ("watermark", "IPGuard", "CEM", "TAFA")
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[str]:
+    """Write whatever steps have run so far; returns the file names."""
+    steps = report["steps"]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_markdown(report))
+    files = ["report.json", "report.md"]
+    if "clients" in steps:
+        _plot_clients(steps["clients"], out / "clients.png")
+        files.append("clients.png")
+    if "audit" in steps:
+        _plot_audit(steps["audit"], out / "audit.png")
+        files.append("audit.png")
+    return files
+
+
+def verdict_table(audit: dict[str, Any]) -> list[str]:
+    lines = ["| suspect | derived from owner | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for name, row in audit["suspects"].items():
+        cells = []
+        for m in METHODS:
+            r = row[m]
+            evidence = r.get("evidence") or f"{r['score']:.2f} vs {r['threshold']:.2f}"
+            cells.append(f"{'COPY' if r['flagged'] else 'clear'} ({evidence})")
+        lines.append(f"| {name} | {'yes' if row['derived_from_owner'] else 'no'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["steps"]
+    lines = ["# ActiveGuard demo report", "",
+             f"Data: {report['dataset']}. Profile: {'quick' if report['quick'] else 'full'}. "
+             f"Total time: {report.get('total_seconds', '…')} s.", ""]
+    if "watermark" in s:
+        w = s["watermark"]
+        lines += [f"Owner model: LeNet-5, test accuracy {s['train']['test_accuracy']:.2%}; with the {w['digits']}-digit "
+                  f"watermark {w['test_accuracy']:.2%} (extracted: {w['verified']}); model id {w['model_id'][:16]}….", ""]
+    if "clients" in s:
+        c = s["clients"]
+        lines += ["## Clients", "", "| client | path | outcome | accuracy |", "|---|---|---|---|"]
+        for row in c["licensed"]:
+            lines.append(f"| {row['user']} (licensed) | gateway | session as {row['authenticated_as']} "
+                         f"| {row['accuracy']:.2%} |")
+        d = c["licensed_direct_carol"]
+        lines.append(f"| carol (licensed) | TorchServe + license header | HTTP {d['status']}, user {d['user']} "
+                     f"| {d['accuracy']:.2%} |" if d["accuracy"] is not None else
+                     f"| carol (licensed) | TorchServe + license header | HTTP {d['status']} | – |")
+        lines.append(f"| no license | gateway | {c['gateway_without_token']} | – |")
+        u = c["unlicensed_direct"]
+        acc = f"{u['accuracy']:.2%} (chance 10%)" if u["accuracy"] is not None else "–"
+        lines.append(f"| no license | TorchServe | HTTP {u['status']}, control layer: {u['reason']} | {acc} |")
+        lines.append("")
+    if "revocation" in s:
+        r = s["revocation"]
+        lines += [f"Revoking {r['user']}: the live session got {r['existing_session']} after {r['refused_after_s']} s, "
+                  f"a new Authenticate got {r['new_authenticate']}; other users still served: "
+                  f"{r['other_users_still_served']}.", ""]
+    if "audit" in s:
+        a = s["audit"]
+        lines += ["## Ownership audit of suspects", "", *verdict_table(a), "",
+                  f"Fingerprints: {a['points']} points per method, built in {a['fingerprint_seconds']} s "
+                  f"(CEM examples reaching conferrability ≥ 0.85 on the training ensemble: "
+                  f"{a['cem_passed_conferrability']}). TAFA here is our reconstruction, not the published algorithm.",
+                  ""]
+    return "\n".join(lines)
+
+
+def _plot_clients(clients: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['user']}\n(gateway)" for r in clients["licensed"]]
+    values = [r["accuracy"] * 100 for r in clients["licensed"]]
+    if clients["licensed_direct_carol"]["accuracy"] is not None:
+        names.append("carol\n(direct, license)")
+        values.append(clients["licensed_direct_carol"]["accuracy"] * 100)
+    if clients["unlicensed_direct"]["accuracy"] is not None:
+        names.append("no license\n(direct)")
+        values.append(clients["unlicensed_direct"]["accuracy"] * 100)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, values, color=["tab:green"] * (len(values) - 1) + ["tab:red"])
+    ax.axhline(10, color="grey", linestyle=":", label="chance")
+    ax.set(ylabel="accuracy on MNIST test images (%)", ylim=(0, 100), title="What each client gets")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_audit(audit: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    suspects = list(audit["suspects"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / len(METHODS)
+    for a, m in enumerate(METHODS):
+        scores = [audit["suspects"][s][m]["score"] for s in suspects]
+        ax.bar(np.arange(len(suspects)) + a * width, scores, width=width, label=m)
+    ax.set_xticks(np.arange(len(suspects)) + 0.4 - width / 2, suspects)
+    ax.set(ylabel="score (1 = behaves like the owner's model)", ylim=(0, 1.05), title="Audit scores per suspect")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

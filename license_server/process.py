@@ -1,0 +1,31 @@
+"""The license server as a child process on a free loopback port (the demo, tests and benchmarks)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from activeguard.processes import ReadyFileProcess
+from license_server.auth import TOKEN_ENV
+from license_server.client import LicenseClient
+
+
+OWN_TOKEN = object()  # client(): use the token this server was started with
+
+
+class LicenseServerProcess(ReadyFileProcess):
+    """``python -m license_server serve`` with its data (SQLite, signing key) in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, token: str, database_url: str = "", *, log_level: str = "INFO"):
+        cmd = [sys.executable, "-m", "license_server", "serve", "--data-dir", str(data_dir), "--port", "0",
+               "--metrics-port", "0", "--log-level", log_level]
+        if database_url:
+            cmd += ["--database-url", database_url]
+        self.data_dir = Path(data_dir)
+        self.token = token
+        super().__init__(cmd, self.data_dir, "license server", log_name="server.log", env={TOKEN_ENV: token})
+        self.port, self.metrics_port, self.key_id = self.info["port"], self.info["metrics_port"], self.info["key_id"]
+
+    def client(self, token: str | None | object = OWN_TOKEN, timeout: float = 120) -> LicenseClient:
+        """An admin client with this server's token, another token, or none (``token=None``)."""
+        return LicenseClient(self.target, self.token if token is OWN_TOKEN else token, timeout=timeout)

@@ -1,0 +1,130 @@
+"""`activeguard demo --quick` end to end: real license server, TorchServe and gateway processes.
+
+Asserts on the JSON report what a newcomer is promised, and that nothing it started is left
+running, after a normal run and after Ctrl-C in the middle of the served part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ACTIVEGUARD = str(Path(sys.executable).with_name("activeguard"))
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (every server the demo starts names its report folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int, group: bool = False) -> bool:
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    env = {**os.environ, "ACTIVEGUARD_WM_PASSPHRASE": "correct horse battery staple"}
+    proc = subprocess.run([ACTIVEGUARD, "demo", "--quick", "--out", str(out), "--json"], capture_output=True,
+                          text=True, timeout=840, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout), proc
+
+
+def test_report_files_and_stdout_match(demo_run):
+    out, report, proc = demo_run
+    assert json.loads((out / "report.json").read_text()) == report
+    assert (out / "report.md").read_text().startswith("# ActiveGuard demo report")
+    for png in ("clients.png", "audit.png"):
+        assert (out / png).stat().st_size > 5000
+    assert "correct horse" not in proc.stdout + proc.stderr  # the watermark passphrase is never printed
+    assert (out / "watermark.agkey").stat().st_mode & 0o077 == 0
+
+
+def test_licensed_users_are_served_and_unlicensed_are_refused(demo_run):
+    _, report, _ = demo_run
+    steps = report["steps"]
+    assert steps["watermark"]["verified"] and steps["train"]["test_accuracy"] >= 0.95
+    clients = steps["clients"]
+    for row in clients["licensed"]:
+        assert row["authenticated_as"] == row["user"]
+        assert row["accuracy"] >= 0.93
+        assert row["max_abs_diff_from_local_model"] < 1e-4  # the real model's outputs, not the control layer's
+    assert clients["licensed_direct_carol"]["user"] == "carol" and clients["licensed_direct_carol"]["accuracy"] >= 0.9
+    assert clients["gateway_without_token"] == "UNAUTHENTICATED"
+    unlicensed = clients["unlicensed_direct"]
+    assert unlicensed["status"] == 200 and unlicensed["authorized"] is False
+    assert abs(unlicensed["accuracy"] - 0.1) <= 0.07  # the random policy: chance level
+
+
+def test_revoked_user_is_refused(demo_run):
+    _, report, _ = demo_run
+    r = report["steps"]["revocation"]
+    assert r["existing_session"] == "PERMISSION_DENIED" and r["new_authenticate"] == "PERMISSION_DENIED"
+    assert r["refused_after_s"] < 10 and r["other_users_still_served"]
+
+
+def test_pirated_copies_flagged_and_independent_model_cleared(demo_run):
+    _, report, _ = demo_run
+    suspects = report["steps"]["audit"]["suspects"]
+    methods = ("IPGuard", "CEM", "TAFA")
+    for name, row in suspects.items():
+        if row["derived_from_owner"]:
+            assert row["watermark"]["flagged"], name
+            assert any(row[m]["flagged"] for m in methods), name
+        else:
+            assert not row["watermark"]["flagged"] and not any(row[m]["flagged"] for m in methods), name
+    assert sum(row["derived_from_owner"] for row in suspects.values()) == 2
+
+
+def test_no_process_left_running(demo_run):
+    out, report, _ = demo_run
+    procs = report["processes"]
+    assert procs["all_stopped"]
+    assert gone(procs["license_server"]) and gone(procs["gateway"]) and gone(procs["torchserve_group"], group=True)
+    assert processes_mentioning(str(out)) == []
+
+
+def test_ctrl_c_during_the_served_part_stops_every_server(tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([ACTIVEGUARD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "gateway" / "gateway.json").exists():  # written once TorchServe is up
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the demo never reached the gateway"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert processes_mentioning(str(out)), "servers should be running now"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    time.sleep(0.5)
+    assert processes_mentioning(str(out)) == []
+    assert json.loads((out / "report.json").read_text())["steps"]["licenses"]  # what ran is still reported
