@@ -181,10 +181,6 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    return _run_core(args, "ActiveGuard demo: train, watermark, fingerprint, control, attack")
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.suite == "audit":
         from activeguard.audit.evaluate import run_audit_evaluation
@@ -218,12 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 negative verdict or failure, 2 usage error.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="run the whole core flow on the bundled MNIST digits and write a report")
-    p.add_argument("--quick", action="store_true", help="fewer fingerprints per user (CI profile)")
-    p.add_argument("--out", default="reports/demo", help="report directory (default reports/demo)")
-    _add_common(p)
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", help="paper-shaped evaluation tables")
     p.add_argument("suite", choices=["core", "audit"],
@@ -274,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passphrase(p)
     _add_common(p, seed=False)
     p.set_defaults(func=cmd_watermark_verify)
+    from activeguard.audit.cli import register as register_audit
+
+    register_audit(sub)
     _register_plugins(sub)
     return parser
 

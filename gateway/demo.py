@@ -128,7 +128,7 @@ class Demo:
             self._step("audit every suspect: watermark, IPGuard, CEM, TAFA", "audit", self.audit)
         finally:  # a failed or interrupted run still leaves what it measured
             self.report["total_seconds"] = round(time.perf_counter() - started, 1)
-            self.report["files"] = write_report(self.report, self.out)
+            write_report(self.report, self.out)
         return self.report
 
     def train(self) -> dict:

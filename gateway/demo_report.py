@@ -10,10 +10,8 @@ METHODS = ("watermark", "IPGuard", "CEM", "TAFA")
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[str]:
-    """Write whatever steps have run so far; returns the file names."""
+    """Write whatever steps have run so far; returns the file names (also stored as ``report["files"]``)."""
     steps = report["steps"]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
     files = ["report.json", "report.md"]
     if "clients" in steps:
         _plot_clients(steps["clients"], out / "clients.png")
@@ -21,6 +19,9 @@ def write_report(report: dict[str, Any], out: Path) -> list[str]:
     if "audit" in steps:
         _plot_audit(steps["audit"], out / "audit.png")
         files.append("audit.png")
+    report["files"] = files  # recorded before report.json is written, so the file matches what is printed
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_markdown(report))
     return files
 
 

@@ -1,0 +1,112 @@
+"""One file format for the three black-box fingerprints (IPGuard, CEM, TAFA).
+
+A fingerprint file is a ``torch.save`` of a plain dict, read back with
+``torch.load(weights_only=True)`` (tensors and plain Python values only, no arbitrary unpickling)::
+
+    {"format": "activeguard-audit-fingerprint/1", "kind": "ipguard" | "cem" | "tafa",
+     "fields": {<every dataclass field of the fingerprint>}, "meta": {...}}
+
+The fields are taken from :func:`dataclasses.fields`, so a field added to or removed from a
+fingerprint class keeps working: unknown stored fields are ignored on load, and a field missing
+from an old file falls back to the class default (or the load fails with a message naming it).
+``meta`` holds what the audit needs besides the fingerprint: the owner's model id, the input
+shape, the number of classes, the task, how the fingerprint was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from activeguard.audit import conferrable, ipguard, tafa
+
+FORMAT = "activeguard-audit-fingerprint/1"
+KINDS: dict[str, type] = {
+    "ipguard": ipguard.Fingerprint,
+    "cem": conferrable.CemFingerprint,
+    "tafa": tafa.TafaFingerprint,
+}
+_LEGACY_IPGUARD = "activeguard-ipguard/1"  # written by ipguard.Fingerprint.save
+
+
+class FingerprintFileError(ValueError):
+    """A fingerprint file is missing, empty, foreign, or of another kind; the message names the file."""
+
+
+@dataclasses.dataclass
+class FingerprintFile:
+    kind: str
+    fingerprint: Any
+    meta: dict[str, Any]
+
+
+def kind_of(fingerprint: Any) -> str:
+    for kind, cls in KINDS.items():
+        if type(fingerprint) is cls:
+            return kind
+    raise TypeError(f"{type(fingerprint).__name__} is not an audit fingerprint ({', '.join(KINDS)})")
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Check that ``value`` survives ``torch.load(weights_only=True)``; tensors are detached copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, where) for v in value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, where) for k, v in value.items()}
+    raise TypeError(f"{where} holds a {type(value).__name__}, which a fingerprint file cannot store")
+
+
+def save(fingerprint: Any, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``fingerprint`` (any of the three kinds) and ``meta`` to ``path``."""
+    kind = kind_of(fingerprint)
+    fields = {f.name: _plain(getattr(fingerprint, f.name), f"field {f.name!r}")
+              for f in dataclasses.fields(fingerprint)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "kind": kind, "fields": fields, "meta": _plain(dict(meta or {}), "meta")}, path)
+    return path
+
+
+def load(path: str | Path, kind: str | None = None) -> FingerprintFile:
+    """Read a fingerprint file; ``kind`` (if given) must match the stored kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise FingerprintFileError(f"fingerprint file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise FingerprintFileError(f"fingerprint file {path} is empty")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, objects refused by weights_only
+        raise FingerprintFileError(f"{path} is not an ActiveGuard fingerprint file: {exc}") from exc
+    if isinstance(data, dict) and data.get("format") == _LEGACY_IPGUARD:
+        stored, fields, meta = "ipguard", {k: data[k] for k in ("points", "labels", "k", "method") if k in data}, {}
+    elif isinstance(data, dict) and data.get("format") == FORMAT:
+        stored, fields, meta = data.get("kind"), data.get("fields"), data.get("meta") or {}
+        if stored not in KINDS or not isinstance(fields, dict):
+            raise FingerprintFileError(f"{path} holds an unknown fingerprint kind {stored!r}")
+    else:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise FingerprintFileError(f"{path} is not an ActiveGuard fingerprint file (found {found!r}, "
+                                   f"expected format {FORMAT})")
+    if kind is not None and stored != kind:
+        raise FingerprintFileError(f"{path} holds a {stored} fingerprint, not {kind}: "
+                                   f"use 'activeguard audit {stored}'")
+    cls = KINDS[stored]
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in fields and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise FingerprintFileError(f"{path} lacks the {stored} fingerprint field(s) {', '.join(missing)} "
+                                   "(written by another version?)")
+    try:
+        fingerprint = cls(**{k: v for k, v in fields.items() if k in names})
+    except (ValueError, TypeError) as exc:
+        raise FingerprintFileError(f"{path}: {exc}") from exc
+    return FingerprintFile(stored, fingerprint, dict(meta))
