@@ -182,11 +182,13 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = f"reports/evaluate-{args.suite}"
     if args.suite == "audit":
         from activeguard.audit.evaluate import run_audit_evaluation
 
-        out = "reports/evaluate-audit" if args.out == "reports/evaluate-core" else args.out
-        result = run_audit_evaluation(out, quick=args.quick, seed=args.seed, progress=not args.json)
+        out = args.out
+        result = run_audit_evaluation(out, quick=args.quick, seed=args.seed, progress=_progress(args))
         if args.json:
             print(json.dumps(result, indent=2, default=float))
         else:
@@ -218,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="paper-shaped evaluation tables")
     p.add_argument("suite", choices=["core", "audit"],
                    help="core: ActiveGuard Tables 1-4 and Figure 2 analogs; audit: IPGuard/CEM/TAFA tables")
-    p.add_argument("--quick", action="store_true", help="5 instead of 20 fingerprints per user")
-    p.add_argument("--out", default="reports/evaluate-core", help="report directory")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller run for a first look or CI (core: 5 instead of 20 fingerprints per user; "
+                        "audit: a smaller zoo, 50 points)")
+    p.add_argument("--out", default=None, help="report directory (default reports/evaluate-SUITE)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -1,4 +1,4 @@
-"""The core end-to-end run behind ``activeguard demo`` and ``activeguard evaluate core``.
+"""The core end-to-end run behind ``activeguard evaluate core`` (no servers: the library alone).
 
 Train LeNet-5 on the bundled MNIST digits, embed the paper's watermark by fine-tuning,
 generate every user's fingerprints, measure the control layer (Table 1, Figure 2, false

@@ -56,8 +56,6 @@ REVOKED_USER = "bob"
 MODEL_NAME = "mnist"
 POLL_INTERVAL_S = 1.0
 STEPS = 8
-IPGUARD_FALLBACK_THRESHOLD = 0.5  # used only until ipguard defines DECISION_THRESHOLD
-TAFA_FALLBACK_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -292,8 +290,7 @@ class Demo:
     def audit(self) -> dict:
         s, p = self.split, self.profile
         n = p.audit_points
-        ip_threshold = getattr(ipguard, "DECISION_THRESHOLD", IPGUARD_FALLBACK_THRESHOLD)
-        tafa_threshold = getattr(tafa, "DECISION_THRESHOLD", TAFA_FALLBACK_THRESHOLD)
+        ip_threshold, tafa_threshold = ipguard.DECISION_THRESHOLD, tafa.DECISION_THRESHOLD
         t0 = time.perf_counter()
         ip_fp = ipguard.generate(self.owner, n, method="TL", x_train=s.x_train, seed=self.seed)
         surrogates, references = conferrable.train_ensemble(

@@ -20,24 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from activeguard import cli as base
+from activeguard.audit import decisions
 
-# Used only while the audit modules do not define DECISION_THRESHOLD themselves (read at call time).
-# IPGuard margin: with k = 10 an independently trained LeNet-5 matched 93% of 30 points, with k = 3
-# 37% (a fine-tuned copy 100%); IPGuard notes that too large a k loses uniqueness.
-DEFAULT_K = 3.0
-FALLBACK_THRESHOLDS = {"ipguard": 0.8, "cem": 0.75, "tafa": 0.5}
 METHOD_TITLES = {"ipguard": "IPGuard", "cem": "CEM (conferrable adversarial examples)", "tafa": "TAFA (reconstruction)"}
 SCORE_NAMES = {"ipguard": "matching rate", "cem": "CAEAcc", "tafa": "TAFA score"}
-
-
-def _module(method: str):
-    from activeguard.audit import conferrable, ipguard, tafa
-
-    return {"ipguard": ipguard, "cem": conferrable, "tafa": tafa}[method]
-
-
-def default_threshold(method: str) -> float:
-    return float(getattr(_module(method), "DECISION_THRESHOLD", FALLBACK_THRESHOLDS[method]))
 
 
 def _stage(args: argparse.Namespace, message: str) -> None:
@@ -150,7 +136,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from activeguard.audit.remote import open_suspect
 
     method = args.audit_command
-    threshold = default_threshold(method) if args.threshold is None else args.threshold
+    threshold = decisions.THRESHOLDS[method] if args.threshold is None else args.threshold
     if not 0.0 <= threshold <= 1.0:
         raise base.UsageError(f"--threshold must be in [0, 1], got {threshold}")
     if args.batch_size < 1 or args.timeout <= 0:
@@ -215,8 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--method", default="TL", choices=["TL", "TR", "RL", "RR"],
                            help="initialization (T: training examples, R: noise) and target label "
                                 "(L: least likely, R: random); default TL, the paper's best")
-            p.add_argument("--k", type=float, default=DEFAULT_K,
-                           help=f"logit margin of each point over the runner-up (default {DEFAULT_K:g}; "
+            p.add_argument("--k", type=float, default=decisions.IPGUARD_K,
+                           help=f"logit margin of each point over the runner-up (default {decisions.IPGUARD_K:g}; "
                                 "larger k loses uniqueness: independent models start to match)")
         elif kind == "cem":
             p.add_argument("--surrogates", type=int, default=3, help="surrogate models to train (default 3)")
@@ -241,7 +227,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--suspect", required=True, metavar="PATH_OR_URL",
                        help="a checkpoint, or an endpoint such as http://127.0.0.1:8080/predictions/mnist")
         p.add_argument("--threshold", type=float, default=None,
-                       help="decision threshold on the score, in [0, 1] (default: the method's)")
+                       help=f"decision threshold on the score, in [0, 1] (default {decisions.THRESHOLDS[method]:g}, "
+                            "measured by 'activeguard evaluate audit')")
         if method == "tafa":
             p.add_argument("--statistic", choices=["distance", "bending"], default=None,
                            help="output distance or second difference at the points (default: the library's)")

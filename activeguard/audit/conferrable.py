@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from activeguard.audit import decisions
 from activeguard.audit.ipguard import suspect_labels
 from activeguard.audit.metrics import matching_rate
 
-DECISION_THRESHOLD = 0.75
+DECISION_THRESHOLD = decisions.CEM_THRESHOLD  # CAEAcc; see decisions.py
 CONFERRABILITY_THRESHOLD = 0.85
 
 

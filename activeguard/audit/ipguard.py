@@ -28,10 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from activeguard.audit import decisions
 from activeguard.audit.metrics import matching_rate
 
 METHODS = {"TL": ("train", "least-likely"), "TR": ("train", "random"),
            "RL": ("random", "least-likely"), "RR": ("random", "random")}
+DEFAULT_K = decisions.IPGUARD_K
+DECISION_THRESHOLD = decisions.IPGUARD_THRESHOLD  # matching rate; see decisions.py
 
 
 @dataclass
@@ -86,7 +89,7 @@ def _choose_labels(logits: torch.Tensor, target: str, gen: torch.Generator) -> t
 
 
 def generate(
-    model: nn.Module, n: int = 100, *, k: float = 10.0, method: str = "TL", x_train: torch.Tensor | None = None,
+    model: nn.Module, n: int = 100, *, k: float = DEFAULT_K, method: str = "TL", x_train: torch.Tensor | None = None,
     input_shape: tuple[int, ...] | None = None, lr: float = 0.01, max_iter: int = 1000, seed: int = 0,
 ) -> Fingerprint:
     """Find ``n`` fingerprinting points in one batched Adam optimization of Eq. 5."""

@@ -50,9 +50,15 @@ class Suspect:
         self.name = name
         self.batch_size = batch_size
 
+    def _accepts(self, row_shape: tuple[int, ...]) -> bool:
+        """Same shape, or a flat-input model (an MLP flattens its input) with as many values per row."""
+        if row_shape == self.input_shape:
+            return True
+        return len(self.input_shape) == 1 and math.prod(row_shape) == self.input_shape[0]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x, dtype=torch.float32)
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+        if self.input_shape is not None and not self._accepts(tuple(x.shape[1:])):
             raise SuspectError(f"suspect {self.name} takes inputs of shape {self.input_shape}, "
                                f"but the queries have shape {tuple(x.shape[1:])}")
         parts = [self._query(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]

@@ -36,9 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from activeguard.audit import decisions
+
 STATISTICS = ("distance", "bending")
 DEFAULT_STATISTIC = "distance"  # mean ARUC over the three tasks: distance 0.47 vs bending 0.40 (quick evaluation)
 RHO = 0.5  # distance statistic: a normalized distance of ρ lowers a point's score to 1/e
+DECISION_THRESHOLD = decisions.TAFA_THRESHOLD  # see decisions.py
 
 
 @dataclass
