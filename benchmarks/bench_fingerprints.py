@@ -22,12 +22,7 @@ from activeguard.data import load_mnist
 from activeguard.evaluation import seed_images
 from activeguard.fingerprints import generate_fingerprints
 from activeguard.models import train_lenet5
-
-
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+from benchmarks.common import timed
 
 
 def model_step_ms(model: torch.nn.Module, batch: int, repeats: int = 100) -> float:
