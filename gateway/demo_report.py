@@ -108,14 +108,19 @@ def _plot_audit(audit: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     suspects = list(audit["suspects"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(8.5, 3.2))
     width = 0.8 / len(METHODS)
     for a, m in enumerate(METHODS):
-        scores = [audit["suspects"][s][m]["score"] for s in suspects]
-        ax.bar(np.arange(len(suspects)) + a * width, scores, width=width, label=m)
+        rows = [audit["suspects"][s][m] for s in suspects]
+        xs = np.arange(len(suspects)) + a * width
+        ax.bar(xs, [r["score"] for r in rows], width=width, label=m)
+        marks = [(x, r["threshold"]) for x, r in zip(xs, rows) if "threshold" in r]
+        if marks:  # the method's decision threshold, drawn across its bar
+            ax.hlines([t for _, t in marks], [x - width / 2 for x, _ in marks], [x + width / 2 for x, _ in marks],
+                      colors="black", linewidth=1.5, label="decision threshold" if a == len(METHODS) - 1 else None)
     ax.set_xticks(np.arange(len(suspects)) + 0.4 - width / 2, suspects)
     ax.set(ylabel="score (1 = behaves like the owner's model)", ylim=(0, 1.05), title="Audit scores per suspect")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
