@@ -176,6 +176,19 @@ def load_or_create_signing_key(path: str | Path) -> tuple[Ed25519PrivateKey, boo
         return load_signing_key(path), False
 
 
+def export_public_key(signing_key: str | Path, out: str | Path) -> tuple[str, bool]:
+    """Write the public half of ``signing_key`` (created 0600 if missing) to ``out``: (key id, created).
+
+    The public PEM is what ``activeguard package --license-key/--gateway-key`` puts in a model's
+    profile; it is not a secret, so it is written world-readable.
+    """
+    key, created = load_or_create_signing_key(signing_key)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(public_key_pem(key.public_key()))
+    return key_id(key.public_key()), created
+
+
 # ---------------------------------------------------------------------------------------------
 # Payload
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from activeguard.licenses import load_or_create_signing_key, public_key_pem
+from activeguard.licenses import export_public_key
 from gateway.server import serve
 from gateway.service import GatewayConfig
 
@@ -15,10 +15,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format='{"time":"%(asctime)s","level":"%(levelname)s","msg":"%(message)s"}')
     config = GatewayConfig.from_json(Path(args.config))
     if args.export_public_key:
-        key, created = load_or_create_signing_key(config.signing_key)
-        Path(args.export_public_key).write_bytes(public_key_pem(key.public_key()))
-        print(f"{'created' if created else 'loaded'} {config.signing_key}; public key written to {args.export_public_key}"
-              " (give it to `activeguard package --gateway-key`)")
+        kid, created = export_public_key(config.signing_key, args.export_public_key)
+        print(f"{'created' if created else 'loaded'} {config.signing_key} (key id {kid}); public key written to "
+              f"{args.export_public_key} (give it to `activeguard package --gateway-key`)")
         return 0
     return serve(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                  ready_file=Path(args.ready_file) if args.ready_file else None)

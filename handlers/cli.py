@@ -14,7 +14,7 @@ from activeguard.licenses import key_id, load_public_key, public_key_pem
 from activeguard.models import input_shape, load_model, model_id
 from activeguard.protection import Profile
 from handlers.packaging import package
-from handlers.server import ManagedTorchServe
+from handlers.server import ManagedTorchServe, Ports
 
 DEFAULT_STORE = Path("model_store")
 
@@ -52,8 +52,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models[name] = mar or f"{name}.mar"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ports = Ports.choose(args.http_port, args.management_port, args.metrics_port, args.grpc_port,
+                         args.grpc_management_port)
     with ManagedTorchServe(Path(args.store), models, workers=args.workers, batch_size=args.batch_size,
-                           max_batch_delay_ms=args.max_batch_delay) as ts:
+                           max_batch_delay_ms=args.max_batch_delay, ports=ports) as ts:
         info = {"inference": ts.url, "management": ts.management_url, "metrics": ts.metrics_url,
                 "grpc": ts.grpc_target, "models": sorted(models)}
         print(json.dumps(info) if args.json else "TorchServe ready:\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()),
@@ -87,5 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds to wait to fill a batch")
-    p.add_argument("--json", action="store_true")
+    for flag, default, what in (("--http-port", 8080, "inference HTTP API (POST /predictions/NAME)"),
+                                ("--grpc-port", 7070, "inference gRPC API (the gateway's upstream)"),
+                                ("--management-port", 8081, "management API"),
+                                ("--metrics-port", 8082, "Prometheus metrics"),
+                                ("--grpc-management-port", 7071, "management gRPC API")):
+        p.add_argument(flag, type=int, default=default, help=f"{what}; default {default} (TorchServe's), 0: any free port")
+    p.add_argument("--json", action="store_true", help="print the endpoints as JSON once ready")
     p.set_defaults(func=cmd_serve)

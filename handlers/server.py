@@ -45,6 +45,13 @@ class Ports:
     def pick(cls) -> "Ports":
         return cls(*(free_port() for _ in range(5)))
 
+    @classmethod
+    def choose(cls, inference: int, management: int, metrics: int, grpc_inference: int,
+               grpc_management: int) -> "Ports":
+        """The given ports, with 0 meaning any free port."""
+        return cls(*(port or free_port() for port in (inference, management, metrics, grpc_inference,
+                                                       grpc_management)))
+
 
 class ManagedTorchServe:
     """Context manager: ``with ManagedTorchServe(store, {"mnist": "mnist.mar"}) as ts: ts.url``."""

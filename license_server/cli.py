@@ -58,11 +58,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-file", default=None, help="write {pid, port, metrics_port, key_id} here once serving")
     p.add_argument("--max-steps", type=int, default=1000, help="fingerprint optimizer steps")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--export-public-key", metavar="PEM", default=None,
+                   help="create the signing key if needed, write its public half here (for "
+                        "`activeguard package --license-key`), and exit")
+
+
+def _signing_key_path(args: argparse.Namespace) -> Path:
+    return Path(args.signing_key) if args.signing_key else Path(args.data_dir) / "signing_key.pem"
+
+
+def export_key(args: argparse.Namespace) -> int:
+    from activeguard.licenses import export_public_key
+
+    data_dir = Path(args.data_dir)
+    if not args.signing_key and not data_dir.exists():
+        data_dir.mkdir(parents=True, mode=0o700)  # as the server would: it holds the private key
+    kid, created = export_public_key(_signing_key_path(args), args.export_public_key)
+    print(f"{'created' if created else 'loaded'} {_signing_key_path(args)} (key id {kid}); public key written to "
+          f"{args.export_public_key} (give it to `activeguard package --license-key`)")
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
     from license_server.service import LicenseServer, ServerConfig, configure_logging
 
+    if args.export_public_key:
+        return export_key(args)
     configure_logging(args.log_level)
     if (args.tls_cert is None) != (args.tls_key is None):
         print("error: give both --tls-cert and --tls-key, or neither", file=sys.stderr)

@@ -71,3 +71,25 @@ def test_tensor_codec_round_trip_and_validation():
     for tensor in bad:
         with pytest.raises(ValueError):
             from_tensor(tensor)
+
+
+def test_export_public_key_creates_the_key_once(tmp_path, capsys):
+    import json
+
+    from activeguard import licenses
+    from activeguard.cli import main
+
+    config = tmp_path / "gateway.json"
+    config.write_text(json.dumps({"models": [{"name": "m", "model_id": "x", "upstreams": ["127.0.0.1:1"]}],
+                                  "signing_key": str(tmp_path / "gateway.key"), "license_server": "127.0.0.1:2",
+                                  "revocation_file": str(tmp_path / "revoked.txt")}))
+    pem = tmp_path / "gateway.pub.pem"
+    assert main(["gateway", "--config", str(config), "--export-public-key", str(pem)]) == 0
+    assert "created" in capsys.readouterr().out
+    assert oct((tmp_path / "gateway.key").stat().st_mode & 0o777) == "0o600"
+    first = pem.read_bytes()
+    assert main(["gateway", "--config", str(config), "--export-public-key", str(pem)]) == 0
+    out = capsys.readouterr().out
+    assert "loaded" in out and "PRIVATE" not in out and pem.read_bytes() == first  # same key, never overwritten
+    signer = licenses.load_signing_key(tmp_path / "gateway.key")
+    assert licenses.key_id(licenses.load_public_key(pem)) == licenses.key_id(signer.public_key())

@@ -378,6 +378,13 @@ def test_activeguard_cli_has_license_commands(tmp_path):
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"license-server", "license"} <= set(sub.choices)
+    # --export-public-key creates the signing key the server will use and hands out its public half
+    from license_server.cli import server_main
+
+    pem = tmp_path / "license-server.pub.pem"
+    assert server_main(["--data-dir", str(tmp_path / "d"), "--export-public-key", str(pem)]) == 0
+    assert oct((tmp_path / "d" / "signing_key.pem").stat().st_mode & 0o777) == "0o600"
+    exported = lic.key_id(lic.load_public_key(pem))
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen([str(Path(sys.executable).parent / "activeguard"), "license-server", "--data-dir",
                              str(tmp_path / "d"), "--port", "0", "--metrics-port", "-1", "--ready-file", str(ready)],
@@ -389,7 +396,7 @@ def test_activeguard_cli_has_license_commands(tmp_path):
             time.sleep(0.1)
         port = json.loads(ready.read_text())["port"]
         with LicenseClient(f"127.0.0.1:{port}", None, timeout=30) as c:
-            assert c.verification_keys()
+            assert list(c.verification_keys()) == [exported]  # the server signs with the exported key
     finally:
         proc.terminate()
         proc.wait(20)
