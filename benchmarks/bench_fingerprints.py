@@ -9,8 +9,6 @@ measured side by side. Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from activeguard.data import load_mnist
 from activeguard.evaluation import seed_images
 from activeguard.fingerprints import generate_fingerprints
 from activeguard.models import train_lenet5
-from benchmarks.common import timed
+from benchmarks.common import timed, write_result
 
 
 def model_step_ms(model: torch.nn.Module, batch: int, repeats: int = 100) -> float:
@@ -79,13 +77,8 @@ def main() -> None:
         "model_step_ms_batch1": step_1,
         "model_step_ms_batch30": step_30,
         "compute_bound_speedup": 30 * step_1 / step_30,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ same k, interleaved so drift in machine load hits both alike. Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 from activeguard.audit import ipguard
 from activeguard.data import load_mnist
 from activeguard.models import train_lenet5
-from benchmarks.common import timed
+from benchmarks.common import timed, write_result
 
 
 def main() -> None:
@@ -54,13 +52,8 @@ def main() -> None:
         "loop_min_margin": float(ipguard.margins(model, looped.points).min()),
         "batched_mean_iterations": float(batched.iterations.float().mean()),
         "loop_mean_iterations": float(looped.iterations.float().mean()),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

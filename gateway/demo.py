@@ -343,7 +343,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print()
         print((out / "report.md").read_text())
-        print(f"report written to {out.resolve()}/ (report.json, report.md, clients.png, audit.png); "
+        print(f"report written to {out.resolve()}/ ({', '.join(report['files'])}); "
               f"total {report['total_seconds']:.0f} s")
     return 0
 

@@ -9,8 +9,8 @@ from typing import Any
 METHODS = ("watermark", "IPGuard", "CEM", "TAFA")
 
 
-def write_report(report: dict[str, Any], out: Path) -> list[str]:
-    """Write whatever steps have run so far; returns the file names (also stored as ``report["files"]``)."""
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Write whatever steps have run so far; the file names go into ``report["files"]``."""
     steps = report["steps"]
     files = ["report.json", "report.md"]
     if "clients" in steps:
@@ -22,7 +22,6 @@ def write_report(report: dict[str, Any], out: Path) -> list[str]:
     report["files"] = files  # recorded before report.json is written, so the file matches what is printed
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report))
-    return files
 
 
 def verdict_table(audit: dict[str, Any]) -> list[str]:
