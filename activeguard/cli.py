@@ -132,7 +132,10 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     split = load_dataset(args.dataset, seed=args.seed)
     passphrase = _passphrase(args, confirm=True)
-    key = wm.generate_key(model, _parse_digits(args.digits), layer=args.layer, seed=args.seed)
+    if args.experiment_seed is not None:
+        print("warning: --experiment-seed makes the watermark key guessable; use it only for experiments",
+              file=sys.stderr)
+    key = wm.generate_key(model, _parse_digits(args.digits), layer=args.layer, experiment_seed=args.experiment_seed)
     before = accuracy(model, split.x_test, split.y_test)
     marked = wm.embed(model, key, split.x_train, split.y_train, epochs=args.epochs, lam=args.lam,
                       seed=args.seed, progress=_progress(args))
@@ -142,7 +145,8 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
     wm.save_key(key, args.key_out, passphrase)
     payload = {"model": str(args.out), "model_id": mid, "key": str(args.key_out), "verified": result.success,
                "digits_matched": result.matched, "digits": result.total,
-               "accuracy_before": before, "accuracy_after": after}
+               "accuracy_before": before, "accuracy_after": after,
+               "key_source": "os-entropy" if args.experiment_seed is None else "experiment-seed"}
     _emit(args, payload, lambda: (
         f"embedded {result.total} digits in {args.layer}: extracted {result.matched}/{result.total}\n"
         f"  test accuracy {before:.2%} -> {after:.2%}\n  model {args.out} (id {mid})\n"
@@ -197,10 +201,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _run_core(args, "ActiveGuard core evaluation (Tables 1-4 and Figure 2 analogs)")
 
 
-def _add_common(p: argparse.ArgumentParser, seed: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, seed: bool = True,
+                seed_help: str = "random seed for data split and optimization (default 0)") -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="random seed for data split and optimization (default 0)")
+        p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def _add_passphrase(p: argparse.ArgumentParser) -> None:
@@ -259,8 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=0.01, help="regularizer weight lambda (default 0.01, as the paper)")
     p.add_argument("--out", required=True, type=Path, help="watermarked checkpoint to write")
     p.add_argument("--key-out", required=True, type=Path, help="encrypted key file to write (mode 0600)")
+    p.add_argument("--experiment-seed", type=int, default=None, metavar="N",
+                   help="derive the key's secret filter and positions from N instead of OS entropy, for "
+                        "reproducible experiments only: it makes the key guessable, and anyone who guesses it "
+                        "can overwrite the watermark (default: a fresh secret key)")
     _add_passphrase(p)
-    _add_common(p)
+    _add_common(p, seed_help="random seed for the data split and the fine-tuning (default 0); "
+                             "it does not choose the key (see --experiment-seed)")
     p.set_defaults(func=cmd_watermark_embed)
     p = wm_sub.add_parser("verify", help="extract the watermark from a suspect model (exit 0 = verified)")
     p.add_argument("--model", required=True, type=Path)

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import os
 import stat
 import time
@@ -252,7 +253,7 @@ class LicensePayload:
     def decode(cls, data: bytes) -> "LicensePayload":
         try:
             doc = json.loads(bytes(data).decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise MalformedLicense(f"license payload is not canonical JSON: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("format") != LICENSE_FORMAT:
             raise MalformedLicense(f"license payload is not of format {LICENSE_FORMAT}")
@@ -281,7 +282,7 @@ class LicensePayload:
             raise MalformedLicense("license payload is not in canonical form")
         if payload.fingerprint_dtype not in _DTYPES:
             raise MalformedLicense(f"unsupported fingerprint dtype {payload.fingerprint_dtype!r}")
-        expected = int(np.prod(payload.fingerprint_shape)) * np.dtype(_DTYPES[payload.fingerprint_dtype][0]).itemsize
+        expected = math.prod(payload.fingerprint_shape) * np.dtype(_DTYPES[payload.fingerprint_dtype][0]).itemsize
         if len(payload.fingerprint) != expected:
             raise MalformedLicense(
                 f"fingerprint has {len(payload.fingerprint)} bytes, shape {payload.fingerprint_shape} needs {expected}"
@@ -389,7 +390,7 @@ class SignedLicense:
                 signature=base64.b64decode(doc["signature"], validate=True),
                 key_id=_str(doc["key_id"]),
             )
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        except (KeyError, TypeError, ValueError, binascii.Error, RecursionError) as exc:
             raise MalformedLicense(f"not a readable {FILE_SUFFIX} license: {exc}") from exc
 
 

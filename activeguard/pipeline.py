@@ -79,7 +79,7 @@ def run(out_dir: Path, *, quick: bool = True, seed: int = 0, passphrase: str | N
     def embed_step() -> dict:
         results = {}
         for name, digits in (("wm1", wm.WM1), ("wm2", wm.WM2)):
-            key = wm.generate_key(state["base"], digits, layer=WATERMARK_LAYER, seed=seed)
+            key = wm.generate_key(state["base"], digits, layer=WATERMARK_LAYER, experiment_seed=seed)  # reproducible figures
             marked = wm.embed(copy.deepcopy(state["base"]), key, split.x_train, split.y_train, epochs=profile.embed_epochs,
                               seed=seed, progress=progress)
             state[name] = (marked, key)

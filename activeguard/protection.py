@@ -20,6 +20,8 @@ import base64
 import binascii
 import io
 import json
+import logging
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -33,11 +35,14 @@ from torch import nn
 from activeguard import licenses, sessions
 from activeguard.control import ControlConfig, decide, random_outputs
 
+logger = logging.getLogger(__name__)
+
 PROFILE_FORMAT = "activeguard-profile/1"
 MAX_LICENSE_BYTES = 1024 * 1024
 PROFILE_FILE = "activeguard-profile.json"
 
-# Outcome reasons: also the label values of the handler's metrics.
+# Outcome reasons: also the label values of the handler's metrics and the keys of the gateway's
+# reason → gRPC code table (gateway/errors.py), which a test keeps complete.
 AUTHORIZED = "authorized"
 PAPER_AUTHORIZED = "paper_mode_authorized"
 SESSION_AUTHORIZED = "session_authorized"
@@ -49,6 +54,16 @@ REVOKED = "revoked"
 WRONG_MODEL = "wrong_model"
 FO_MISMATCH = "fo_mismatch"
 MALFORMED_INPUT = "malformed_input"
+INTERNAL_ERROR = "internal_error"
+BAD_SESSION = sessions.SessionError.reason
+EXPIRED_SESSION = sessions.ExpiredSession.reason
+
+ADMITTED_REASONS = (AUTHORIZED, PAPER_AUTHORIZED, SESSION_AUTHORIZED)
+REFUSED_REASONS = (NO_CREDENTIALS, BAD_SIGNATURE, MALFORMED_LICENSE, EXPIRED, REVOKED, WRONG_MODEL, FO_MISMATCH,
+                   MALFORMED_INPUT, INTERNAL_ERROR, BAD_SESSION, EXPIRED_SESSION)
+
+# The body key under which a gateway-attested request gets the decision explained.
+EXPLANATION = "activeguard"
 
 _LICENSE_REASONS = {
     licenses.ExpiredLicense: EXPIRED,
@@ -99,11 +114,15 @@ class Profile:
 
 @dataclass
 class Request:
-    """One client request as the transport delivered it (HTTP or gRPC, already de-framed)."""
+    """One client request as the transport delivered it (HTTP or gRPC, already de-framed).
+
+    Every field is untrusted: any type may arrive here, and :meth:`Guard.handle` must cope.
+    """
 
     body: Any  # bytes/bytearray/str, or a dict when the transport already decoded JSON
-    license: str | bytes | None = None
-    session: str | bytes | None = None
+    license: Any = None  # str | bytes from a header or the gRPC input map
+    session: Any = None  # a gateway session token (purpose "session")
+    explain: Any = None  # a gateway token (purpose "explain"): say why, do not admit
 
 
 @dataclass
@@ -118,10 +137,25 @@ class InputError(ValueError):
     pass
 
 
-def _text(value: str | bytes | bytearray | None) -> str | None:
-    if value is None:
-        return None
-    return bytes(value).decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+def _text(value: Any) -> str:
+    """A credential field as text; anything that is not text or bytes is a malformed credential."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value
+    raise InputError(f"credential must be a string, got {type(value).__name__}")
+
+
+def _session_token(value: Any) -> str:
+    try:
+        return _text(value).removeprefix("Bearer ").strip()
+    except InputError as exc:
+        raise sessions.SessionError(str(exc)) from None
+
+
+def _present(value: Any) -> bool:
+    """A credential field counts as sent when the client put anything there, even null or empty."""
+    return value is not None
 
 
 def encode_license_header(license_text: str) -> str:
@@ -131,7 +165,12 @@ def encode_license_header(license_text: str) -> str:
 
 def decode_license_header(raw: str | bytes) -> str:
     """Accept the .aglicense text itself, its base64, or the compact zlib form."""
-    text = _text(raw).strip()
+    try:
+        text = _text(raw).strip()
+    except InputError as exc:
+        raise licenses.MalformedLicense(str(exc)) from None
+    if len(text) > 2 * MAX_LICENSE_BYTES:
+        raise licenses.MalformedLicense("license too large")
     if text.startswith("{"):
         return text
     try:
@@ -149,8 +188,11 @@ def decode_license_header(raw: str | bytes) -> str:
 class Guard:
     """Decides a batch of requests against one model and its profile."""
 
-    def __init__(self, model: nn.Module, profile: Profile):
-        self.model = model.eval()
+    def __init__(self, model: nn.Module, profile: Profile, device: torch.device | str | None = None):
+        """``device`` is where the model runs (TorchServe's ``gpu_id``); requests are parsed on the
+        CPU and moved there in one batch. Default: wherever the model's parameters already are."""
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model = model.to(self.device).eval()
         self.profile = profile
         self.config = profile.control
         self.license_keys = {
@@ -181,126 +223,249 @@ class Guard:
     def parse_inputs(self, body: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """(inputs, extras) from a JSON or .npy body; a JSON body may also carry a ``license``
         (for fingerprints too large for an HTTP header) or, in paper mode, a bare ``fingerprint``."""
+        if isinstance(body, str):
+            body = body.encode("utf-8", errors="replace")
         if isinstance(body, (bytes, bytearray)):
+            body = bytes(body)
             if len(body) > self.profile.max_body_bytes:
                 raise InputError(f"body of {len(body)} bytes exceeds the limit of {self.profile.max_body_bytes}")
             if len(body) == 0:
                 raise InputError("empty body: send JSON {\"inputs\": [...]} or .npy bytes")
-            if bytes(body[:6]) == b"\x93NUMPY":
-                try:
-                    array = np.load(io.BytesIO(bytes(body)), allow_pickle=False)
-                except (ValueError, OSError) as exc:
-                    raise InputError(f"unreadable .npy body: {exc}") from None
-                return self._as_tensor(array), {}
-            try:
-                body = json.loads(bytes(body).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise InputError("body is neither JSON nor .npy bytes") from None
-        if isinstance(body, str):
-            return self.parse_inputs(body.encode())
+            if body[:6] == b"\x93NUMPY":
+                return self._npy(body), {}
+            body = _json(body)
         if not isinstance(body, dict) or "inputs" not in body:
             raise InputError("JSON body must be an object with an \"inputs\" field")
         return self._as_tensor(body["inputs"]), {k: body[k] for k in ("fingerprint", "license") if k in body}
 
+    def _npy(self, body: bytes) -> torch.Tensor:
+        """Read an .npy body after checking its header: dtype, shape and byte count come first, so
+        a 200-byte header that declares 10^13 elements allocates nothing."""
+        stream = io.BytesIO(body)
+        try:
+            version = np.lib.format.read_magic(stream)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise InputError(f".npy format version {version} is not supported; use 1.0 or 2.0")
+            shape, fortran_order, dtype = read_header(stream)
+        except InputError:
+            raise
+        except Exception as exc:  # numpy raises ValueError, SyntaxError, ... on a bad header
+            raise InputError(f"unreadable .npy header: {exc}") from None
+        if dtype.kind not in "fiu" or dtype.hasobject:
+            raise InputError(f".npy dtype {dtype} is not numeric; send float32")
+        self._check_shape(tuple(shape))
+        count = math.prod(shape)
+        data = body[stream.tell():]
+        if len(data) != count * dtype.itemsize:
+            raise InputError(f".npy data has {len(data)} bytes; its header declares {count * dtype.itemsize}")
+        array = np.frombuffer(data, dtype=dtype, count=count).astype(np.float32)  # a writable copy
+        array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+        return self._as_tensor(array)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        want = self.profile.input_shape
+        if shape == want:
+            return
+        if len(shape) != len(want) + 1 or shape[1:] != want:
+            raise InputError(f"inputs must have shape (N, {', '.join(map(str, want))}), got {shape}")
+        if not 1 <= shape[0] <= self.profile.max_rows:
+            raise InputError(f"between 1 and {self.profile.max_rows} rows per request, got {shape[0]}")
+
     def _as_tensor(self, data: Any) -> torch.Tensor:
+        if _depth(data) > len(self.profile.input_shape) + 1:
+            raise InputError(f"inputs must be nested {len(self.profile.input_shape) + 1} levels deep at most")
         try:
             array = np.asarray(data, dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError("inputs must be a nested list of numbers") from None
-        shape = self.profile.input_shape
-        if array.shape == shape:
+        self._check_shape(array.shape)
+        if array.shape == self.profile.input_shape:
             array = array[None]
-        if array.ndim != len(shape) + 1 or array.shape[1:] != shape:
-            raise InputError(f"inputs must have shape (N, {', '.join(map(str, shape))}), got {array.shape}")
-        if not 1 <= array.shape[0] <= self.profile.max_rows:
-            raise InputError(f"between 1 and {self.profile.max_rows} rows per request, got {array.shape[0]}")
         if not np.isfinite(array).all():
             raise InputError("inputs contain NaN or inf")
         return torch.from_numpy(np.ascontiguousarray(array))
 
-    def _license(self, raw: str | bytes, revoked: frozenset[str]) -> licenses.LicensePayload:
+    def _license(self, raw: Any, revoked: frozenset[str]) -> licenses.LicensePayload:
         signed = licenses.SignedLicense.from_text(decode_license_header(raw))
         payload = licenses.verify_license(signed, self.license_keys, model_id=self.profile.model_id,
                                           revoked=revoked)
-        if int(np.prod(payload.fingerprint_shape)) != int(np.prod(self.profile.input_shape)):
+        if math.prod(payload.fingerprint_shape) != math.prod(self.profile.input_shape):
             raise licenses.MalformedLicense("license fingerprint does not fit this model's input shape")
         return payload
 
     def _fingerprint(self, payload: licenses.LicensePayload) -> torch.Tensor:
         return payload.fingerprint_tensor().reshape(1, *self.profile.input_shape)
 
+    def _gateway_claims(self, token: Any) -> sessions.SessionClaims | None:
+        """Claims of a token the gateway signed (any purpose, even expired), else None."""
+        if token is None or self.gateway_key is None:
+            return None
+        try:
+            return sessions.signed_claims(_session_token(token), self.gateway_key)
+        except sessions.SessionError:
+            return None
+
     # -- the decision ----------------------------------------------------------------------
     def handle(self, requests: list[Request]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        inputs: dict[int, torch.Tensor] = {}
-        checks: dict[int, tuple[torch.Tensor, int | None, str | None]] = {}  # fingerprint, user index, user
-        sessions_ok: dict[int, sessions.SessionClaims] = {}
-        denied: dict[int, str] = {}
-        revoked = self.revoked()  # one look at the revocation file per batch
+        """One outcome per request, in order. Nothing a request carries can make this raise or
+        change another request's outcome: each request is read inside its own error boundary."""
+        batch = _Batch(self.revoked())  # one look at the revocation file per batch
         for i, request in enumerate(requests):
             try:
-                x, extras = self.parse_inputs(request.body)
-            except InputError as exc:
-                outcomes[i] = Outcome(400, MALFORMED_INPUT, {"error": str(exc), "reason": MALFORMED_INPUT})
-                continue
-            inputs[i] = x
+                self._admit_request(i, request, batch)
+            except Exception:  # a bug, not the client's fault: only this request pays for it
+                logger.exception("request %d of a batch could not be read", i)
+                batch.inputs.pop(i, None)
+                batch.checks.pop(i, None)
+                batch.outcomes[i] = self._error(500, INTERNAL_ERROR, "internal error", batch.explain.get(i))
+        probs = self._forward(batch.inputs, batch.checks)
+        for i in batch.inputs:
             try:
-                if request.session is not None and self.gateway_key is not None:
-                    sessions_ok[i] = sessions.verify_session(
-                        _text(request.session).removeprefix("Bearer ").strip(), self.gateway_key,
-                        model_id=self.profile.model_id, revoked=revoked)
-                elif request.license is not None or "license" in extras:
-                    payload = self._license(request.license or extras["license"], revoked)
-                    checks[i] = (self._fingerprint(payload), payload.user_index, payload.user)
-                elif "fingerprint" in extras and self.profile.paper_mode:
-                    checks[i] = (self._as_tensor(extras["fingerprint"])[:1], None, None)
-                else:
-                    denied[i] = NO_CREDENTIALS if request.session is None else BAD_SIGNATURE
-            except sessions.SessionError as exc:
-                denied[i] = exc.reason
-            except licenses.LicenseError as exc:
-                denied[i] = _LICENSE_REASONS.get(type(exc), BAD_SIGNATURE)
-            except InputError:
-                denied[i] = MALFORMED_LICENSE
-        probs = self._forward(inputs, checks)
-        for i in inputs:
-            outcomes[i] = self._decide(i, probs, sessions_ok, checks, denied)
-        return [o for o in outcomes if o is not None]
+                batch.outcomes[i] = self._decide(i, probs, batch)
+            except Exception:
+                logger.exception("request %d of a batch could not be decided", i)
+                batch.outcomes[i] = self._error(500, INTERNAL_ERROR, "internal error", batch.explain.get(i))
+        for i, outcome in batch.outcomes.items():
+            if outcome.reason not in ADMITTED_REASONS:
+                logger.info("refused request %d: %s", i, outcome.reason)
+        return [batch.outcomes[i] for i in range(len(requests))]
+
+    def _admit_request(self, i: int, request: Request, batch: "_Batch") -> None:
+        """Parse one request and check its credentials; the result lands in ``batch``."""
+        attested = self._gateway_claims(request.explain) or self._gateway_claims(request.session)
+        if attested is not None:
+            batch.explain[i] = attested
+        try:
+            x, extras = self.parse_inputs(request.body)
+        except InputError as exc:
+            batch.outcomes[i] = self._error(400, MALFORMED_INPUT, str(exc), attested)
+            return
+        batch.inputs[i] = x
+        license_raw = request.license if _present(request.license) else extras.get("license")
+        try:
+            if _present(request.session) and self.gateway_key is not None:
+                batch.sessions[i] = sessions.verify_session(
+                    _session_token(request.session), self.gateway_key,
+                    model_id=self.profile.model_id, revoked=batch.revoked)
+            elif _present(request.license) or "license" in extras:
+                payload = self._license(license_raw, batch.revoked)
+                batch.checks[i] = (self._fingerprint(payload), payload.user_index, payload.user)
+            elif "fingerprint" in extras and self.profile.paper_mode:
+                batch.checks[i] = (self._as_tensor(extras["fingerprint"])[:1], None, None)
+            else:
+                batch.denied[i] = NO_CREDENTIALS if request.session is None else BAD_SIGNATURE
+        except sessions.SessionError as exc:
+            batch.denied[i] = exc.reason
+        except licenses.LicenseError as exc:
+            batch.denied[i] = _LICENSE_REASONS.get(type(exc), BAD_SIGNATURE)
+        except InputError:
+            batch.denied[i] = MALFORMED_LICENSE
 
     def _forward(self, inputs: dict[int, torch.Tensor], checks: dict) -> dict[tuple[str, int], torch.Tensor]:
-        """One pass over every input and every fingerprint; results keyed by (kind, request)."""
+        """One pass over every input and every fingerprint; results keyed by (kind, request).
+
+        If the batched pass fails, each request runs alone, so one request that breaks the model
+        fails only itself (its key is then missing, and its decision becomes an internal error).
+        """
         parts = [("in", i, x) for i, x in inputs.items()] + [("fp", i, c[0]) for i, c in checks.items()]
         if not parts:
             return {}
+        try:
+            return self._run_model(parts)
+        except Exception:
+            logger.exception("batched forward pass failed; running each request alone")
+        result: dict[tuple[str, int], torch.Tensor] = {}
+        for i in {p[1] for p in parts}:
+            try:
+                result.update(self._run_model([p for p in parts if p[1] == i]))
+            except Exception:
+                logger.exception("forward pass failed for request %d", i)
+        return result
+
+    def _run_model(self, parts: list[tuple[str, int, torch.Tensor]]) -> dict[tuple[str, int], torch.Tensor]:
         with torch.no_grad():
-            out = torch.softmax(self.model(torch.cat([p[2] for p in parts])), dim=1)
+            batch = torch.cat([p[2] for p in parts]).to(self.device, non_blocking=True)
+            out = torch.softmax(self.model(batch), dim=1).cpu()
         result, start = {}, 0
         for kind, i, x in parts:
             result[(kind, i)] = out[start : start + len(x)]
             start += len(x)
         return result
 
-    def _decide(self, i: int, probs: dict, sessions_ok: dict, checks: dict, denied: dict) -> Outcome:
-        if i in sessions_ok:
-            claims = sessions_ok[i]
-            return self._admit(probs[("in", i)], SESSION_AUTHORIZED, claims.user, claims.user_index)
-        if i in checks:
-            _, licensed_index, user = checks[i]
+    def _decide(self, i: int, probs: dict, batch: "_Batch") -> Outcome:
+        explain = batch.explain.get(i)
+        if i in batch.sessions:
+            claims = batch.sessions[i]
+            return self._admit(probs[("in", i)], SESSION_AUTHORIZED, claims.user, claims.user_index, explain)
+        if i in batch.checks:
+            _, licensed_index, user = batch.checks[i]
             decision = decide(probs[("fp", i)], self.config)
             if decision.authorized[0] and (licensed_index is None or int(decision.user[0]) == licensed_index):
                 index = int(decision.user[0])
                 reason = AUTHORIZED if licensed_index is not None else PAPER_AUTHORIZED
-                return self._admit(probs[("in", i)], reason, user or f"user-{index}", index)
-            denied[i] = FO_MISMATCH
-        return self._refuse(probs[("in", i)], denied[i])
+                return self._admit(probs[("in", i)], reason, user or f"user-{index}", index, explain)
+            batch.denied[i] = FO_MISMATCH
+        return self._refuse(probs[("in", i)], batch.denied[i], explain)
 
-    def _admit(self, p: torch.Tensor, reason: str, user: str, index: int) -> Outcome:
-        return Outcome(200, reason, {"authorized": True, "reason": reason, "user": user, "user_index": index,
-                                     "outputs": p.tolist()}, user=user)
+    def _admit(self, p: torch.Tensor, reason: str, user: str, index: int, explain: Any) -> Outcome:
+        body: dict[str, Any] = {"outputs": p.tolist()}
+        if explain is not None:
+            body[EXPLANATION] = {"authorized": True, "reason": reason, "user": user, "user_index": index}
+        return Outcome(200, reason, body, user=user)
 
-    def _refuse(self, p: torch.Tensor, reason: str) -> Outcome:
+    def _refuse(self, p: torch.Tensor, reason: str, explain: Any) -> Outcome:
+        """Under ``random`` the answer is silent: the same layout as an admitted one, random values.
+        Only a gateway-attested request (which nobody else can sign) is told the reason."""
         if self.config.policy == "reject":
-            return Outcome(403, reason, {"authorized": False, "reason": reason,
-                                         "error": f"unauthorized: {reason.replace('_', ' ')}"})
+            return self._error(403, reason, f"unauthorized: {reason.replace('_', ' ')}", explain)
         fake = random_outputs(len(p), self.config.num_classes, self._generator)
-        return Outcome(200, reason, {"authorized": False, "reason": reason, "outputs": fake.tolist()})
+        body: dict[str, Any] = {"outputs": fake.tolist()}
+        if explain is not None:
+            body[EXPLANATION] = {"authorized": False, "reason": reason}
+        return Outcome(200, reason, body)
+
+    @staticmethod
+    def _error(status: int, reason: str, message: str, explain: Any) -> Outcome:
+        body: dict[str, Any] = {"error": message, "reason": reason}
+        if explain is not None:
+            body[EXPLANATION] = {"authorized": False, "reason": reason}
+        return Outcome(status, reason, body)
+
+
+@dataclass
+class _Batch:
+    """What :meth:`Guard.handle` learns about each request of one batch, keyed by position."""
+
+    revoked: frozenset[str]
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    checks: dict[int, tuple[torch.Tensor, int | None, str | None]] = field(default_factory=dict)
+    sessions: dict[int, sessions.SessionClaims] = field(default_factory=dict)
+    denied: dict[int, str] = field(default_factory=dict)
+    explain: dict[int, sessions.SessionClaims] = field(default_factory=dict)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _json(body: bytes) -> Any:
+    """Parse a JSON body; absurd nesting ends in RecursionError inside the C parser, not a crash."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InputError("body is neither JSON nor .npy bytes") from None
+    except RecursionError:
+        raise InputError("JSON body is nested too deeply") from None
+
+
+def _depth(data: Any, limit: int = 16) -> int:
+    """Nesting depth of lists along the first element (enough to stop absurd ranks early)."""
+    depth = 0
+    while isinstance(data, (list, tuple)) and depth <= limit:
+        depth += 1
+        data = data[0] if data else None
+    return depth

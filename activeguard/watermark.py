@@ -1,9 +1,9 @@
 """Digit watermark in conv weights for ownership verification (ActiveGuard §2.5, Eq. 4).
 
 Fingerprints cannot tell the owner from an authorized user, so the owner also hides an n-digit
-watermark (digits 0-9) in the weights: n secret positions of the largest-norm output filter of a
-conv layer are pulled, during fine-tuning or training, towards values that a linear map
-d = a·h + b turns into the digits (MSE regularizer λ·mean((d_k − map(v_k))²) added to the task
+watermark (digits 0-9) in the weights: n secret positions of one of the larger-norm output
+filters of a conv layer are pulled, during fine-tuning or training, towards values that a linear
+map d = a·h + b turns into the digits (MSE regularizer λ·mean((d_k − map(v_k))²) added to the task
 loss). Extraction rounds map(v) at the same positions of a suspect model.
 
 The map follows the paper, which sends the layer's weight range [0.10, 0.45] to [0, 9]; here the
@@ -14,8 +14,11 @@ pruning threshold (the paper's wm2 vs. wm1 observation).
 Extraction deliberately does **not** clamp to 0-9: a pruned (zeroed) or foreign weight reads as
 whatever the map gives (often negative) and never matches a digit by accident.
 
-The key (layer, filter, positions, a, b, digits) is the owner's secret: ``save_key`` writes it
-encrypted (scrypt → AES-256-GCM) to a 0600 file. Nothing here logs or prints key contents.
+The key (layer, filter, positions, a, b, digits) is the owner's secret: whoever knows the filter
+and positions can overwrite exactly those weights and erase the mark at almost no accuracy cost.
+``generate_key`` therefore draws them from the OS CSPRNG (``secrets``); an ``experiment_seed``
+exists only to make experiments reproducible, and makes the key guessable. ``save_key`` writes the
+key encrypted (scrypt → AES-256-GCM) to a 0600 file. Nothing here logs or prints key contents.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import binascii
 import json
 import math
 import os
+import random
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +44,10 @@ WM1: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 1, 0)
 WM2: tuple[int, ...] = (3, 8, 7, 6, 8, 7, 6, 9, 9, 4, 8, 6, 5)
 DEFAULT_LAMBDA = 0.01
 CHANCE_PER_DIGIT = 0.1
+# The filter is drawn from the upper half by norm: low-norm filters are the first that filter
+# pruning removes, and half of a layer's filters are too many for an attacker who cannot guess the
+# key to overwrite without hurting the model.
+FILTER_CANDIDATE_FRACTION = 0.5
 
 KEY_FILE_FORMAT = "activeguard-watermark-key/1"
 _KEY_PAYLOAD_FORMAT = "activeguard-watermark-key-payload/1"
@@ -161,12 +170,46 @@ def _target_weights(model: nn.Module, key: WatermarkKey) -> torch.Tensor:
     return weight[key.filter].reshape(-1)[index]
 
 
-def generate_key(
-    model: nn.Module, digits: Sequence[int], layer: str = "conv2.weight", seed: int | None = None
-) -> WatermarkKey:
-    """Pick the largest-norm filter, n random positions and the map [median|W|, max|W|] → [0, 9].
+def _key_rng(experiment_seed: int | None = None) -> random.Random:
+    """The OS CSPRNG for real keys; a seeded (hence guessable) generator only for experiments."""
+    return secrets.SystemRandom() if experiment_seed is None else random.Random(experiment_seed)
 
-    ``seed=None`` draws the positions from OS entropy (what a real owner wants).
+
+def candidate_filters(weight: torch.Tensor) -> list[int]:
+    """Indices of the upper ``FILTER_CANDIDATE_FRACTION`` of a conv weight's filters by L2 norm."""
+    norms = weight.detach().float().flatten(1).norm(dim=1)
+    count = max(1, math.ceil(FILTER_CANDIDATE_FRACTION * len(norms)))
+    return sorted(int(i) for i in norms.argsort(descending=True)[:count])
+
+
+def _assign_by_rank(positions: Sequence[int], values: torch.Tensor, digits: Sequence[int]) -> tuple[int, ...]:
+    """Give the larger digits to the positions with the larger weights (result[i] carries digits[i]).
+
+    The set of positions is the secret; within it, this rank matching moves the weights least
+    towards their targets (the map is increasing), so embedding changes the model less and
+    converges within the default epochs. A random matching can ask a negative weight to become
+    max |W| (digit 9), which 15 epochs at λ = 0.01 do not always manage.
+    """
+    by_value = sorted(positions, key=lambda p: float(values[p]))
+    by_digit = sorted(range(len(digits)), key=lambda i: digits[i])
+    assigned = [0] * len(digits)
+    for index, position in zip(by_digit, by_value):
+        assigned[index] = position
+    return tuple(assigned)
+
+
+def generate_key(
+    model: nn.Module,
+    digits: Sequence[int],
+    layer: str = "conv2.weight",
+    *,
+    experiment_seed: int | None = None,
+) -> WatermarkKey:
+    """Draw a large-norm filter and n positions, and map [median|W|, max|W|] → [0, 9].
+
+    Filter and positions come from the OS CSPRNG, so nobody can recompute them. Pass
+    ``experiment_seed`` only for reproducible experiments: anyone who knows or guesses it can
+    recompute the key.
     """
     digits = _check_digits(digits)
     with torch.no_grad():
@@ -174,16 +217,17 @@ def generate_key(
         size = int(np.prod(weight.shape[1:]))
         if len(digits) > size:
             raise ValueError(f"{len(digits)} digits but a filter of {layer!r} has only {size} positions")
-        filter_index = int(weight.flatten(1).norm(dim=1).argmax())
         magnitudes = weight.abs().flatten()
         lo, hi = float(magnitudes.median()), float(magnitudes.max())
     if not hi > lo:
         raise ValueError(f"{layer!r} has no weight spread (median |W| = max |W|); train the model first")
-    positions = np.random.default_rng(seed).choice(size, size=len(digits), replace=False)
+    rng = _key_rng(experiment_seed)
+    filter_index = rng.choice(candidate_filters(weight))
+    chosen = rng.sample(range(size), len(digits))
     return WatermarkKey(
         layer=layer,
         filter=filter_index,
-        positions=tuple(int(p) for p in positions),
+        positions=_assign_by_rank(chosen, weight[filter_index].reshape(-1), digits),
         a=9.0 / (hi - lo),
         b=-9.0 * lo / (hi - lo),
         digits=tuple(digits),
@@ -215,7 +259,10 @@ def embed(
     seed: int = 0,
     progress: bool = False,
 ) -> nn.Module:
-    """Train ``model`` in place on task loss + Eq. 4 (fine-tune a trained model, or a fresh one)."""
+    """Train ``model`` in place on task loss + Eq. 4 (fine-tune a trained model, or a fresh one).
+
+    ``seed`` drives only the training's randomness (batch order); the key's secrecy does not depend on it.
+    """
     _target_weights(model, key)  # fail early on a model the key does not fit
     return train(
         model, x, y, epochs=epochs, lr=lr, seed=seed, regularizer=regularizer(key, lam),

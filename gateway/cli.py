@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gateway", help="run the gRPC gateway (licenses -> sessions -> TorchServe)")
     p.add_argument("--config", required=True,
                    help="JSON: models [{name, model_id, upstreams}], signing_key, license_server, "
-                        "revocation_file, session_ttl_s, poll_interval_s, rate_per_user_per_s, max_sessions_per_user")
+                        "revocation_file, session_ttl_s, poll_interval_s, max_revocation_staleness_s (fail closed: "
+                        "no new sessions while the revocation list is older), upstream_deadline_s, "
+                        "rate_per_user_per_s, max_sessions_per_user")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50071, help="0: any free port (see --ready-file)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint; 0 picks a free port")

@@ -52,13 +52,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['user']} (licensed) | gateway | session as {row['authenticated_as']} "
                          f"| {row['accuracy']:.2%} |")
         d = c["licensed_direct_carol"]
-        lines.append(f"| carol (licensed) | TorchServe + license header | HTTP {d['status']}, user {d['user']} "
+        lines.append(f"| carol (licensed) | TorchServe + license header | HTTP {d['status']}, fields {d['fields']} "
                      f"| {d['accuracy']:.2%} |" if d["accuracy"] is not None else
                      f"| carol (licensed) | TorchServe + license header | HTTP {d['status']} | – |")
         lines.append(f"| no license | gateway | {c['gateway_without_token']} | – |")
         u = c["unlicensed_direct"]
         acc = f"{u['accuracy']:.2%} (chance 10%)" if u["accuracy"] is not None else "–"
-        lines.append(f"| no license | TorchServe | HTTP {u['status']}, control layer: {u['reason']} | {acc} |")
+        lines.append(f"| no license | TorchServe | HTTP {u['status']}, fields {u['fields']} (silent control "
+                     f"layer) | {acc} |")
         lines.append("")
     if "revocation" in s:
         r = s["revocation"]

@@ -23,26 +23,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from activeguard import licenses, sessions
+from activeguard.protection import EXPLANATION
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.errors import Refusal, handler_refusal, upstream_refusal
 from gateway.tensors import from_tensor, to_tensor
-from gateway.upstreams import UpstreamPool, UpstreamUnavailable
+from gateway.upstreams import UpstreamError, UpstreamPool
 
 log = logging.getLogger("activeguard.gateway")
-
-# handler reasons → the gRPC code a client sees
-REASON_CODES = {
-    "no_credentials": grpc.StatusCode.UNAUTHENTICATED,
-    "bad_signature": grpc.StatusCode.UNAUTHENTICATED,
-    "malformed_license": grpc.StatusCode.UNAUTHENTICATED,
-    "bad_session": grpc.StatusCode.UNAUTHENTICATED,
-    "expired": grpc.StatusCode.UNAUTHENTICATED,
-    "expired_session": grpc.StatusCode.UNAUTHENTICATED,
-    "revoked": grpc.StatusCode.PERMISSION_DENIED,
-    "wrong_model": grpc.StatusCode.PERMISSION_DENIED,
-    "fo_mismatch": grpc.StatusCode.PERMISSION_DENIED,
-    "malformed_input": grpc.StatusCode.INVALID_ARGUMENT,
-}
-
 
 @dataclass
 class ModelRoute:
@@ -60,6 +47,9 @@ class GatewayConfig:
     revocation_file: Path | None = None  # the handler's revocation file, written on every sync
     session_ttl_s: float = 900.0
     poll_interval_s: float = 2.0
+    # Past this many seconds without a successful revocation sync, new Authenticate calls are
+    # refused (UNAVAILABLE): the gateway fails closed rather than trust a stale list.
+    max_revocation_staleness_s: float = 60.0
     upstream_deadline_s: float = 10.0
     rate_per_user_per_s: float = 200.0
     max_sessions_per_user: int = 8
@@ -81,18 +71,13 @@ class Metrics:
                                 ["method", "code"], registry=self.registry)
         self.upstream_latency = Histogram("activeguard_gateway_upstream_seconds", "TorchServe call latency",
                                           registry=self.registry)
-        self.active_sessions = Gauge("activeguard_gateway_active_sessions", "unexpired sessions issued",
-                                     registry=self.registry)
+        self.active_sessions = Gauge("activeguard_gateway_active_sessions",
+                                     "sessions issued that are neither expired nor revoked", registry=self.registry)
         self.sync_age = Gauge("activeguard_gateway_revocation_sync_age_seconds",
-                              "seconds since the last successful revocation sync", registry=self.registry)
+                              "seconds since the last successful revocation sync (staleness of the list)",
+                              registry=self.registry)
         self.sync_errors = Counter("activeguard_gateway_revocation_sync_errors", "failed revocation syncs",
                                    registry=self.registry)
-
-
-class Refusal(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class RevocationSync:
@@ -106,6 +91,7 @@ class RevocationSync:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="revocation-sync", daemon=True)
         self._client = None
+        metrics.sync_age.set_function(self.staleness)
         if config.license_server:
             from license_server.client import LicenseClient
 
@@ -143,10 +129,21 @@ class RevocationSync:
         tmp.write_text("".join(f"{i}\n" for i in sorted(self.revoked)))
         tmp.replace(path)  # atomic: the handler never reads half a file
 
+    def staleness(self) -> float:
+        """Seconds since the revocation list was last known to be complete (0 without a server)."""
+        return 0.0 if self._client is None else time.monotonic() - self.last_ok
+
+    def require_fresh(self) -> None:
+        """Fail closed: refuse to vouch for a license while the revocation list is too old."""
+        age = self.staleness()
+        if age > self.config.max_revocation_staleness_s:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE,
+                          f"the license server has not been reachable for {age:.0f} s; the revocation list is too "
+                          f"stale to authenticate (limit {self.config.max_revocation_staleness_s:g} s)")
+
     def _run(self) -> None:
         while not self._stop.wait(self.config.poll_interval_s):
             self.sync_once()
-            self.metrics.sync_age.set(time.monotonic() - self.last_ok)
 
     def start(self) -> None:
         self.sync_once()
@@ -164,7 +161,7 @@ class Limits:
     def __init__(self, rate_per_s: float, max_sessions: int):
         self.rate, self.max_sessions = rate_per_s, max_sessions
         self._calls: dict[str, deque] = defaultdict(deque)
-        self._sessions: dict[str, dict[str, float]] = defaultdict(dict)
+        self._sessions: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)  # user → id → (license, expiry)
         self._lock = threading.Lock()
 
     def admit_call(self, user: str) -> None:
@@ -177,20 +174,24 @@ class Limits:
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit: {self.rate:g} requests/s per user")
             calls.append(now)
 
-    def add_session(self, user: str, session_id: str, expires_at: float) -> None:
-        now = time.time()
+    def add_session(self, user: str, session_id: str, expires_at: float, license_id: str = "",
+                    revoked: frozenset[str] = frozenset()) -> None:
         with self._lock:
-            live = {s: e for s, e in self._sessions[user].items() if e > now}
+            live = self._live(self._sessions[user], revoked)
             if len(live) >= self.max_sessions:
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"user has {len(live)} active sessions (limit {self.max_sessions})")
-            live[session_id] = expires_at
+            live[session_id] = (license_id, expires_at)
             self._sessions[user] = live
 
-    def active_sessions(self) -> int:
-        now = time.time()
+    def active_sessions(self, revoked: frozenset[str] = frozenset()) -> int:
         with self._lock:
-            return sum(e > now for s in self._sessions.values() for e in s.values())
+            return sum(len(self._live(s, revoked)) for s in self._sessions.values())
+
+    @staticmethod
+    def _live(sessions_: dict[str, tuple[str, float]], revoked: frozenset[str]) -> dict[str, tuple[str, float]]:
+        now = time.time()
+        return {s: (lic, exp) for s, (lic, exp) in sessions_.items() if exp > now and lic not in revoked}
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -210,6 +211,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.sync = RevocationSync(config, self.metrics)
         self.license_keys = self.sync.verification_keys()
         self.limits = Limits(config.rate_per_user_per_s, config.max_sessions_per_user)
+        self.metrics.active_sessions.set_function(lambda: self.limits.active_sessions(self.sync.revoked))
 
     # -- helpers ------------------------------------------------------------------------------
     def _route(self, name: str) -> ModelRoute:
@@ -220,38 +222,50 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def _forward(self, model: str, inputs: dict[str, bytes]) -> dict:
         try:
             body, seconds = self.pools[model].predict(inputs)
-        except UpstreamUnavailable as exc:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        except grpc.RpcError as err:
-            code = err.code()
-            raise Refusal(code if code != grpc.StatusCode.INTERNAL else grpc.StatusCode.UNAVAILABLE,
-                          f"TorchServe refused the call: {err.details()}") from None
+        except UpstreamError as exc:
+            log.warning("upstream failure for model %s: %s", model, exc)
+            raise upstream_refusal(exc.code, model) from None
         self.metrics.upstream_latency.observe(seconds)
         try:
-            return json.loads(body)
-        except ValueError:
-            raise Refusal(grpc.StatusCode.INTERNAL, "TorchServe answered with a body that is not JSON") from None
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise Refusal(grpc.StatusCode.INTERNAL, "TorchServe answered with a body that is not a JSON object")
+        return doc
 
     @staticmethod
-    def _outcome(body: dict) -> None:
-        if not body.get("authorized"):
-            reason = body.get("reason", "unknown")
-            code = REASON_CODES.get(reason, grpc.StatusCode.PERMISSION_DENIED)
-            raise Refusal(code, body.get("error") or f"refused: {reason.replace('_', ' ')}")
+    def _outcome(body: dict) -> dict:
+        """The handler's explanation of an attested request; refusals become their table's code."""
+        explanation = body.get(EXPLANATION)
+        if not isinstance(explanation, dict):
+            if isinstance(body.get("reason"), str):
+                raise handler_refusal(body["reason"])
+            raise Refusal(grpc.StatusCode.INTERNAL, "the model's handler did not explain its decision: is this "
+                                                    "gateway's public key in the model's protection profile?")
+        if not explanation.get("authorized"):
+            raise handler_refusal(str(explanation.get("reason", "unknown")))
+        return explanation
 
     def _run(self, method: str, context: grpc.ServicerContext, fn):
+        """Run one RPC: a Refusal becomes its code; a bug becomes INTERNAL without a traceback."""
         try:
             result = fn()
             self.metrics.requests.labels(method, "OK").inc()
             return result
         except Refusal as refusal:
-            self.metrics.requests.labels(method, refusal.code.name).inc()
-            context.abort(refusal.code, str(refusal))
+            code, message = refusal.code, str(refusal)
+        except Exception:
+            log.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, "internal error in the gateway"
+        self.metrics.requests.labels(method, code.name).inc()
+        context.abort(code, message)
 
     # -- RPCs -----------------------------------------------------------------------------------
     def Authenticate(self, request, context):
         def run():
             route = self._route(request.model)
+            self.sync.require_fresh()
             signed = licenses.SignedLicense(request.license.payload, request.license.signature,
                                             request.license.key_id)
             try:
@@ -262,15 +276,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             except licenses.LicenseError as exc:
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
             fingerprint = payload.fingerprint_tensor().numpy()
-            body = self._forward(route.name, {"data": _npy(fingerprint), "license": signed.to_text().encode()})
-            self._outcome(body)
-            if body.get("user") != payload.user:
+            explain, _ = sessions.issue_session(
+                self.key, user=payload.user, user_index=payload.user_index, license_id=payload.license_id,
+                model_id=route.model_id, ttl_seconds=self.config.upstream_deadline_s + 5, purpose=sessions.EXPLAIN)
+            body = self._forward(route.name, {"data": _npy(fingerprint), "license": signed.to_text().encode(),
+                                              "explain": explain.encode()})
+            if self._outcome(body).get("user") != payload.user:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, "the served model named another user")
             token, claims = sessions.issue_session(
                 self.key, user=payload.user, user_index=payload.user_index, license_id=payload.license_id,
                 model_id=route.model_id, ttl_seconds=min(self.config.session_ttl_s, payload.expires_at - time.time()))
-            self.limits.add_session(payload.user, claims.session_id, claims.expires_at)
-            self.metrics.active_sessions.set(self.limits.active_sessions())
+            self.limits.add_session(payload.user, claims.session_id, claims.expires_at, payload.license_id,
+                                    self.sync.revoked)
             log.info("session issued user=%s model=%s", payload.user, route.name)
             return gateway_pb2.AuthenticateResponse(session_token=token, user=payload.user,
                                                     user_index=payload.user_index, expires_at=claims.expires_at)
@@ -298,8 +315,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             body = self._forward(route.name, {"data": _npy(inputs), "session": token[7:].strip().encode()})
             self._outcome(body)
-            return gateway_pb2.PredictResponse(outputs=to_tensor(np.asarray(body["outputs"], dtype=np.float32)),
-                                               user=claims.user)
+            try:
+                outputs = np.asarray(body["outputs"], dtype=np.float32)
+            except (KeyError, TypeError, ValueError):
+                raise Refusal(grpc.StatusCode.INTERNAL, "the model's handler answered without outputs") from None
+            return gateway_pb2.PredictResponse(outputs=to_tensor(outputs), user=claims.user)
 
         return self._run("Predict", context, run)
 

@@ -9,12 +9,19 @@ from dataclasses import dataclass, field
 import grpc
 
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
+from gateway.errors import UPSTREAM_RETRYABLE
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
+class UpstreamError(Exception):
+    """TorchServe did not answer with a body: ``code`` is the last gRPC code, ``tried`` the targets.
 
-class UpstreamUnavailable(Exception):
-    """No TorchServe answered; the message says which targets were tried."""
+    The message names the targets for the gateway's log; clients get a sanitized refusal
+    (:func:`gateway.errors.upstream_refusal`) instead.
+    """
+
+    def __init__(self, code: grpc.StatusCode, tried: list[str]):
+        super().__init__(f"TorchServe failed with {code.name} (tried {', '.join(tried)})")
+        self.code, self.tried = code, tried
 
 
 @dataclass
@@ -57,27 +64,36 @@ class UpstreamPool:
         return sum(u.down_until <= now for u in self.upstreams)
 
     def predict(self, inputs: dict[str, bytes]) -> tuple[bytes, float]:
-        """(TorchServe's body, upstream seconds). Raises UpstreamUnavailable or grpc.RpcError."""
+        """(TorchServe's body, upstream seconds); raises :class:`UpstreamError`.
+
+        A failure that means "this worker or frontend cannot answer now" (worker death, full
+        queue, connection refused) is retried once, on another target where there is one, within
+        what is left of the one deadline.
+        """
         request = inference_pb2.PredictionsRequest(model_name=self.model_name, input=inputs)
+        deadline = time.monotonic() + self.deadline_s
         tried: list[str] = []
         upstream = None
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
         for _attempt in range(2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             upstream = self._pick(exclude=upstream)
             tried.append(upstream.target)
             start = time.perf_counter()
             try:
-                reply = upstream.stub.Predictions(request, timeout=self.deadline_s)
+                reply = upstream.stub.Predictions(request, timeout=remaining)
             except grpc.RpcError as err:
-                if err.code() in RETRYABLE or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                code = err.code()
+                if code in UPSTREAM_RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     self._failed(upstream)
-                    if err.code() in RETRYABLE:
-                        continue
-                    raise UpstreamUnavailable(f"TorchServe at {upstream.target} did not answer within "
-                                              f"{self.deadline_s:.0f} s") from None
-                raise
+                if code in UPSTREAM_RETRYABLE:
+                    continue
+                raise UpstreamError(code, tried) from None
             upstream.failures = 0
             return reply.prediction, time.perf_counter() - start
-        raise UpstreamUnavailable(f"TorchServe is unreachable for model {self.model_name!r} (tried {', '.join(tried)})")
+        raise UpstreamError(code, tried)
 
     def _failed(self, upstream: Upstream) -> None:
         upstream.failures += 1

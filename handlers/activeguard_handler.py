@@ -13,11 +13,13 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from activeguard.models import load_model, model_id
-from activeguard.protection import PROFILE_FILE, Guard, Outcome, Profile, Request
+from activeguard.protection import INTERNAL_ERROR, PROFILE_FILE, Guard, Outcome, Profile, Request
 
 logger = logging.getLogger(__name__)
 
@@ -28,36 +30,69 @@ MODEL_FILE = "model.pt"
 
 
 def _request(row: dict, headers: dict[str, str]) -> Request:
-    """Credentials from HTTP headers (case-insensitive) or, over gRPC, from the input map."""
+    """Credentials from HTTP headers (case-insensitive) or, over gRPC, from the input map.
+
+    A field the client sent at all (even empty) is passed on, so the guard can call it malformed
+    rather than missing; types are the guard's to check.
+    """
+    row = row if isinstance(row, dict) else {"body": row}
     lower = {str(k).lower(): v for k, v in (headers or {}).items()}
     body = row.get("data") if row.get("data") is not None else row.get("body")
-    license = lower.get(LICENSE_HEADER) or row.get("license")
+    license = lower[LICENSE_HEADER] if LICENSE_HEADER in lower else row.get("license")
     auth = lower.get("authorization")
     session = auth[7:] if isinstance(auth, str) and auth.lower().startswith("bearer ") else row.get("session")
-    return Request(body=body, license=license, session=session)
+    return Request(body=body, license=license, session=session, explain=row.get("explain"))
+
+
+def _read_batch(data: list, context) -> list[Request | None]:
+    """One Request per row; a row whose headers or fields cannot be read becomes None (its own 500)."""
+    requests: list[Request | None] = []
+    for i, row in enumerate(data):
+        try:
+            requests.append(_request(row, context.get_all_request_header(i)))
+        except Exception:
+            logger.exception("could not read request %d of a batch", i)
+            requests.append(None)
+    return requests
+
+
+def serving_device(gpu_id: object) -> torch.device:
+    """The device TorchServe assigned this worker, chosen as ``BaseHandler.initialize`` does."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
 
 
 class ActiveGuardHandler(BaseHandler):
+    """Replaces ``initialize`` (our archive holds a project checkpoint plus a protection profile)
+    and ``handle`` (one guarded forward pass per batch); keeps BaseHandler's attributes."""
+
     def initialize(self, context) -> None:
-        model_dir = Path(context.system_properties["model_dir"])
+        properties = context.system_properties
+        self.context, self.manifest = context, context.manifest
+        self.device = serving_device(properties.get("gpu_id"))
+        self.map_location = self.device.type
+        model_dir = Path(properties["model_dir"])
         profile = Profile.from_json((model_dir / PROFILE_FILE).read_text())
         model = load_model(model_dir / MODEL_FILE)
         if model_id(model) != profile.model_id:
             raise RuntimeError("the archive's weights do not match the profile's model id; repackage the model")
-        self.guard = Guard(model, profile)
+        self.guard = Guard(model, profile, device=self.device)
+        self.model = self.guard.model
         self.initialized = True
-        logger.info("ActiveGuard ready: model %s, policy %s, paper mode %s",
-                    profile.model_id[:16], profile.policy, profile.paper_mode)
+        logger.info("ActiveGuard ready: model %s on %s, policy %s, paper mode %s",
+                    profile.model_id[:16], self.device, profile.policy, profile.paper_mode)
 
     def handle(self, data: list[dict], context) -> list[str]:
         start = time.perf_counter()
+        requests = _read_batch(data, context)
+        internal = Outcome(500, INTERNAL_ERROR, {"error": "internal error", "reason": INTERNAL_ERROR})
         try:
-            requests = [_request(row, context.get_all_request_header(i)) for i, row in enumerate(data)]
-            outcomes = self.guard.handle(requests)
+            decided = iter(self.guard.handle([r for r in requests if r is not None]))
+            outcomes = [next(decided) if r is not None else internal for r in requests]
         except Exception:  # a bug must not kill the worker or leak a traceback to clients
             logger.exception("ActiveGuard failed on a batch")
-            outcomes = [Outcome(500, "internal_error", {"error": "internal error", "reason": "internal_error"})
-                        for _ in data]
+            outcomes = [internal for _ in data]
         elapsed_ms = (time.perf_counter() - start) * 1000
         metrics = context.metrics
         for i, outcome in enumerate(outcomes):

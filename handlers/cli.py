@@ -17,6 +17,7 @@ from handlers.packaging import package
 from handlers.server import ManagedTorchServe, Ports
 
 DEFAULT_STORE = Path("model_store")
+DEFAULT_LOG_DIR = Path("logs/torchserve")
 
 
 def _pem(path: str) -> tuple[str, str]:
@@ -54,16 +55,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ports = Ports.choose(args.http_port, args.management_port, args.metrics_port, args.grpc_port,
                          args.grpc_management_port)
-    with ManagedTorchServe(Path(args.store), models, workers=args.workers, batch_size=args.batch_size,
-                           max_batch_delay_ms=args.max_batch_delay, ports=ports) as ts:
+    ts = ManagedTorchServe(Path(args.store), models, workers=args.workers, batch_size=args.batch_size,
+                           max_batch_delay_ms=args.max_batch_delay, ports=ports, log_dir=Path(args.log_dir))
+    with ts:
         info = {"inference": ts.url, "management": ts.management_url, "metrics": ts.metrics_url,
-                "grpc": ts.grpc_target, "models": sorted(models)}
+                "grpc": ts.grpc_target, "models": sorted(models), "logs": str(ts.log_dir)}
         print(json.dumps(info) if args.json else "TorchServe ready:\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()),
               flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
             pass
+    print(f"TorchServe stopped; its logs are in {ts.log_dir}", file=sys.stderr)
     return 0
 
 
@@ -95,5 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 ("--metrics-port", 8082, "Prometheus metrics"),
                                 ("--grpc-management-port", 7071, "management gRPC API")):
         p.add_argument(flag, type=int, default=default, help=f"{what}; default {default} (TorchServe's), 0: any free port")
-    p.add_argument("--json", action="store_true", help="print the endpoints as JSON once ready")
+    p.add_argument("--log-dir", default=str(DEFAULT_LOG_DIR), metavar="DIR",
+                   help=f"where TorchServe's logs go and stay after it stops (default {DEFAULT_LOG_DIR}/ "
+                        "in the current directory; appended to across runs)")
+    p.add_argument("--json", action="store_true", help="print the endpoints and the log directory as JSON once ready")
     p.set_defaults(func=cmd_serve)

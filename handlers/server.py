@@ -4,6 +4,12 @@
 worker can answer, so this runs TorchServe in the foreground as our own process group, waits
 for the management API to report a READY worker, and on exit stops the whole group and waits
 for it. Used by ``activeguard serve``, the tests, the demo and the benchmarks.
+
+Logs (TorchServe's ``*_log.log`` files and ``console.log``) go to ``log_dir`` and outlive the
+server: they are what explains a crashed worker after the fact. Stopping removes only what the run
+needed while it lived (``tmp/``: the pid file and unpacked models). A throwaway run, one given
+neither ``workdir`` nor ``log_dir`` (tests, benchmarks), removes everything unless
+``$ACTIVEGUARD_KEEP_TS_LOGS`` is set.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+KEEP_LOGS_ENV = "ACTIVEGUARD_KEEP_TS_LOGS"
+LOG_FILES = ("model_log.log", "ts_log.log", "console.log")
 
 
 class TorchServeError(RuntimeError):
@@ -58,7 +67,8 @@ class ManagedTorchServe:
 
     def __init__(self, model_store: Path, models: dict[str, str], *, workers: int = 1, batch_size: int = 1,
                  max_batch_delay_ms: int = 5, ports: Ports | None = None, startup_timeout: float = 180.0,
-                 workdir: Path | None = None, max_request_bytes: int = 32 * 1024 * 1024):
+                 workdir: Path | None = None, log_dir: Path | None = None,
+                 max_request_bytes: int = 32 * 1024 * 1024):
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.workers, self.batch_size, self.max_batch_delay_ms = workers, batch_size, max_batch_delay_ms
@@ -66,7 +76,9 @@ class ManagedTorchServe:
         self.startup_timeout = startup_timeout
         self.max_request_bytes = max_request_bytes
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="activeguard-ts-"))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="activeguard-ts-")).resolve()
+        self.log_dir = Path(log_dir).resolve() if log_dir is not None else self.workdir / "logs"
+        self.keeps_logs = workdir is not None or log_dir is not None or os.environ.get(KEEP_LOGS_ENV) is not None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -118,10 +130,17 @@ class ManagedTorchServe:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    @property
+    def tmp_dir(self) -> Path:
+        """TorchServe's TMPDIR: its pid file and unpacked models; removed on stop."""
+        return self.workdir / "tmp"
+
     def log_tail(self, lines: int = 30) -> str:
         chunks = []
-        for name in ("model_log.log", "ts_log.log", "console.log"):
-            path = (self.workdir / "logs" / name) if name != "console.log" else self.workdir / name
+        if self.keeps_logs:
+            chunks.append(f"(full logs in {self.log_dir})")
+        for name in LOG_FILES:
+            path = self.log_dir / name
             if path.exists():
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 chunks.append(f"--- {name} ---\n" + "\n".join(text))
@@ -135,13 +154,14 @@ class ManagedTorchServe:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     raise TorchServeError(f"port {port} on 127.0.0.1 is already taken")
         torchserve = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
-        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"), TEMP=str(self.workdir / "tmp"),
-                   LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"),
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir),
+                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         cmd = [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(self.model_store),
                "--ts-config", str(self._config())]
-        console = open(self.workdir / "console.log", "wb")
+        console = open(self.log_dir / "console.log", "ab")  # a reused log_dir keeps earlier runs' output
         self.process = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT, env=env,
                                         cwd=self.workdir, start_new_session=True)
         console.close()
@@ -205,7 +225,10 @@ class ManagedTorchServe:
             pass
 
     def _cleanup(self) -> None:
-        if self._own_workdir and os.environ.get("ACTIVEGUARD_KEEP_TS_LOGS") is None:
+        """Remove the run's temporary files; keep the logs unless this is a throwaway run."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        logs_inside = self.log_dir.is_relative_to(self.workdir)
+        if self._own_workdir and not (self.keeps_logs and logs_inside):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "ManagedTorchServe":

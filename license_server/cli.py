@@ -9,6 +9,10 @@
     activeguard-license-server show LICENSE_ID [--out FILE.aglicense]
     activeguard-license-server verify FILE.aglicense [--model-id ID]
 
+Client commands reach a TLS server with ``--ca-cert CA.pem`` (or ``--tls`` for the system's roots)
+and an mTLS server with ``--client-cert``/``--client-key`` as well; ``serve`` takes ``--tls-cert``,
+``--tls-key`` and, for mTLS, ``--tls-client-ca``.
+
 Entry points for the ``activeguard`` CLI: :func:`register` (the ``activeguard.commands`` plugin
 hook: adds ``activeguard license-server`` and ``activeguard license issue|revoke|list|show|verify``),
 or call :func:`server_main` / :func:`license_main` with an argv list directly.
@@ -52,9 +56,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sha256 of the admin token (default DATA_DIR/admin_token.sha256; created with a new "
                         f"token in DATA_DIR/admin.token if missing, or from ${'ACTIVEGUARD_ADMIN_TOKEN'})")
     p.add_argument("--default-validity-days", type=float, default=365.0)
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (chain); needs --tls-key")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (keep it 0600)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="mTLS: refuse clients without a certificate signed by this PEM CA (needs --tls-cert/--tls-key)")
     p.add_argument("--ready-file", default=None, help="write {pid, port, metrics_port, key_id} here once serving")
     p.add_argument("--max-steps", type=int, default=1000, help="fingerprint optimizer steps")
     p.add_argument("--log-level", default="INFO")
@@ -80,26 +85,16 @@ def export_key(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from license_server.service import LicenseServer, ServerConfig, configure_logging
+    from license_server.service import LicenseServer, configure_logging
 
     if args.export_public_key:
         return export_key(args)
-    configure_logging(args.log_level)
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print("error: give both --tls-cert and --tls-key, or neither", file=sys.stderr)
+    try:
+        config = _server_config(args)
+    except ValueError as exc:  # half a TLS setup
+        print(f"error: {exc} (see --tls-cert, --tls-key, --tls-client-ca)", file=sys.stderr)
         return 2
-    config = ServerConfig(
-        data_dir=Path(args.data_dir),
-        database_url=args.database_url or os.environ.get(DB_ENV, ""),
-        host=args.host, port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        signing_key=Path(args.signing_key) if args.signing_key else None,
-        admin_token_hash_file=Path(args.admin_token_hash_file) if args.admin_token_hash_file else None,
-        default_validity=int(args.default_validity_days * 86400),
-        tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
-        tls_client_ca=args.tls_client_ca and Path(args.tls_client_ca),
-        max_steps=args.max_steps,
-    )
+    configure_logging(args.log_level)
     server = LicenseServer(config).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,6 +106,24 @@ def serve(args: argparse.Namespace) -> int:
         pass
     server.stop()
     return 0
+
+
+def _server_config(args: argparse.Namespace) -> Any:
+    """The ServerConfig of ``serve``'s options (ValueError for an inconsistent TLS setup)."""
+    from license_server.service import ServerConfig
+
+    return ServerConfig(
+        data_dir=Path(args.data_dir),
+        database_url=args.database_url or os.environ.get(DB_ENV, ""),
+        host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        signing_key=Path(args.signing_key) if args.signing_key else None,
+        admin_token_hash_file=Path(args.admin_token_hash_file) if args.admin_token_hash_file else None,
+        default_validity=int(args.default_validity_days * 86400),
+        tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
+        tls_client_ca=args.tls_client_ca and Path(args.tls_client_ca),
+        max_steps=args.max_steps,
+    )
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -126,16 +139,20 @@ def server_main(argv: list[str] | None = None) -> int:
 def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help="host:port (default $ACTIVEGUARD_LICENSE_SERVER or 127.0.0.1:50061)")
     p.add_argument("--token-file", default=None, help="admin token file (default $ACTIVEGUARD_ADMIN_TOKEN)")
-    p.add_argument("--ca-cert", default=None, help="TLS: CA certificate of the server")
-    p.add_argument("--client-cert", default=None, help="mTLS client certificate")
-    p.add_argument("--client-key", default=None, help="mTLS client key")
+    p.add_argument("--tls", action="store_true",
+                   help="connect over TLS, verifying the server with the system's CA roots (implied by --ca-cert)")
+    p.add_argument("--ca-cert", default=None,
+                   help="connect over TLS, verifying the server's certificate with this PEM CA instead")
+    p.add_argument("--client-cert", default=None,
+                   help="mTLS: PEM client certificate to present (needs --client-key; implies TLS)")
+    p.add_argument("--client-key", default=None, help="mTLS: PEM private key of --client-cert")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _client(args: argparse.Namespace):
     from license_server.client import LicenseClient, read_token
 
-    return LicenseClient(args.server, read_token(args.token_file), ca_cert=args.ca_cert,
+    return LicenseClient(args.server, read_token(args.token_file), tls=args.tls, ca_cert=args.ca_cert,
                          client_cert=args.client_cert, client_key=args.client_key)
 
 

@@ -1,13 +1,19 @@
-"""The license server as a child process on a free loopback port (the demo, tests and benchmarks)."""
+"""The license server as a child process on a free loopback port (the demo, tests and benchmarks),
+or in this process (:func:`in_process`: tests that read its metrics, use TLS or restart it on one port)."""
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from activeguard.processes import ReadyFileProcess
-from license_server.auth import TOKEN_ENV
+from license_server.auth import TOKEN_ENV, hash_token
 from license_server.client import LicenseClient
+
+if TYPE_CHECKING:
+    from license_server.service import LicenseServer, ServerConfig
 
 
 OWN_TOKEN = object()  # client(): use the token this server was started with
@@ -29,3 +35,15 @@ class LicenseServerProcess(ReadyFileProcess):
     def client(self, token: str | None | object = OWN_TOKEN, timeout: float = 120) -> LicenseClient:
         """An admin client with this server's token, another token, or none (``token=None``)."""
         return LicenseClient(self.target, self.token if token is OWN_TOKEN else token, timeout=timeout)
+
+
+@contextmanager
+def in_process(config: "ServerConfig", token: str) -> Iterator["LicenseServer"]:
+    """A started :class:`LicenseServer` in this process with admin ``token``; stopped on exit, even on errors."""
+    from license_server.service import LicenseServer
+
+    server = LicenseServer(config, admin_token_hash=hash_token(token)).start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=0.5)

@@ -18,14 +18,16 @@ Nothing is written before step 5, so a crash leaves no slot taken without a lice
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import logging
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import grpc
 import torch
@@ -36,8 +38,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from activeguard import licenses as lic
 from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, ControlConfig
 from activeguard.fingerprints import ENCODINGS, authenticate, encode, generate_fingerprints
+from activeguard.models import CHECKPOINT_FORMAT, build_model, load_checkpoint
 from activeguard.models import input_shape as model_input_shape
-from activeguard.models import load_model, model_id as compute_model_id
+from activeguard.models import model_id as compute_model_id
 from activeguard_proto.v1 import common_pb2, license_pb2, license_pb2_grpc
 from license_server.auth import TOKEN_ENV, AdminAuth, create_admin_token, hash_token, load_token_hash, write_secret
 from license_server.store import AlreadyExists, ModelRow, SlotTaken, Store, StoreError, redact_url
@@ -48,6 +51,11 @@ SERVICE_NAME = "activeguard.v1.LicenseService"
 DEFAULT_VALIDITY = 365 * 24 * 3600
 MAX_VALIDITY = 20 * 365 * 24 * 3600
 MAX_NAME = 256
+MAX_ID = 128  # model ids are 64 hex digits, license ids 32; longer can only be garbage
+MAX_REASON = 1024
+MAX_PATH = 4096
+MAX_SEQUENCE = 2**63 - 1  # sequence numbers (page tokens, revocation cursors) are signed 64-bit in every store
+CLASSIFIERS = ("lenet5", "mlp-classifier")  # licenses identify users by a classifier's top-1 output
 STATE_NAMES = {
     license_pb2.LICENSE_STATE_ACTIVE: "active",
     license_pb2.LICENSE_STATE_REVOKED: "revoked",
@@ -109,6 +117,15 @@ class ServerConfig:
             self.database_url = f"sqlite:///{(self.data_dir / 'licenses.db').resolve()}"
         self.signing_key = Path(self.signing_key or self.data_dir / "signing_key.pem")
         self.admin_token_hash_file = Path(self.admin_token_hash_file or self.data_dir / "admin_token.sha256")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """Refuse half a TLS setup: a client CA without a certificate used to start a plaintext server."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key: client certificates are only "
+                             "checked over TLS")
 
 
 class Metrics:
@@ -153,6 +170,173 @@ class _Abort(Exception):
         self.code, self.message = code, message
 
 
+# -- request validation (pure: no store, no model; the fuzz tests drive these through the servicer) --
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")  # ASCII digits only, no sign, no leading zeros: str(int) of a seq
+
+
+def _refuse(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> NoReturn:
+    raise _Abort(code, message)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr`` of a client-supplied value, cut short: a refusal must never echo megabytes (gRPC caps
+    status details at a few kB, and a longer message turns a clean refusal into a transport error)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shown_message(message: str, limit: int = 1000) -> str:
+    """A refusal message cut to ``limit`` characters (status details travel in a size-capped header)."""
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def check_text(field: str, value: str, *, limit: int, required: bool = False) -> None:
+    """Client text the server stores, matches or echoes: bounded, printable, not blank.
+
+    Control characters (NUL above all) are refused here because PostgreSQL rejects them in TEXT
+    columns; blank values because they can never name anything.
+    """
+    if not value:
+        if required:
+            _refuse(f"{field} must not be empty")
+        return
+    if len(value) > limit:
+        _refuse(f"{field} is {len(value)} characters; at most {limit} are allowed")
+    if not value.isprintable():
+        _refuse(f"{field} must be printable (no control characters)")
+    if not value.strip():
+        _refuse(f"{field} must not be blank")
+
+
+def check_reason(reason: str) -> None:
+    """A revocation reason: free text that may span lines, but no other control characters."""
+    if len(reason) > MAX_REASON:
+        _refuse(f"reason is {len(reason)} characters; at most {MAX_REASON} are allowed")
+    if not reason.replace("\n", " ").replace("\t", " ").isprintable():
+        _refuse("reason must be printable (newlines and tabs are fine, other control characters are not)")
+
+
+def check_validity(seconds: int, default: int) -> int:
+    """The license lifetime in seconds; 0 means the server default."""
+    if seconds < 0:
+        _refuse(f"validity_seconds must be positive, got {seconds}")
+    validity = seconds or default
+    if validity > MAX_VALIDITY:
+        _refuse(f"validity_seconds may be at most {MAX_VALIDITY} (20 years), got {validity}")
+    return validity
+
+
+def parse_page_token(token: str) -> int:
+    """The sequence number after which a page starts; only tokens this server hands out are valid."""
+    if not token:
+        return 0
+    if len(token) > len(str(MAX_SEQUENCE)) or not _DECIMAL.fullmatch(token) or int(token) > MAX_SEQUENCE:
+        _refuse(f"page_token {shown(token)} is not one this server returned: pass next_page_token back "
+                "unchanged, or leave it empty for the first page")
+    return int(token)
+
+
+def check_list_request(req: license_pb2.ListLicensesRequest) -> tuple[int, int, str]:
+    """(page size, sequence to start after, state name or '') of a valid ListLicenses request."""
+    if req.page_size > 1000:
+        _refuse(f"page_size may be at most 1000, got {req.page_size}")
+    if req.state != license_pb2.LICENSE_STATE_UNSPECIFIED and req.state not in STATE_NAMES:
+        _refuse(f"state {req.state} is not a LicenseState (0 all, 1 active, 2 revoked, 3 expired)")
+    check_text("model_id", req.model_id, limit=MAX_ID)
+    check_text("user", req.user, limit=MAX_NAME)
+    return req.page_size or 100, parse_page_token(req.page_token), STATE_NAMES.get(req.state, "")
+
+
+def check_issue_request(req: license_pb2.IssueLicenseRequest, default_validity: int) -> int:
+    """The validity in seconds of a valid IssueLicense request (the model is looked up afterwards)."""
+    check_text("user", req.user, limit=MAX_NAME, required=True)
+    validity = check_validity(req.validity_seconds, default_validity)
+    check_text("model_id", req.model_id, limit=MAX_ID, required=True)
+    return validity
+
+
+def check_register_request(req: license_pb2.RegisterModelRequest) -> str:
+    """The encoding of a RegisterModel request whose fields are well-formed (the checkpoint is read later)."""
+    if bool(req.model_path) == bool(req.checkpoint):
+        _refuse("give exactly one of model_path or checkpoint bytes")
+    check_text("model_path", req.model_path, limit=MAX_PATH)
+    check_text("name", req.name, limit=MAX_NAME)
+    check_text("expected_model_id", req.expected_model_id, limit=MAX_ID)
+    encoding = req.encoding or "float32"
+    if encoding not in ENCODINGS:
+        _refuse(f"encoding must be one of {ENCODINGS}, got {shown(encoding)}")
+    return encoding
+
+
+# -- checkpoints named in RegisterModel (every failure names the file and the problem) ---------------
+
+
+def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    """The checkpoint dict stored at ``path``, or a refusal saying why it is not one."""
+    try:
+        if path.is_dir():
+            _refuse(f"{what} is a directory, not a model checkpoint file")
+        if not path.exists():
+            _refuse(f"{what} does not exist on the license server", grpc.StatusCode.NOT_FOUND)
+        if not path.is_file():
+            _refuse(f"{what} is not a regular file")
+        if path.stat().st_size == 0:
+            _refuse(f"{what} is empty (0 bytes), not a model checkpoint")
+        return load_checkpoint(path)
+    except PermissionError:
+        _refuse(f"{what} cannot be read by the license server (permission denied)", grpc.StatusCode.FAILED_PRECONDITION)
+    except OSError as exc:  # a name too long is the caller's; anything else is the server's file system
+        code = grpc.StatusCode.INVALID_ARGUMENT if exc.errno == errno.ENAMETOOLONG else grpc.StatusCode.FAILED_PRECONDITION
+        _refuse(f"{what} cannot be read ({exc.strerror or type(exc).__name__})", code)
+    except ValueError as exc:
+        if exc.__cause__ is not None:  # torch.load itself failed
+            _refuse(f"{what} is not a model checkpoint: torch.load(weights_only=True) cannot read it "
+                    f"({type(exc.__cause__).__name__}; a text file, a truncated copy or pickled objects?)")
+        _refuse(f"{what} is not an ActiveGuard model checkpoint (a dict with format {CHECKPOINT_FORMAT!r}, "
+                "as activeguard.models.save_model writes)")
+
+
+def _weights_problem(expected: dict[str, torch.Tensor], state: dict[str, Any]) -> str:
+    """What keeps ``state`` from loading into a model whose tensors are ``expected`` ('' if nothing)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state)
+                   if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k].shape))
+    parts = [f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if not parts and not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        parts.append("NaN or infinite weights")
+    return "; ".join(parts)
+
+
+def checkpoint_classifier(path: Path, what: str) -> torch.nn.Module:
+    """The classifier saved at ``path``; built on the meta device first, so a bogus config costs no memory."""
+    ckpt = _read_checkpoint(path, what)
+    missing = [k for k in ("arch", "config", "state_dict") if k not in ckpt]
+    if missing:
+        _refuse(f"{what} is an ActiveGuard checkpoint without {', '.join(map(repr, missing))}")
+    arch, config, state = ckpt["arch"], ckpt["config"], ckpt["state_dict"]
+    if arch not in CLASSIFIERS:
+        _refuse(f"{what} holds a {shown(arch)} model; licenses need a classifier ({' or '.join(CLASSIFIERS)})")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        _refuse(f"{what}: 'config' and 'state_dict' must both be dicts")
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(arch, **config)
+    except Exception as exc:  # noqa: BLE001 - unknown keywords, wrong types, impossible sizes
+        _refuse(f"{what}: its config {shown(config, 160)} does not describe a {arch} model ({type(exc).__name__})")
+    problem = _weights_problem(skeleton.state_dict(), state)
+    if problem:
+        _refuse(f"{what}: its weights do not fit its {arch} config ({problem})")
+    module = build_model(arch, **config)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # right names and shapes, but tensors that cannot be copied (dtype, layout)
+        _refuse(f"{what}: its weights cannot be loaded into a {arch} model ({type(exc).__name__})")
+    return module.eval()
+
+
 def _fingerprint_from_bytes(raw: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     import numpy as np
 
@@ -190,7 +374,7 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
         except _Abort as exc:
             if name == "IssueLicense":
                 self.metrics.issue_failures.labels(exc.code.name).inc()
-            context.abort(exc.code, exc.message)
+            context.abort(exc.code, shown_message(exc.message))
         except StoreError as exc:
             self.metrics.store_errors.labels(name).inc()
             _log(logging.ERROR, "store error", method=name, error=str(exc))
@@ -216,8 +400,13 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
                 return loaded
             row = self.store.get_model(model_id)
             if row is None:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"model {model_id!r} is not registered (RegisterModel first)")
-            module = load_model(row.model_path)
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"model {shown(model_id)} is not registered (RegisterModel first)")
+            try:
+                module = checkpoint_classifier(Path(row.model_path), f"model file {row.model_path!r}")
+            except _Abort as exc:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the registered checkpoint of model {row.model_id[:16]}… cannot be used any more: "
+                             f"{exc.message}") from None
             actual = compute_model_id(module)
             if actual != row.model_id:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -225,7 +414,8 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
                              f"not the registered {row.model_id[:16]}…; refusing to issue for it")
             loaded = self._loaded(row, module)
             self._models[model_id] = loaded
-            return loaded
+        self._refresh_free_slots(loaded)
+        return loaded
 
     @staticmethod
     def _loaded(row: ModelRow, module: torch.nn.Module) -> LoadedModel:
@@ -305,7 +495,7 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
             taken = self.store.taken_slots(mid)
             reserved = self._reserved.setdefault(mid, set())
             free = [s for s in m.all_slots if s not in taken and s not in reserved and s not in exclude]
-            self.metrics.free_slots.labels(mid[:16]).set(len(m.all_slots) - len(taken))
+            self._set_free_slots(m, len(taken))
             if not free:
                 cap = len(m.all_slots)
                 k, t = m.row.num_classes, len(m.row.confidences)
@@ -321,6 +511,18 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
             reserved.add(slot)
             return slot
 
+    def _set_free_slots(self, m: LoadedModel, issued: int) -> None:
+        """Set the free-slot gauge; the caller holds ``_reserve_lock`` so counts are published in order."""
+        self.metrics.free_slots.labels(m.row.model_id[:16]).set(len(m.all_slots) - issued)
+
+    def _refresh_free_slots(self, m: LoadedModel) -> None:
+        """Publish the free slots after registration, a model load or a committed license.
+
+        Setting the gauge only while reserving (as before) counted the slot being issued as free.
+        """
+        with self._reserve_lock:
+            self._set_free_slots(m, self.store.count_licenses(m.row.model_id))
+
     def _release(self, model_id: str, slot: tuple[int, int]) -> None:
         with self._reserve_lock:
             self._reserved.get(model_id, set()).discard(slot)
@@ -330,34 +532,34 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
     def RegisterModel(self, request, context):  # noqa: N802
         return self._call("RegisterModel", context, lambda: self._register(request))
 
-    def _register(self, req: license_pb2.RegisterModelRequest) -> license_pb2.RegisterModelResponse:
-        if bool(req.model_path) == bool(req.checkpoint):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of model_path or checkpoint bytes")
-        if len(req.name) > MAX_NAME:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"name is longer than {MAX_NAME} characters")
-        encoding = req.encoding or "float32"
-        if encoding not in ENCODINGS:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"encoding must be one of {ENCODINGS}")
+    @staticmethod
+    def _named(model_path: str) -> tuple[Path, torch.nn.Module]:
+        """(resolved path, classifier) for a checkpoint path on the server's file system."""
+        try:
+            path = Path(model_path).resolve()
+        except (OSError, RuntimeError) as exc:  # symlink loops and the like
+            _refuse(f"model_path {shown(model_path, 200)} cannot be resolved ({type(exc).__name__})")
+        return path, checkpoint_classifier(path, f"model file {shown(str(path), 200)}")
+
+    def _uploaded(self, checkpoint: bytes) -> tuple[Path, torch.nn.Module]:
+        """(stored path, classifier) for uploaded checkpoint bytes; nothing stays on disk when they are refused."""
         models_dir = self.cfg.data_dir / "models"
-        if req.checkpoint:
-            models_dir.mkdir(parents=True, exist_ok=True)
-            tmp = models_dir / f"upload-{threading.get_ident()}-{time.time_ns()}.pt"
-            tmp.write_bytes(req.checkpoint)
-            try:
-                module = load_model(tmp)
-            except (ValueError, FileNotFoundError) as exc:
-                tmp.unlink(missing_ok=True)
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            mid = compute_model_id(module)
-            path = models_dir / f"{mid}.pt"
-            tmp.replace(path)
-        else:
-            path = Path(req.model_path).resolve()
-            try:
-                module = load_model(path)
-            except (ValueError, FileNotFoundError) as exc:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            mid = compute_model_id(module)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        tmp = models_dir / f"upload-{threading.get_ident()}-{time.time_ns()}.pt"
+        tmp.write_bytes(checkpoint)
+        try:
+            module = checkpoint_classifier(tmp, f"the uploaded checkpoint ({len(checkpoint)} bytes)")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        path = models_dir / f"{compute_model_id(module)}.pt"
+        tmp.replace(path)
+        return path, module
+
+    def _register(self, req: license_pb2.RegisterModelRequest) -> license_pb2.RegisterModelResponse:
+        encoding = check_register_request(req)
+        path, module = self._uploaded(req.checkpoint) if req.checkpoint else self._named(req.model_path)
+        mid = compute_model_id(module)
         if req.expected_model_id and req.expected_model_id != mid:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                          f"checkpoint has model id {mid[:16]}…, not the expected {req.expected_model_id[:16]}…")
@@ -371,7 +573,7 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
             config = ControlConfig(num_classes=k, confidences=tuple(req.confidences) or PAPER_CONFIDENCES,
                                    epsilon=req.epsilon or PAPER_EPSILON)
         except ValueError as exc:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, shown_message(str(exc))) from None
         row = ModelRow(model_id=mid, name=req.name or mid[:16], num_classes=k, confidences=config.confidences,
                        epsilon=config.epsilon, input_shape=tuple(shape), encoding=encoding, model_path=str(path),
                        created_at=int(time.time()))
@@ -383,6 +585,7 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
         with self._models_lock:
             self._models.setdefault(mid, m)
             m = self._models[mid]
+        self._refresh_free_slots(m)
         if req.pregenerate:
             taken = self.store.taken_slots(mid)
             todo = [s for s in m.all_slots if s not in taken and s not in self.store.pregenerated_slots(mid)]
@@ -405,19 +608,7 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
     def _issue(self, req: license_pb2.IssueLicenseRequest, context) -> license_pb2.License:
         start = time.perf_counter()
         user = req.user
-        if not user or not user.strip():
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "user must not be empty")
-        if len(user) > MAX_NAME:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"user is {len(user)} characters; at most {MAX_NAME} are allowed")
-        if not user.isprintable():
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "user must be printable (no control characters)")
-        if req.validity_seconds < 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"validity_seconds must be positive, got {req.validity_seconds}")
-        validity = req.validity_seconds or self.cfg.default_validity
-        if validity > MAX_VALIDITY:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"validity_seconds may be at most {MAX_VALIDITY} (20 years)")
-        if not req.model_id:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "model_id must not be empty")
+        validity = check_issue_request(req, self.cfg.default_validity)
         m = self.model(req.model_id)
         lost: set[tuple[int, int]] = set()
         for _attempt in range(len(m.all_slots) + 1):
@@ -454,6 +645,7 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
                     continue
             finally:
                 self._release(m.row.model_id, slot)
+            self._refresh_free_slots(m)
             elapsed = time.perf_counter() - start
             self.metrics.issued.labels(m.row.model_id[:16]).inc()
             self.metrics.issue_latency.labels(path).observe(elapsed)
@@ -465,25 +657,17 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
 
     def GetLicense(self, request, context):  # noqa: N802
         def run():
-            if not request.license_id:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "license_id must not be empty")
+            check_text("license_id", request.license_id, limit=MAX_ID, required=True)
             r = self.store.get_license(request.license_id)
             if r is None:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"no license {request.license_id!r}")
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"no license {shown(request.license_id)}")
             return self._license_msg(r)
 
         return self._call("GetLicense", context, run)
 
     def ListLicenses(self, request, context):  # noqa: N802
         def run():
-            size = request.page_size or 100
-            if size > 1000:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size may be at most 1000")
-            try:
-                after = int(request.page_token) if request.page_token else 0
-            except ValueError:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token is not one this server returned") from None
-            state = STATE_NAMES.get(request.state, "")
+            size, after, state = check_list_request(request)
             rows = self.store.list_licenses(model_id=request.model_id, user=request.user, state=state,
                                             after_seq=after, limit=size + 1)
             more = len(rows) > size
@@ -496,13 +680,11 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
 
     def RevokeLicense(self, request, context):  # noqa: N802
         def run():
-            if not request.license_id:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "license_id must not be empty")
-            if len(request.reason) > 1024:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "reason may be at most 1024 characters")
+            check_text("license_id", request.license_id, limit=MAX_ID, required=True)
+            check_reason(request.reason)
             r, new = self.store.revoke(request.license_id, request.reason or "unspecified")
             if r is None:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"no license {request.license_id!r}")
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"no license {shown(request.license_id)}")
             if new:
                 self.metrics.revocations.inc()
                 _log(logging.INFO, "license revoked", license_id=r.license_id, model_id=r.model_id[:16])
@@ -513,7 +695,8 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
     def ListRevocations(self, request, context):  # noqa: N802
         def run():
             if request.since < 0:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "since must be >= 0")
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"since must be >= 0, got {request.since}")
+            check_text("model_id", request.model_id, limit=MAX_ID)
             size = min(request.page_size or 1000, 10000)
             rows = self.store.list_revocations(request.since, request.model_id, size)
             return license_pb2.ListRevocationsResponse(
@@ -539,14 +722,18 @@ class LicenseService(license_pb2_grpc.LicenseServiceServicer):
 class LicenseServer:
     """The whole server: store, key, token, gRPC (+ health, reflection) and the metrics endpoint."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, *, admin_token_hash: str | None = None):
+        """``admin_token_hash`` (sha256 hex) overrides the token files and environment: for embedding."""
         self.cfg = config
+        self._admin_token_hash = admin_token_hash
         self.grpc_server: grpc.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._httpd = None
 
     def _admin_auth(self) -> AdminAuth:
+        if self._admin_token_hash:
+            return AdminAuth(self._admin_token_hash)
         hash_file = self.cfg.admin_token_hash_file
         env_token = __import__("os").environ.get(TOKEN_ENV)
         if env_token:
@@ -598,6 +785,7 @@ class LicenseServer:
             self._httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._httpd.server_port
         _log(logging.INFO, "serving", address=f"{cfg.host}:{self.port}", tls=bool(cfg.tls_cert),
+             mtls=bool(cfg.tls_client_ca),
              metrics=f"{cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else None, key_id=kid)
         return self
 

@@ -151,6 +151,9 @@ class Store:
         self.url = url
         self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=True, future=True)
         self.dialect = self.engine.dialect.name
+        # ``seq`` columns are INTEGER: 32-bit on PostgreSQL, 64-bit on SQLite. A cursor beyond that range
+        # matches no row, and binding it would fail ("integer out of range"): a store error, not a page.
+        self.max_sequence = 2**31 - 1 if self.dialect == "postgresql" else 2**63 - 1
         if self.dialect == "sqlite":
             self._sqlite_setup(self.engine)
         # SQLite allows one writer; serializing this process's writers avoids busy-wait storms.
@@ -330,6 +333,8 @@ class Store:
         now: int | None = None,
     ) -> list[Any]:
         now = _now() if now is None else now
+        if after_seq >= self.max_sequence:
+            return []
         q = select(licenses).where(licenses.c.seq > after_seq)
         if model_id:
             q = q.where(licenses.c.model_id == model_id)
@@ -361,6 +366,8 @@ class Store:
         return r, True
 
     def list_revocations(self, since: int = 0, model_id: str = "", limit: int = 1000) -> list[Any]:
+        if since >= self.max_sequence:
+            return []
         q = select(revocations).where(revocations.c.seq > since)
         if model_id:
             q = q.where(revocations.c.model_id == model_id)

@@ -70,6 +70,29 @@ def test_watermark_embed_and_verify_with_exit_codes(model_file, tmp_path, capsys
     assert code == 2 and "wrong passphrase" in err
 
 
+def test_watermark_key_is_secret_unless_an_experiment_seed_is_given(model_file, tmp_path, capsys, monkeypatch):
+    from activeguard import watermark as wm
+
+    monkeypatch.setattr(wm, "embed", lambda model, *args, **kwargs: model)  # only the key matters here
+
+    def embed(name: str, *extra: str) -> tuple[wm.WatermarkKey, dict, str]:
+        key_path = tmp_path / f"{name}.agkey"
+        _, stdout, err = run_cli(["watermark", "embed", "--model", str(model_file), "--out", str(tmp_path / f"{name}.pt"),
+                                  "--key-out", str(key_path), "--json", *extra], capsys, PASS_ENV)
+        return wm.load_key(key_path, PASS_ENV["ACTIVEGUARD_WM_PASSPHRASE"]), json.loads(stdout), err
+
+    first, report, err = embed("first")
+    second, _, _ = embed("second")
+    assert first.positions != second.positions and report["key_source"] == "os-entropy" and not err
+    seeded, report, err = embed("seeded", "--experiment-seed", "5")
+    assert seeded == embed("again", "--experiment-seed", "5")[0]
+    assert report["key_source"] == "experiment-seed" and "guessable" in err
+    with pytest.raises(SystemExit):
+        main(["watermark", "embed", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--experiment-seed" in help_text and "guessable" in help_text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from activeguard_proto.v1 import gateway_pb2
-from gateway.service import GatewayConfig, Limits, Metrics, ModelRoute, Refusal, RevocationSync
+from activeguard import protection
+from gateway.errors import HANDLER_REASON_CODES, handler_refusal, upstream_refusal
+from gateway.service import GatewayConfig, GatewayService, Limits, Metrics, ModelRoute, Refusal, RevocationSync
 from gateway.tensors import from_tensor, to_tensor
-from gateway.upstreams import UpstreamPool, UpstreamUnavailable
+from gateway.upstreams import UpstreamError, UpstreamPool
 from handlers.server import free_port
 
 
@@ -29,15 +31,19 @@ def test_rate_and_session_limits():
         limits.add_session("alice", "s3", time.time() + 60)
     limits.add_session("carol", "s4", time.time() - 1)  # already expired: does not count
     assert limits.active_sessions() == 2
+    limits.add_session("dave", "s5", time.time() + 60, license_id="L-dave")
+    assert limits.active_sessions() == 3
+    assert limits.active_sessions(revoked=frozenset({"L-dave"})) == 2  # revoked sessions stop counting
 
 
 def test_upstream_pool_round_robin_retry_and_mark_down():
     dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     pool = UpstreamPool("m", dead, deadline_s=2, max_failures=2, down_for_s=60)
-    with pytest.raises(UpstreamUnavailable) as info:
+    with pytest.raises(UpstreamError) as info:
         pool.predict({"data": b"{}"})
-    assert all(t in str(info.value) for t in dead)  # the one retry went to the other upstream
-    with pytest.raises(UpstreamUnavailable):
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.tried == dead or info.value.tried == dead[::-1]  # the one retry went to the other upstream
+    with pytest.raises(UpstreamError):
         pool.predict({"data": b"{}"})
     assert pool.up_count() == 0  # both failed twice: marked down
     pool.close()
@@ -55,6 +61,48 @@ def test_revocation_sync_keeps_last_list_when_server_is_unreachable(tmp_path):
     sync.sync_once()
     assert sync.revoked == {"L1"}
     assert metrics.registry.get_sample_value("activeguard_gateway_revocation_sync_errors_total") == 1.0
+    sync.stop()
+
+
+def test_every_handler_reason_has_one_code_and_faults_are_not_rate_limits():
+    reasons = set(protection.REFUSED_REASONS)
+    assert reasons == set(HANDLER_REASON_CODES)  # the table covers exactly what the guard can answer
+    assert HANDLER_REASON_CODES[protection.INTERNAL_ERROR] == grpc.StatusCode.INTERNAL
+    assert handler_refusal("something_new").code == grpc.StatusCode.INTERNAL
+    for code in grpc.StatusCode:  # TorchServe's own failures never look like the gateway's rate limit
+        refusal = upstream_refusal(code, "m")
+        assert refusal.code != grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Exception" not in str(refusal) and "org.pytorch" not in str(refusal)
+    assert upstream_refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "m").code == grpc.StatusCode.UNAVAILABLE
+    assert upstream_refusal(grpc.StatusCode.INTERNAL, "m").code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_handler_bodies_map_to_codes():
+    explained = {protection.EXPLANATION: {"authorized": False, "reason": protection.INTERNAL_ERROR}}
+    with pytest.raises(Refusal) as info:
+        GatewayService._outcome(explained)
+    assert info.value.code == grpc.StatusCode.INTERNAL
+    with pytest.raises(Refusal) as info:
+        GatewayService._outcome({"outputs": [[0.1] * 10]})  # a silent answer: the handler does not know us
+    assert info.value.code == grpc.StatusCode.INTERNAL and "public key" in str(info.value)
+    with pytest.raises(Refusal) as info:
+        GatewayService._outcome({"error": "x", "reason": protection.MALFORMED_INPUT})
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    ok = {"authorized": True, "reason": "authorized", "user": "a", "user_index": 1}
+    assert GatewayService._outcome({"outputs": [], protection.EXPLANATION: ok}) == ok
+
+
+def test_stale_revocation_list_fails_closed_and_is_exported(tmp_path):
+    config = GatewayConfig(models=[ModelRoute("m", "id", ["127.0.0.1:1"])], signing_key=tmp_path / "k",
+                           license_server=f"127.0.0.1:{free_port()}", max_revocation_staleness_s=5)
+    metrics = Metrics()
+    sync = RevocationSync(config, metrics)
+    sync.require_fresh()  # just started: fresh enough
+    sync.last_ok -= 6
+    with pytest.raises(Refusal) as info:
+        sync.require_fresh()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "stale" in str(info.value)
+    assert metrics.registry.get_sample_value("activeguard_gateway_revocation_sync_age_seconds") >= 6
     sync.stop()
 
 

@@ -1,5 +1,6 @@
 """The license server over real gRPC on loopback: SQLite and PostgreSQL stores, concurrency,
-restarts, kill -9 during issuance, bad input, health/reflection/metrics, pre-generation, CLI.
+restarts, kill -9 during issuance, bad input (page tokens, files that are not checkpoints),
+health/reflection/metrics (the free-slot gauge), pre-generation, CLI, prompt client reconnects.
 
 Servers run as separate processes (``python -m license_server serve``) and are always stopped in
 teardown. PostgreSQL tests use 127.0.0.1:5432, database ``test`` (user root, else postgres), each
@@ -11,9 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -28,9 +31,11 @@ pytest.importorskip("sqlalchemy", reason="needs the license-server extra: ./setu
 from activeguard import licenses as lic  # noqa: E402
 from activeguard.control import ControlConfig  # noqa: E402
 from activeguard.fingerprints import authenticate  # noqa: E402
-from activeguard.models import model_id, save_model  # noqa: E402
+from activeguard.models import CHECKPOINT_FORMAT, model_id, save_model  # noqa: E402
 from activeguard_proto.v1 import license_pb2  # noqa: E402
 from license_server.client import LicenseClient, to_signed  # noqa: E402
+from license_server.process import in_process  # noqa: E402
+from license_server.service import ServerConfig  # noqa: E402
 from license_server.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -184,6 +189,16 @@ def test_postgres_two_servers_never_share_an_fo(servers, tmp_path, model_paths, 
         store.close()
 
 
+def test_postgres_cursors_beyond_the_seq_column_match_nothing(pg_url):
+    """A well-formed page token or revocation cursor past PostgreSQL's 32-bit ``seq`` used to be a store error."""
+    store = Store(pg_url)
+    try:
+        for cursor in (2**31, 2**63 - 1):
+            assert store.list_licenses(after_seq=cursor) == [] and store.list_revocations(since=cursor) == []
+    finally:
+        store.close()
+
+
 def test_restart_keeps_licenses_and_revocations(servers, tmp_path, model_paths, lenet):
     data = tmp_path / "ls"
     first = servers(data)
@@ -278,6 +293,10 @@ def test_bad_input_is_refused_and_writes_nothing(shared_server, model_paths):
             "unknown license": (lambda: c.revoke("nope"), grpc.StatusCode.NOT_FOUND),
             "bad page token": (lambda: c.stub.ListLicenses(license_pb2.ListLicensesRequest(page_token="x"),
                                                            metadata=c._metadata), grpc.StatusCode.INVALID_ARGUMENT),
+            # an echoed 200 kB id used to exceed gRPC's header limit: RESOURCE_EXHAUSTED instead of a refusal
+            "200 kB license id": (lambda: c.get("x" * 200_000), grpc.StatusCode.INVALID_ARGUMENT),
+            "200 kB model id": (lambda: c.issue("0" * 200_000, "alice", 60), grpc.StatusCode.INVALID_ARGUMENT),
+            "NUL in a filter": (lambda: c.list(user="a\x00b"), grpc.StatusCode.INVALID_ARGUMENT),
         }
         for name, (fn, want) in cases.items():
             code, details = _code(fn)
@@ -401,3 +420,159 @@ def test_activeguard_cli_has_license_commands(tmp_path):
         proc.terminate()
         proc.wait(20)
     assert proc.returncode == 0
+
+
+def _free_port() -> int:
+    """A loopback port free right now (the restart test needs one fixed port for two servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local_config(data_dir: Path, port: int = 0) -> ServerConfig:
+    """An in-process server's config: loopback, no metrics endpoint (the registry is read directly)."""
+    return ServerConfig(data_dir=data_dir, port=port, metrics_port=None, max_workers=4)
+
+
+def test_free_slots_gauge_counts_unissued_slots(tmp_path, model_paths):
+    """The gauge used to be set only while reserving, before the insert: one slot too many."""
+    with in_process(_local_config(tmp_path / "ls"), TOKEN) as server, \
+            LicenseClient(f"127.0.0.1:{server.port}", TOKEN, timeout=120) as c:
+        mid = c.register_model(model_path=str(model_paths[0])).profile.model_id
+
+        def free() -> float | None:
+            return server.metrics.registry.get_sample_value("activeguard_free_slots", {"model": mid[:16]})
+
+        assert free() == 30
+        for issued in (1, 2):
+            c.issue(mid, f"gauge-{issued}", 60)
+            assert free() == 30 - issued == 30 - len(c.list(model_id=mid))
+
+
+def test_page_token_must_be_one_the_server_returned(shared_server):
+    """Only canonical decimal sequence numbers (what next_page_token holds) are accepted."""
+    with shared_server.client() as c:
+        def list_page(token: str) -> license_pb2.ListLicensesResponse:
+            return c._admin("ListLicenses", license_pb2.ListLicensesRequest(page_token=token, page_size=1))
+
+        for token in ("-1", "+1", " 1", "1 ", "01", "1_0", "0x1f", "1e3", "1.0", "\u0661", "x",
+                      str(2**63), "9" * 40, "-" * 10_000):
+            code, details = _code(lambda: list_page(token))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details, token
+            assert len(details) < 300, "a refusal must not echo a huge token back"
+        for token in ("", "0", "5", str(2**63 - 1)):
+            list_page(token)  # every token this server could have returned is accepted
+
+
+def _not_checkpoints(where: Path) -> dict[str, tuple[Path, grpc.StatusCode, str]]:
+    """name -> (path, expected code, words the refusal must contain) for files that are no classifier."""
+    import numpy as np
+
+    where.mkdir()
+    (where / "notes.txt").write_text("this is not a model\n")
+    (where / "empty.pt").write_bytes(b"")
+    (where / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (where / "a-directory").mkdir()
+    torch.save({"weights": torch.zeros(3)}, where / "foreign.pt")
+    torch.save({"format": CHECKPOINT_FORMAT}, where / "no-arch.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "arch": "mlp-regressor", "config": {}, "state_dict": {}},
+               where / "regressor.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "arch": "lenet5", "config": {"bogus": 1}, "state_dict": {}},
+               where / "bad-config.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "arch": "lenet5", "config": {"num_classes": 10},
+                "state_dict": {"fc3.bias": torch.zeros(7)}}, where / "bad-weights.pt")
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    return {
+        "text": (where / "notes.txt", invalid, "torch.load"),
+        "empty": (where / "empty.pt", invalid, "empty"),
+        "random bytes": (where / "random.pt", invalid, "torch.load"),
+        "directory": (where / "a-directory", invalid, "directory"),
+        "foreign dict": (where / "foreign.pt", invalid, "not an ActiveGuard model checkpoint"),
+        "no arch": (where / "no-arch.pt", invalid, "without 'arch'"),
+        "regressor": (where / "regressor.pt", invalid, "classifier"),
+        "bad config": (where / "bad-config.pt", invalid, "config"),
+        "bad weights": (where / "bad-weights.pt", invalid, "missing: conv1.bias"),
+        "missing": (where / "missing.pt", grpc.StatusCode.NOT_FOUND, "does not exist"),
+    }
+
+
+def test_register_refuses_files_that_are_not_checkpoints(shared_server, tmp_path):
+    """Every refusal names the file and the problem; none leaks an internal error (e.g. IndexError)."""
+    with shared_server.client() as c:
+        for name, (path, want, words) in _not_checkpoints(tmp_path / "files").items():
+            code, details = _code(lambda: c.register_model(model_path=str(path)))
+            assert (code, words in details, str(path) in details) == (want, True, True), (name, details)
+            assert len(details) < 500, name
+        code, details = _code(lambda: c.register_model(checkpoint=b"not a checkpoint"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "uploaded checkpoint (16 bytes)" in details
+        code, details = _code(lambda: c.register_model(model_path=str(tmp_path / ("a" * 1000))))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "File name too long" in details  # was INTERNAL
+    assert not list((shared_server.data_dir / "models").glob("upload-*"))  # refused uploads leave nothing
+    assert "internal error" not in shared_server.log_text()
+
+
+class _StoppedServer:
+    """Stands in for a stopped server on ``port``: it accepts each connection attempt and closes it at
+    once, and counts the attempts, so the real server can come back right after a failed attempt
+    (the worst moment under reconnect backoff; a refused connect could not be observed)."""
+
+    def __init__(self, port: int):
+        self.attempts = 0
+        self._sock = socket.create_server(("127.0.0.1", port))
+        self._sock.settimeout(0.05)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+            self.attempts += 1
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join()
+        self._sock.close()
+
+
+def _poll_until_served(client: LicenseClient, bound: float) -> float:
+    """Seconds until ``client`` (polling like the gateway's revocation sync) is served again."""
+    start = time.monotonic()
+    while True:
+        try:
+            client.revocations()
+            return time.monotonic() - start
+        except grpc.RpcError:
+            assert time.monotonic() - start < bound, f"the client was not served within {bound} s"
+            time.sleep(0.05)
+
+
+def test_client_reconnects_promptly_after_server_restart(tmp_path, capsys):
+    """After a restart, revocation polls reach the server within about a second. With gRPC's default
+    backoff (1 s x 1.6 per failed attempt) the 5th attempt waits ~4.1 s, and a longer outage ~26 s."""
+    config = _local_config(tmp_path / "ls", port=_free_port())
+    with in_process(config, TOKEN):
+        client = LicenseClient(f"127.0.0.1:{config.port}", None, timeout=1)
+        client.revocations()
+    try:
+        assert _code(client.revocations)[0] == grpc.StatusCode.UNAVAILABLE  # stopped: calls fail fast
+        down = _StoppedServer(config.port)
+        try:
+            deadline = time.monotonic() + 20
+            while down.attempts < 4 and time.monotonic() < deadline:
+                assert _code(client.revocations)[0] == grpc.StatusCode.UNAVAILABLE
+                time.sleep(0.1)
+            assert down.attempts >= 4, "the client stopped trying to reconnect"
+        finally:
+            down.close()
+        with in_process(config, TOKEN):  # same port, same data dir
+            delay = _poll_until_served(client, bound=15)
+    finally:
+        client.close()
+    with capsys.disabled():
+        print(f"\nlicense client served by the restarted server after {delay:.2f} s")
+    assert delay <= 3.0

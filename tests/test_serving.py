@@ -6,14 +6,19 @@ import base64
 import json
 import random
 import re
+import signal
+import subprocess
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
 from activeguard import sessions
 from activeguard.models import predict
+from handlers.packaging import package
 from tests.serving_fixtures import header_value, json_body, post
 
 pytestmark = pytest.mark.slow
@@ -39,19 +44,18 @@ def test_licensed_client_gets_the_real_model(server, deployment, lenet, mnist):
     predictions, users = [], set()
     for chunk in torch.split(mnist.x_test, 250):
         status, body = post(url(server, "guarded"), json_body(chunk), {"X-ActiveGuard-License": lic})
-        assert status == 200 and body["authorized"], body
-        users.add(body["user"])
+        assert status == 200 and set(body) == {"outputs"}, body
         predictions.append(torch.tensor(body["outputs"]).argmax(1))
     served = float((torch.cat(predictions) == mnist.y_test).float().mean())
     local = float((predict(lenet, mnist.x_test).argmax(1) == mnist.y_test).float().mean())
-    assert served == local and users == {"alice"}
+    assert served == local
 
 
 def test_unlicensed_client_gets_chance_or_403(server, mnist):
     correct = 0
     for chunk, labels in zip(torch.split(mnist.x_test, 250), torch.split(mnist.y_test, 250)):
         status, body = post(url(server, "guarded"), json_body(chunk))
-        assert status == 200 and body["reason"] == "no_credentials" and not body["authorized"]
+        assert status == 200 and set(body) == {"outputs"}  # silent: the layout of an admitted answer
         correct += int((torch.tensor(body["outputs"]).argmax(1) == labels).sum())
     assert abs(correct / len(mnist.y_test) - 0.1) <= 0.05
     status, body = post(url(server, "strict"), json_body(mnist.x_test[:2]))
@@ -87,7 +91,7 @@ def test_bad_licenses_are_refused_each_with_its_reason(server, deployment, mnist
         assert status == 403 and body["reason"] in ("bad_signature", "malformed_license"), body
     # revocation is read from the file without a restart
     status, body = post(url(server, "strict"), x, {"X-ACTIVEGUARD-LICENSE": header_value(good)})
-    assert status == 200 and body["user"] == "alice"
+    assert status == 200 and "outputs" in body
     lic_id = json.loads(base64.b64decode(json.loads(good)["payload"]))["license_id"]
     d.revocation_file.write_text(lic_id + "\n")
     try:
@@ -100,7 +104,8 @@ def test_bad_licenses_are_refused_each_with_its_reason(server, deployment, mnist
 def test_paper_mode(server, deployment, mnist, lenet):
     body = {"inputs": mnist.x_test[:2].tolist(), "fingerprint": deployment.fingerprints[1].tolist()}
     status, out = post(url(server, "paper"), json.dumps(body).encode())
-    assert status == 200 and out["reason"] == "paper_mode_authorized" and out["user_index"] == 17
+    assert status == 200 and sum(out["outputs"], []) == pytest.approx(
+        torch.softmax(predict(lenet, mnist.x_test[:2]), 1).detach().flatten().tolist(), abs=1e-5)
     # a fingerprint made for a different model does not pass
     from activeguard.control import ControlConfig
     from activeguard.fingerprints import generate_fingerprints
@@ -117,7 +122,7 @@ def test_sessions_over_http(server, deployment, mnist):
     token, _ = sessions.issue_session(deployment.gateway_key, user="bob", user_index=17, license_id="L-bob",
                                       model_id=deployment.model_id, ttl_seconds=60)
     status, body = post(url(server, "strict"), json_body(mnist.x_test[:2]), {"Authorization": f"Bearer {token}"})
-    assert status == 200 and body["reason"] == "session_authorized" and body["user"] == "bob"
+    assert status == 200 and body["activeguard"]["user"] == "bob"  # a gateway token: decision explained
     status, body = post(url(server, "strict"), json_body(mnist.x_test[:2]), {"authorization": f"Bearer {token}x"})
     assert status == 403 and body["reason"] == "bad_session"
 
@@ -139,7 +144,7 @@ def test_mixed_batch_each_request_decided_alone(server, deployment, mnist, lenet
     real = predict(lenet, x).argmax(1).tolist()
     for kind, (status, body) in results:
         if kind == "licensed":
-            assert status == 200 and body["user"] == "carol" and torch.tensor(body["outputs"]).argmax(1).tolist() == real
+            assert status == 200 and torch.tensor(body["outputs"]).argmax(1).tolist() == real
         elif kind == "none":
             assert status == 403 and body["reason"] == "no_credentials"
         else:
@@ -191,3 +196,25 @@ def test_metrics_count_each_reason(server, deployment, mnist):
         return after.get(("strict", reason), 0) - before.get(("strict", reason), 0)
 
     assert (delta("authorized"), delta("no_credentials"), delta("malformed_input")) == (3, 2, 1)
+
+
+def test_serve_keeps_torchserve_logs_after_stop(deployment, mnist, tmp_path):
+    """`activeguard serve` is stopped with SIGTERM; its logs stay in logs/torchserve/ and it says so."""
+    package(deployment.model_path, deployment.profile(policy="reject"), "kept", tmp_path / "store")
+    ports = [arg for flag in ("--http-port", "--grpc-port", "--management-port", "--metrics-port",
+                              "--grpc-management-port") for arg in (flag, "0")]
+    serve = subprocess.Popen([str(Path(sys.executable).with_name("activeguard")), "serve", "kept", "--store", "store",
+                              "--json", *ports], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(serve.stdout.readline() or "{}")
+        assert info.get("logs") == str(tmp_path / "logs" / "torchserve"), serve.stderr.read() if not info else info
+        status, body = post(f"{info['inference']}/predictions/kept", json_body(mnist.x_test[:1]))
+        assert (status, body["reason"]) == (403, "no_credentials")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _, err = serve.communicate(timeout=60)
+    logs = Path(info["logs"])
+    assert serve.returncode == 0 and f"logs are in {logs}" in err
+    assert all((logs / name).stat().st_size > 0 for name in ("ts_log.log", "model_log.log", "console.log"))
+    assert "kept" in (logs / "ts_log.log").read_text()
+    assert not [p.name for p in logs.iterdir() if not p.name.endswith(".log")]  # no pid or temporary files

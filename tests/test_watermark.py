@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -34,14 +36,14 @@ def base(lenet):
 
 @pytest.fixture(scope="module")
 def wm1(split, base):
-    key = wm.generate_key(base, wm.WM1, seed=0)
+    key = wm.generate_key(base, wm.WM1, experiment_seed=0)  # reproducible figures; never for a real key
     marked = wm.embed(copy.deepcopy(base), key, split.x_train, split.y_train, epochs=EMBED_EPOCHS)
     return key, marked
 
 
 @pytest.fixture(scope="module")
 def wm2(split, base):
-    key = wm.generate_key(base, wm.WM2, seed=1)
+    key = wm.generate_key(base, wm.WM2, experiment_seed=1)
     marked = wm.embed(copy.deepcopy(base), key, split.x_train, split.y_train, epochs=EMBED_EPOCHS)
     return key, marked
 
@@ -88,6 +90,15 @@ def test_watermark_survives_fine_tuning(split, wm1):
 
 
 @pytest.mark.slow
+def test_two_secret_keys_differ_and_both_verify(split, base):
+    keys = [wm.generate_key(base, wm.WM1) for _ in range(2)]
+    assert keys[0].positions != keys[1].positions
+    for key in keys:
+        marked = wm.embed(copy.deepcopy(base), key, split.x_train, split.y_train, epochs=EMBED_EPOCHS)
+        assert wm.verify(marked, key).success
+
+
+@pytest.mark.slow
 def test_wm2_survives_pruning_80_percent(split, wm2):
     key, marked = wm2
     assert wm.verify(marked, key).success
@@ -100,18 +111,33 @@ def test_wm2_survives_pruning_80_percent(split, wm2):
 # --- key generation, extraction rules ---------------------------------------------------
 
 
-def test_generate_key_uses_largest_filter_and_weight_range():
+def test_generate_key_draws_a_large_filter_and_maps_the_weight_range():
     torch.manual_seed(0)
     model = LeNet5()
     weight = model.conv2.weight.detach()
-    key = wm.generate_key(model, wm.WM2, seed=7)
-    assert key.filter == int(weight.flatten(1).norm(dim=1).argmax())
+    key = wm.generate_key(model, wm.WM2, experiment_seed=7)
+    upper_half = sorted(weight.flatten(1).norm(dim=1).argsort(descending=True)[:8].tolist())
+    assert wm.candidate_filters(weight) == upper_half and key.filter in upper_half
     lo, hi = float(weight.abs().median()), float(weight.abs().max())
     assert key.a * lo + key.b == pytest.approx(0.0, abs=1e-9)
     assert key.a * hi + key.b == pytest.approx(9.0)
     assert len(set(key.positions)) == 13 and all(0 <= p < 150 for p in key.positions)
-    assert key == wm.generate_key(model, wm.WM2, seed=7)
-    assert key.positions != wm.generate_key(model, wm.WM2, seed=8).positions
+    pairs = list(zip(key.digits, weight[key.filter].reshape(-1)[list(key.positions)].tolist()))
+    assert all(v1 < v2 for d1, v1 in pairs for d2, v2 in pairs if d1 < d2)  # larger digits on larger weights
+
+
+def test_key_comes_from_os_entropy_unless_an_experiment_seed_is_given():
+    torch.manual_seed(0)
+    model = LeNet5()
+    keys = []
+    for _ in range(20):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)  # no seed an attacker can guess fixes the key
+        keys.append(wm.generate_key(model, wm.WM1))
+    assert len({k.positions for k in keys}) == 20
+    assert len({k.filter for k in keys}) > 1  # the filter is secret too (8 candidates here)
+    again = wm.generate_key(model, wm.WM1, experiment_seed=3)
+    assert again == wm.generate_key(model, wm.WM1, experiment_seed=3)
+    assert again.positions != wm.generate_key(model, wm.WM1, experiment_seed=4).positions
 
 
 def test_extract_reads_mapped_weights_without_clamping(small_key):
