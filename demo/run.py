@@ -43,7 +43,7 @@ from activeguard.protection import Profile, encode_license_header
 from activeguard_proto.v1.gateway_pb2 import PredictRequest
 from activeguard_proto.v1.gateway_pb2_grpc import GatewayStub
 from gateway.client import GatewayClient
-from gateway.demo_report import write_report
+from demo.report import write_report
 from gateway.process import GatewayProcess
 from gateway.tensors import to_tensor
 from handlers.packaging import package
