@@ -7,69 +7,28 @@ Every command that produces figures accepts ``--json`` for automation.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
-EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
-PASSPHRASE_ENV = "ACTIVEGUARD_WM_PASSPHRASE"
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], str]) -> None:
-    print(json.dumps(payload, indent=2) if args.json else human())
-
-
-def _progress(args: argparse.Namespace) -> bool:
-    """Progress bars only for a person watching a terminal, never in JSON or piped output."""
-    return not args.json and sys.stderr.isatty()
-
-
-def _parse_users(text: str, total: int) -> list[int]:
-    """'all', '3', '0-9' or '1,4,7-9' → user indices."""
-    if text == "all":
-        return list(range(total))
-    users: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            users.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UsageError(f"--users {text!r}: use 'all', a number, a range like 0-9, or a comma list") from None
-    return users
-
-
-def _parse_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def _parse_digits(text: str) -> list[int]:
-    if not text.isdigit():
-        raise UsageError(f"--digits {text!r}: give the watermark as a string of digits 0-9, e.g. 1234567890210")
-    return [int(ch) for ch in text]
-
-
-def _passphrase(args: argparse.Namespace, confirm: bool = False) -> str:
-    """From --passphrase-file, the environment, or a prompt; never from the command line (ps shows it)."""
-    if args.passphrase_file:
-        return Path(args.passphrase_file).read_text().rstrip("\n")
-    if os.environ.get(args.passphrase_env):
-        return os.environ[args.passphrase_env]
-    if sys.stdin.isatty():
-        first = getpass.getpass("watermark key passphrase: ")
-        if confirm and getpass.getpass("repeat passphrase: ") != first:
-            raise UsageError("the passphrases differ")
-        return first
-    raise UsageError(f"no passphrase: set ${args.passphrase_env} or pass --passphrase-file")
+from activeguard.cli_support import (
+    EVALUATION_SUITES,
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    EXIT_USAGE,
+    PASSPHRASE_ENV,
+    UsageError,
+    add_common,
+    add_evaluation_suite,
+    add_passphrase,
+    emit,
+    parse_digits,
+    parse_floats,
+    parse_users,
+    progress_enabled,
+    read_passphrase,
+)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -79,11 +38,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = load_dataset(args.dataset, seed=args.seed)
     if split.task != "classification":
         raise UsageError(f"train builds a LeNet-5 classifier; {args.dataset} is a {split.task} dataset")
-    model = train_lenet5(split, epochs=args.epochs, seed=args.seed, progress=_progress(args))
+    model = train_lenet5(split, epochs=args.epochs, seed=args.seed, progress=progress_enabled(args))
     acc = accuracy(model, split.x_test, split.y_test)
     mid = save_model(model, args.out, {"dataset": args.dataset, "seed": args.seed, "epochs": args.epochs})
     payload = {"model": str(args.out), "model_id": mid, "dataset": args.dataset, "test_accuracy": acc}
-    _emit(args, payload, lambda: f"saved {args.out}\n  model id {mid}\n  test accuracy {acc:.2%}")
+    emit(args, payload, lambda: f"saved {args.out}\n  model id {mid}\n  test accuracy {acc:.2%}")
     return EXIT_OK
 
 
@@ -98,13 +57,25 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     num_classes = model.config["num_classes"]
-    config = ControlConfig(num_classes=num_classes, confidences=_parse_floats(args.confidences), epsilon=args.epsilon)
-    users = _parse_users(args.users, config.num_users)
+    config = ControlConfig(num_classes=num_classes, confidences=parse_floats(args.confidences), epsilon=args.epsilon)
+    users = parse_users(args.users, config.num_users)
     count = len(users) * args.per_user
-    seeds = None if args.seeds == "noise" else seed_images(load_dataset(args.seeds, seed=args.seed).x_test, count, args.seed)
-    fps = generate_fingerprints(model, config, users, seeds, per_user=args.per_user,
-                                input_shape=input_shape(model),
-                                encoding=args.encoding, seed=args.seed, progress=_progress(args))
+    seeds = (
+        None
+        if args.seeds == "noise"
+        else seed_images(load_dataset(args.seeds, seed=args.seed).x_test, count, args.seed)
+    )
+    fps = generate_fingerprints(
+        model,
+        config,
+        users,
+        seeds,
+        per_user=args.per_user,
+        input_shape=input_shape(model),
+        encoding=args.encoding,
+        seed=args.seed,
+        progress=progress_enabled(args),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -113,14 +84,33 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
         name = f"user-{user:03d}-{row % args.per_user:02d}.npy"
         if fps.success[row]:
             np.save(out / name, fps.inputs[row].numpy())
-        entries.append({"user": user, "class": target, "confidence": confidence, "ok": bool(fps.success[row]),
-                        "measured": float(fps.confidence[row]), "file": name if fps.success[row] else None})
-    manifest = {"model_id": model_id(model), "encoding": args.encoding, "epsilon": args.epsilon,
-                "confidences": list(config.confidences), "fingerprints": entries}
+        entries.append(
+            {
+                "user": user,
+                "class": target,
+                "confidence": confidence,
+                "ok": bool(fps.success[row]),
+                "measured": float(fps.confidence[row]),
+                "file": name if fps.success[row] else None,
+            }
+        )
+    manifest = {
+        "model_id": model_id(model),
+        "encoding": args.encoding,
+        "epsilon": args.epsilon,
+        "confidences": list(config.confidences),
+        "fingerprints": entries,
+    }
     (out / "fingerprints.json").write_text(json.dumps(manifest, indent=2))
     failed = sum(not e["ok"] for e in entries)
-    _emit(args, manifest, lambda: f"wrote {len(entries) - failed} fingerprints to {out}"
-          + (f" ({failed} failed the re-check and were not written)" if failed else ""))
+    emit(
+        args,
+        manifest,
+        lambda: (
+            f"wrote {len(entries) - failed} fingerprints to {out}"
+            + (f" ({failed} failed the re-check and were not written)" if failed else "")
+        ),
+    )
     return EXIT_NEGATIVE if failed else EXIT_OK
 
 
@@ -131,26 +121,47 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     split = load_dataset(args.dataset, seed=args.seed)
-    passphrase = _passphrase(args, confirm=True)
+    passphrase = read_passphrase(args, confirm=True)
     if args.experiment_seed is not None:
-        print("warning: --experiment-seed makes the watermark key guessable; use it only for experiments",
-              file=sys.stderr)
-    key = wm.generate_key(model, _parse_digits(args.digits), layer=args.layer, experiment_seed=args.experiment_seed)
+        print(
+            "warning: --experiment-seed makes the watermark key guessable; use it only for experiments", file=sys.stderr
+        )
+    key = wm.generate_key(model, parse_digits(args.digits), layer=args.layer, experiment_seed=args.experiment_seed)
     before = accuracy(model, split.x_test, split.y_test)
-    marked = wm.embed(model, key, split.x_train, split.y_train, epochs=args.epochs, lam=args.lam,
-                      seed=args.seed, progress=_progress(args))
+    marked = wm.embed(
+        model,
+        key,
+        split.x_train,
+        split.y_train,
+        epochs=args.epochs,
+        lam=args.lam,
+        seed=args.seed,
+        progress=progress_enabled(args),
+    )
     result = wm.verify(marked, key)
     after = accuracy(marked, split.x_test, split.y_test)
     mid = save_model(marked, args.out, {"watermarked": True})
     wm.save_key(key, args.key_out, passphrase)
-    payload = {"model": str(args.out), "model_id": mid, "key": str(args.key_out), "verified": result.success,
-               "digits_matched": result.matched, "digits": result.total,
-               "accuracy_before": before, "accuracy_after": after,
-               "key_source": "os-entropy" if args.experiment_seed is None else "experiment-seed"}
-    _emit(args, payload, lambda: (
-        f"embedded {result.total} digits in {args.layer}: extracted {result.matched}/{result.total}\n"
-        f"  test accuracy {before:.2%} -> {after:.2%}\n  model {args.out} (id {mid})\n"
-        f"  encrypted key {args.key_out} (mode 0600)"))
+    payload = {
+        "model": str(args.out),
+        "model_id": mid,
+        "key": str(args.key_out),
+        "verified": result.success,
+        "digits_matched": result.matched,
+        "digits": result.total,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "key_source": "os-entropy" if args.experiment_seed is None else "experiment-seed",
+    }
+    emit(
+        args,
+        payload,
+        lambda: (
+            f"embedded {result.total} digits in {args.layer}: extracted {result.matched}/{result.total}\n"
+            f"  test accuracy {before:.2%} -> {after:.2%}\n  model {args.out} (id {mid})\n"
+            f"  encrypted key {args.key_out} (mode 0600)"
+        ),
+    )
     return EXIT_OK if result.success else EXIT_NEGATIVE
 
 
@@ -158,13 +169,24 @@ def cmd_watermark_verify(args: argparse.Namespace) -> int:
     from activeguard import watermark as wm
     from activeguard.models import load_model
 
-    key = wm.load_key(args.key, _passphrase(args))
+    key = wm.load_key(args.key, read_passphrase(args))
     result = wm.verify(load_model(args.model), key)
-    payload = {"model": str(args.model), "verified": result.success, "digits_matched": result.matched,
-               "digits": result.total, "chance_probability": result.chance_probability}
+    payload = {
+        "model": str(args.model),
+        "verified": result.success,
+        "digits_matched": result.matched,
+        "digits": result.total,
+        "chance_probability": result.chance_probability,
+    }
     verdict = "OWNERSHIP VERIFIED" if result.success else "not verified"
-    _emit(args, payload, lambda: f"{verdict}: {result.matched}/{result.total} digits match "
-          f"(an unmarked model matches that many with probability {result.chance_probability:.2g})")
+    emit(
+        args,
+        payload,
+        lambda: (
+            f"{verdict}: {result.matched}/{result.total} digits match "
+            f"(an unmarked model matches that many with probability {result.chance_probability:.2g})"
+        ),
+    )
     return EXIT_OK if result.success else EXIT_NEGATIVE
 
 
@@ -175,8 +197,14 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
     log = (lambda _msg: None) if args.json else print
     if not args.json:
         print(f"{title} (report directory: {out})")
-    report = pipeline.run(out, quick=args.quick, seed=args.seed, log=log, progress=_progress(args),
-                          passphrase=os.environ.get(PASSPHRASE_ENV))
+    report = pipeline.run(
+        out,
+        quick=args.quick,
+        seed=args.seed,
+        log=log,
+        progress=progress_enabled(args),
+        passphrase=os.environ.get(PASSPHRASE_ENV),
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -188,30 +216,11 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = f"reports/evaluate-{args.suite}"
-    if args.suite == "audit":
-        from activeguard.audit.evaluate import run_audit_evaluation
+    return EVALUATION_SUITES[args.suite].run(args)
 
-        out = args.out
-        result = run_audit_evaluation(out, quick=args.quick, seed=args.seed, progress=_progress(args))
-        if args.json:
-            print(json.dumps(result, indent=2, default=float))
-        else:
-            print(Path(out, "audit.md").read_text())
-        return 0
+
+def _evaluate_core(args: argparse.Namespace) -> int:
     return _run_core(args, "ActiveGuard core evaluation (Tables 1-4 and Figure 2 analogs)")
-
-
-def _add_common(p: argparse.ArgumentParser, seed: bool = True,
-                seed_help: str = "random seed for data split and optimization (default 0)") -> None:
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
-    if seed:
-        p.add_argument("--seed", type=int, default=0, help=seed_help)
-
-
-def _add_passphrase(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--passphrase-env", default=PASSPHRASE_ENV, metavar="VAR",
-                   help=f"environment variable holding the key passphrase (default {PASSPHRASE_ENV})")
-    p.add_argument("--passphrase-file", metavar="PATH", help="read the key passphrase from this file instead")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,33 +232,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("evaluate", help="paper-shaped evaluation tables")
-    p.add_argument("suite", choices=["core", "audit"],
-                   help="core: ActiveGuard Tables 1-4 and Figure 2 analogs; audit: IPGuard/CEM/TAFA tables")
-    p.add_argument("--quick", action="store_true",
-                   help="a smaller run for a first look or CI (core: 5 instead of 20 fingerprints per user; "
-                        "audit: a smaller zoo, 50 points)")
+    add_evaluation_suite("core", "ActiveGuard Tables 1-4 and Figure 2 analogs", _evaluate_core)
+    suite = p.add_argument("suite", choices=EVALUATION_SUITES)  # the dict: plugins registered below count too
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run for a first look or CI (core: 5 instead of 20 fingerprints per user; "
+        "audit: a smaller zoo, 50 points)",
+    )
     p.add_argument("--out", default=None, help="report directory (default reports/evaluate-SUITE)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train the reference LeNet-5 and save a weights-only checkpoint")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "digits8x8"])
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--out", required=True, type=Path, help="checkpoint path to write (.pt)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("fingerprint", help="generate users' fingerprints (C&W examples with fixed class and confidence)")
+    p = sub.add_parser(
+        "fingerprint", help="generate users' fingerprints (C&W examples with fixed class and confidence)"
+    )
     p.add_argument("--model", required=True, type=Path, help="checkpoint written by 'activeguard train'")
     p.add_argument("--users", default="all", help="'all', '7', '0-9' or '1,4,7-9' (user = class*T + j)")
     p.add_argument("--per-user", type=int, default=1, help="fingerprints per user (default 1)")
     p.add_argument("--confidences", default="0.2,0.3,0.4", help="the confidence set C_fp (default 0.2,0.3,0.4)")
     p.add_argument("--epsilon", type=float, default=0.01, help="tolerance of the control layer (default 0.01)")
-    p.add_argument("--encoding", default="float32", choices=["float32", "uint8"],
-                   help="the exact encoding clients will send; uint8 quantizes pixels to 8 bits")
+    p.add_argument(
+        "--encoding",
+        default="float32",
+        choices=["float32", "uint8"],
+        help="the exact encoding clients will send; uint8 quantizes pixels to 8 bits",
+    )
     p.add_argument("--seeds", default="mnist", help="dataset whose test images seed the search, or 'noise'")
     p.add_argument("--out", required=True, help="directory for .npy fingerprints and fingerprints.json")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=cmd_fingerprint)
 
     wm_parser = sub.add_parser("watermark", help="embed or verify a digit watermark in conv weights")
@@ -259,29 +277,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits", default="1234567890210", help="the watermark, digits 0-9 (default: the paper's wm1)")
     p.add_argument("--layer", default="conv2.weight", help="conv weight to carry the watermark")
     p.add_argument("--dataset", default="mnist", help="training data for the fine-tuning")
-    p.add_argument("--epochs", type=int, default=15,
-                   help="fine-tuning epochs (default 15: with lambda=0.01 fewer may leave a digit unextracted)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=15,
+        help="fine-tuning epochs (default 15: with lambda=0.01 fewer may leave a digit unextracted)",
+    )
     p.add_argument("--lam", type=float, default=0.01, help="regularizer weight lambda (default 0.01, as the paper)")
     p.add_argument("--out", required=True, type=Path, help="watermarked checkpoint to write")
     p.add_argument("--key-out", required=True, type=Path, help="encrypted key file to write (mode 0600)")
-    p.add_argument("--experiment-seed", type=int, default=None, metavar="N",
-                   help="derive the key's secret filter and positions from N instead of OS entropy, for "
-                        "reproducible experiments only: it makes the key guessable, and anyone who guesses it "
-                        "can overwrite the watermark (default: a fresh secret key)")
-    _add_passphrase(p)
-    _add_common(p, seed_help="random seed for the data split and the fine-tuning (default 0); "
-                             "it does not choose the key (see --experiment-seed)")
+    p.add_argument(
+        "--experiment-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="derive the key's secret filter and positions from N instead of OS entropy, for "
+        "reproducible experiments only: it makes the key guessable, and anyone who guesses it "
+        "can overwrite the watermark (default: a fresh secret key)",
+    )
+    add_passphrase(p)
+    add_common(
+        p,
+        seed_help="random seed for the data split and the fine-tuning (default 0); "
+        "it does not choose the key (see --experiment-seed)",
+    )
     p.set_defaults(func=cmd_watermark_embed)
     p = wm_sub.add_parser("verify", help="extract the watermark from a suspect model (exit 0 = verified)")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--key", required=True, type=Path)
-    _add_passphrase(p)
-    _add_common(p, seed=False)
+    add_passphrase(p)
+    add_common(p, seed=False)
     p.set_defaults(func=cmd_watermark_verify)
-    from activeguard.audit.cli import register as register_audit
-
-    register_audit(sub)
     _register_plugins(sub)
+    # plugins may have added suites: the help lists what this installation offers
+    suite.help = "; ".join(f"{name}: {s.help}" for name, s in EVALUATION_SUITES.items())
     return parser
 
 

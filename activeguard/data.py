@@ -50,9 +50,7 @@ def _split(name: str, task: str, x: np.ndarray, y: np.ndarray, seed: int, test_f
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     stratify = y if task == "classification" else None
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=stratify)
     y_dtype = torch.int64 if task == "classification" else torch.float32
     return Split(
         name,

@@ -51,16 +51,23 @@ def seed_images(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
 
 
 def authentication_table(
-    model: nn.Module, config: ControlConfig, x_seed: torch.Tensor, *, per_user: int = 20, seed: int = 0,
-    encoding: str = "float32", progress: bool = False,
+    model: nn.Module,
+    config: ControlConfig,
+    x_seed: torch.Tensor,
+    *,
+    per_user: int = 20,
+    seed: int = 0,
+    encoding: str = "float32",
+    progress: bool = False,
 ) -> tuple[AuthenticationTable, FingerprintSet]:
     """Generate ``per_user`` fingerprints for every user in one batch, then submit them all
     to the model in a fresh pass and count who gets in as whom."""
     users = list(range(config.num_users))
     seeds = seed_images(x_seed, len(users) * per_user, seed)
     start = time.perf_counter()
-    fps = generate_fingerprints(model, config, users, seeds, per_user=per_user, encoding=encoding, seed=seed,
-                                progress=progress)
+    fps = generate_fingerprints(
+        model, config, users, seeds, per_user=per_user, encoding=encoding, seed=seed, progress=progress
+    )
     elapsed = time.perf_counter() - start
     admitted, who = authenticate(model, fps.inputs, config)
     own = admitted & (who == fps.users)

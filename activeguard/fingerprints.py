@@ -17,8 +17,8 @@ as valid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -48,9 +48,7 @@ class FingerprintSet:
         return self.inputs[(self.users == user) & self.success]
 
     def success_rate_by_user(self) -> dict[int, float]:
-        return {
-            int(u): float(self.success[self.users == u].float().mean()) for u in torch.unique(self.users)
-        }
+        return {int(u): float(self.success[self.users == u].float().mean()) for u in torch.unique(self.users)}
 
 
 def encode(x: torch.Tensor, encoding: str) -> torch.Tensor:
@@ -211,7 +209,9 @@ def generate_fingerprints(
         p.requires_grad_(False)
     try:
         torch.manual_seed(seed)
-        opts = dict(tolerance=config.epsilon / 2, alpha=alpha, max_steps=max_steps, encoding=encoding, progress=progress)
+        opts = dict(
+            tolerance=config.epsilon / 2, alpha=alpha, max_steps=max_steps, encoding=encoding, progress=progress
+        )
         x, _, steps = _optimize(model, x0, x0, targets, confs, lr=lr, **opts)
         ok, p_t = _recheck(model, x, users_t, targets, config)
         if not ok.all():  # re-optimize the failures once, gently, from where they stopped
@@ -240,7 +240,9 @@ def _recheck(
 
 
 @torch.no_grad()
-def authenticate(model: nn.Module, fingerprints: torch.Tensor, config: ControlConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def authenticate(
+    model: nn.Module, fingerprints: torch.Tensor, config: ControlConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run fingerprints through ``model`` and return (authorized, user) per row."""
     decision = decide(torch.softmax(model(fingerprints), dim=1), config)
     return decision.authorized, decision.user

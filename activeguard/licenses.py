@@ -250,7 +250,7 @@ class LicensePayload:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     @classmethod
-    def decode(cls, data: bytes) -> "LicensePayload":
+    def decode(cls, data: bytes) -> LicensePayload:
         try:
             doc = json.loads(bytes(data).decode("ascii"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -380,7 +380,7 @@ class SignedLicense:
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_text(cls, text: str | bytes) -> "SignedLicense":
+    def from_text(cls, text: str | bytes) -> SignedLicense:
         try:
             doc = json.loads(text)
             if not isinstance(doc, dict) or doc.get("format") != LICENSE_FORMAT:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -251,8 +252,15 @@ def train_regressor(split, *, epochs: int = 200, seed: int = 0, progress: bool =
     torch.manual_seed(seed)
     model = MLPRegressor(in_features=split.input_shape[0])
     return train(
-        model, split.x_train, split.y_train, loss="mse", epochs=epochs, batch_size=32, seed=seed,
-        progress=progress, desc="MLP regressor",
+        model,
+        split.x_train,
+        split.y_train,
+        loss="mse",
+        epochs=epochs,
+        batch_size=32,
+        seed=seed,
+        progress=progress,
+        desc="MLP regressor",
     )
 
 
@@ -265,6 +273,15 @@ def train_generator(
     encoder = _relu_stack([flat.shape[1], 256, latent_dim])
     generator = FCGenerator(latent_dim=latent_dim, out_features=flat.shape[1])
     autoencoder = nn.Sequential(encoder, generator)
-    train(autoencoder, flat, flat, loss="mse", epochs=epochs, batch_size=128, seed=seed, progress=progress,
-          desc="generator")
+    train(
+        autoencoder,
+        flat,
+        flat,
+        loss="mse",
+        epochs=epochs,
+        batch_size=128,
+        seed=seed,
+        progress=progress,
+        desc="generator",
+    )
     return generator.eval()

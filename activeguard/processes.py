@@ -40,7 +40,9 @@ def wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, what: str, t
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"not ready in {timeout:.0f} s"
+            state = (
+                f"exited with code {proc.returncode}" if proc.poll() is not None else f"not ready in {timeout:.0f} s"
+            )
             terminate(proc)
             raise RuntimeError(f"{what} {state}; last log lines:\n{log_path.read_text(errors='replace')[-2000:]}")
         time.sleep(0.1)
@@ -50,17 +52,30 @@ def wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, what: str, t
 class ReadyFileProcess:
     """Start ``cmd + [--ready-file F]``, log to ``workdir/log_name`` and wait for F; ``stop`` ends only this pid."""
 
-    def __init__(self, cmd: list[str], workdir: Path, what: str, *, log_name: str, timeout: float = 90,
-                 env: dict[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        cmd: list[str],
+        workdir: Path,
+        what: str,
+        *,
+        log_name: str,
+        timeout: float = 90,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.what = what
         self.ready = self.workdir / f"ready-{uuid.uuid4().hex}.json"
         self.log_path = self.workdir / log_name
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*cmd, "--ready-file", str(self.ready)], cwd=cwd,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*cmd, "--ready-file", str(self.ready)],
+            cwd=cwd,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             self.info = wait_ready(self.proc, self.ready, self.log_path, what, timeout)
         except BaseException:

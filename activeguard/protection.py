@@ -59,8 +59,19 @@ BAD_SESSION = sessions.SessionError.reason
 EXPIRED_SESSION = sessions.ExpiredSession.reason
 
 ADMITTED_REASONS = (AUTHORIZED, PAPER_AUTHORIZED, SESSION_AUTHORIZED)
-REFUSED_REASONS = (NO_CREDENTIALS, BAD_SIGNATURE, MALFORMED_LICENSE, EXPIRED, REVOKED, WRONG_MODEL, FO_MISMATCH,
-                   MALFORMED_INPUT, INTERNAL_ERROR, BAD_SESSION, EXPIRED_SESSION)
+REFUSED_REASONS = (
+    NO_CREDENTIALS,
+    BAD_SIGNATURE,
+    MALFORMED_LICENSE,
+    EXPIRED,
+    REVOKED,
+    WRONG_MODEL,
+    FO_MISMATCH,
+    MALFORMED_INPUT,
+    INTERNAL_ERROR,
+    BAD_SESSION,
+    EXPIRED_SESSION,
+)
 
 # The body key under which a gateway-attested request gets the decision explained.
 EXPLANATION = "activeguard"
@@ -91,25 +102,29 @@ class Profile:
     max_body_bytes: int = 4 * 1024 * 1024
     max_rows: int = 256
 
+    def validated(self) -> Profile:
+        """This profile, once its control settings (K, C_fp, ε, policy) are known to be usable."""
+        _ = self.control  # building the ControlConfig raises ValueError on bad settings
+        return self
+
     @property
     def control(self) -> ControlConfig:
         return ControlConfig(self.num_classes, self.confidences, self.epsilon, self.policy)
 
     def to_json(self) -> str:
-        doc = dict(self.__dict__, format=PROFILE_FORMAT, input_shape=list(self.input_shape),
-                   confidences=list(self.confidences))
+        doc = dict(
+            self.__dict__, format=PROFILE_FORMAT, input_shape=list(self.input_shape), confidences=list(self.confidences)
+        )
         return json.dumps(doc, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Profile":
+    def from_json(cls, text: str) -> Profile:
         doc = json.loads(text)
         if doc.pop("format", None) != PROFILE_FORMAT:
             raise ValueError(f"not an {PROFILE_FORMAT} document")
         doc["input_shape"] = tuple(doc["input_shape"])
         doc["confidences"] = tuple(doc["confidences"])
-        profile = cls(**doc)
-        profile.control  # validates K, C_fp, ε and the policy
-        return profile
+        return cls(**doc).validated()
 
 
 @dataclass
@@ -196,10 +211,14 @@ class Guard:
         self.profile = profile
         self.config = profile.control
         self.license_keys = {
-            kid: licenses.public_key_from_pem(pem, f"license key {kid}") for kid, pem in profile.license_public_keys.items()
+            kid: licenses.public_key_from_pem(pem, f"license key {kid}")
+            for kid, pem in profile.license_public_keys.items()
         }
-        self.gateway_key = (licenses.public_key_from_pem(profile.gateway_public_key, "gateway key")
-                            if profile.gateway_public_key else None)
+        self.gateway_key = (
+            licenses.public_key_from_pem(profile.gateway_public_key, "gateway key")
+            if profile.gateway_public_key
+            else None
+        )
         self._revoked: frozenset[str] = frozenset()
         self._revocation_mtime: float | None = None
         self._generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -230,12 +249,12 @@ class Guard:
             if len(body) > self.profile.max_body_bytes:
                 raise InputError(f"body of {len(body)} bytes exceeds the limit of {self.profile.max_body_bytes}")
             if len(body) == 0:
-                raise InputError("empty body: send JSON {\"inputs\": [...]} or .npy bytes")
+                raise InputError('empty body: send JSON {"inputs": [...]} or .npy bytes')
             if body[:6] == b"\x93NUMPY":
                 return self._npy(body), {}
             body = _json(body)
         if not isinstance(body, dict) or "inputs" not in body:
-            raise InputError("JSON body must be an object with an \"inputs\" field")
+            raise InputError('JSON body must be an object with an "inputs" field')
         return self._as_tensor(body["inputs"]), {k: body[k] for k in ("fingerprint", "license") if k in body}
 
     def _npy(self, body: bytes) -> torch.Tensor:
@@ -244,8 +263,10 @@ class Guard:
         stream = io.BytesIO(body)
         try:
             version = np.lib.format.read_magic(stream)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
             if read_header is None:
                 raise InputError(f".npy format version {version} is not supported; use 1.0 or 2.0")
             shape, fortran_order, dtype = read_header(stream)
@@ -257,7 +278,7 @@ class Guard:
             raise InputError(f".npy dtype {dtype} is not numeric; send float32")
         self._check_shape(tuple(shape))
         count = math.prod(shape)
-        data = body[stream.tell():]
+        data = body[stream.tell() :]
         if len(data) != count * dtype.itemsize:
             raise InputError(f".npy data has {len(data)} bytes; its header declares {count * dtype.itemsize}")
         array = np.frombuffer(data, dtype=dtype, count=count).astype(np.float32)  # a writable copy
@@ -289,8 +310,7 @@ class Guard:
 
     def _license(self, raw: Any, revoked: frozenset[str]) -> licenses.LicensePayload:
         signed = licenses.SignedLicense.from_text(decode_license_header(raw))
-        payload = licenses.verify_license(signed, self.license_keys, model_id=self.profile.model_id,
-                                          revoked=revoked)
+        payload = licenses.verify_license(signed, self.license_keys, model_id=self.profile.model_id, revoked=revoked)
         if math.prod(payload.fingerprint_shape) != math.prod(self.profile.input_shape):
             raise licenses.MalformedLicense("license fingerprint does not fit this model's input shape")
         return payload
@@ -332,7 +352,7 @@ class Guard:
                 logger.info("refused request %d: %s", i, outcome.reason)
         return [batch.outcomes[i] for i in range(len(requests))]
 
-    def _admit_request(self, i: int, request: Request, batch: "_Batch") -> None:
+    def _admit_request(self, i: int, request: Request, batch: _Batch) -> None:
         """Parse one request and check its credentials; the result lands in ``batch``."""
         attested = self._gateway_claims(request.explain) or self._gateway_claims(request.session)
         if attested is not None:
@@ -347,8 +367,11 @@ class Guard:
         try:
             if _present(request.session) and self.gateway_key is not None:
                 batch.sessions[i] = sessions.verify_session(
-                    _session_token(request.session), self.gateway_key,
-                    model_id=self.profile.model_id, revoked=batch.revoked)
+                    _session_token(request.session),
+                    self.gateway_key,
+                    model_id=self.profile.model_id,
+                    revoked=batch.revoked,
+                )
             elif _present(request.license) or "license" in extras:
                 payload = self._license(license_raw, batch.revoked)
                 batch.checks[i] = (self._fingerprint(payload), payload.user_index, payload.user)
@@ -394,7 +417,7 @@ class Guard:
             start += len(x)
         return result
 
-    def _decide(self, i: int, probs: dict, batch: "_Batch") -> Outcome:
+    def _decide(self, i: int, probs: dict, batch: _Batch) -> Outcome:
         explain = batch.explain.get(i)
         if i in batch.sessions:
             claims = batch.sessions[i]

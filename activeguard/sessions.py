@@ -67,20 +67,38 @@ def _unb64(text: str) -> bytes:
 
 
 def issue_session(
-    key: Ed25519PrivateKey, *, user: str, user_index: int, license_id: str, model_id: str, ttl_seconds: float,
-    now: float | None = None, purpose: str = SESSION,
+    key: Ed25519PrivateKey,
+    *,
+    user: str,
+    user_index: int,
+    license_id: str,
+    model_id: str,
+    ttl_seconds: float,
+    now: float | None = None,
+    purpose: str = SESSION,
 ) -> tuple[str, SessionClaims]:
-    claims = SessionClaims(uuid.uuid4().hex, user, int(user_index), license_id, model_id,
-                           (time.time() if now is None else now) + ttl_seconds, purpose)
+    claims = SessionClaims(
+        uuid.uuid4().hex,
+        user,
+        int(user_index),
+        license_id,
+        model_id,
+        (time.time() if now is None else now) + ttl_seconds,
+        purpose,
+    )
     body = json.dumps(asdict(claims), sort_keys=True, separators=(",", ":")).encode()
     return f"{PREFIX}.{_b64(body)}.{_b64(key.sign(DOMAIN + body))}", claims
 
 
 def _well_typed(claims: SessionClaims) -> bool:
     texts = (claims.session_id, claims.user, claims.license_id, claims.model_id)
-    return (all(isinstance(t, str) for t in texts) and type(claims.user_index) is int
-            and isinstance(claims.expires_at, (int, float)) and not isinstance(claims.expires_at, bool)
-            and claims.purpose in (SESSION, EXPLAIN))
+    return (
+        all(isinstance(t, str) for t in texts)
+        and type(claims.user_index) is int
+        and isinstance(claims.expires_at, (int, float))
+        and not isinstance(claims.expires_at, bool)
+        and claims.purpose in (SESSION, EXPLAIN)
+    )
 
 
 def signed_claims(token: str, key: Ed25519PublicKey) -> SessionClaims:
@@ -108,8 +126,13 @@ def signed_claims(token: str, key: Ed25519PublicKey) -> SessionClaims:
 
 
 def verify_session(
-    token: str, key: Ed25519PublicKey, *, model_id: str | None = None, revoked: Container[str] = (),
-    now: float | None = None, purpose: str = SESSION,
+    token: str,
+    key: Ed25519PublicKey,
+    *,
+    model_id: str | None = None,
+    revoked: Container[str] = (),
+    now: float | None = None,
+    purpose: str = SESSION,
 ) -> SessionClaims:
     """Return the claims or raise the :class:`SessionError` that says why not."""
     claims = signed_claims(token, key)

@@ -30,9 +30,10 @@ import math
 import os
 import random
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class WatermarkKey:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WatermarkKey":
+    def from_dict(cls, data: dict[str, Any]) -> WatermarkKey:
         fields = ("layer", "filter", "positions", "a", "b", "digits")
         if not isinstance(data, dict) or set(data) != set(fields):
             raise ValueError(f"a watermark key needs exactly the fields {', '.join(fields)}")
@@ -163,8 +164,7 @@ def _target_weights(model: nn.Module, key: WatermarkKey) -> torch.Tensor:
     size = int(np.prod(weight.shape[1:]))
     if key.filter >= weight.shape[0] or max(key.positions) >= size:
         raise ValueError(
-            f"{key.layer!r} has shape {tuple(weight.shape)}, which does not fit the key "
-            "(different architecture?)"
+            f"{key.layer!r} has shape {tuple(weight.shape)}, which does not fit the key (different architecture?)"
         )
     index = torch.tensor(key.positions, dtype=torch.long, device=weight.device)
     return weight[key.filter].reshape(-1)[index]
@@ -265,8 +265,15 @@ def embed(
     """
     _target_weights(model, key)  # fail early on a model the key does not fit
     return train(
-        model, x, y, epochs=epochs, lr=lr, seed=seed, regularizer=regularizer(key, lam),
-        progress=progress, desc="watermark",
+        model,
+        x,
+        y,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        regularizer=regularizer(key, lam),
+        progress=progress,
+        desc="watermark",
     )
 
 

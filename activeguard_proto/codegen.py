@@ -48,16 +48,24 @@ def generate(out_root: Path = PACKAGE_DIR) -> list[Path]:
         if not protos:
             raise SystemExit(f"no .proto files in {PROTO_ROOT / folder}")
         with tempfile.TemporaryDirectory() as tmp:
-            args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", *[f"-I{d}" for d in _include_dirs()],
-                    f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}",
-                    *[str(p.relative_to(PROTO_ROOT)) for p in protos]]
+            args = [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                *[f"-I{d}" for d in _include_dirs()],
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                *[str(p.relative_to(PROTO_ROOT)) for p in protos],
+            ]
             if protoc.main(args) != 0:
                 raise SystemExit("protoc failed (see the messages above)")
             out_dir = out_root / target
             out_dir.mkdir(parents=True, exist_ok=True)
             new_prefix = f"activeguard_proto.{target}"
             for src in sorted((Path(tmp) / folder).iterdir()):
-                text = re.sub(rf"^from {re.escape(prefix)} import", f"from {new_prefix} import", src.read_text(), flags=re.M)
+                text = re.sub(
+                    rf"^from {re.escape(prefix)} import", f"from {new_prefix} import", src.read_text(), flags=re.M
+                )
                 text = re.sub(rf"^import {re.escape(prefix)}\.", f"import {new_prefix}.", text, flags=re.M)
                 dest = out_dir / src.name
                 dest.write_text(_header(folder) + text)
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         diff = stale()
         if diff:
-            print(f"generated code is stale: {', '.join(diff)}; run python -m activeguard_proto.codegen", file=sys.stderr)
+            print(
+                f"generated code is stale: {', '.join(diff)}; run python -m activeguard_proto.codegen", file=sys.stderr
+            )
             return 1
         print("generated code is current")
         return 0

@@ -51,8 +51,9 @@ def main() -> None:
 
     def one_at_a_time():
         return [
-            generate_fingerprints(model, config, [u], seeds[i * args.per_user : (i + 1) * args.per_user],
-                                  per_user=args.per_user)
+            generate_fingerprints(
+                model, config, [u], seeds[i * args.per_user : (i + 1) * args.per_user], per_user=args.per_user
+            )
             for i, u in enumerate(users)
         ]
 

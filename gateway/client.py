@@ -25,10 +25,12 @@ class GatewayClient:
         self.user: str | None = None
 
     def authenticate(self, model: str) -> str:
-        signed = common_pb2.SignedLicense(payload=self.license.payload, signature=self.license.signature,
-                                          key_id=self.license.key_id)
-        reply = self.stub.Authenticate(gateway_pb2.AuthenticateRequest(model=model, license=signed),
-                                       timeout=self.timeout)
+        signed = common_pb2.SignedLicense(
+            payload=self.license.payload, signature=self.license.signature, key_id=self.license.key_id
+        )
+        reply = self.stub.Authenticate(
+            gateway_pb2.AuthenticateRequest(model=model, license=signed), timeout=self.timeout
+        )
         with self._lock:
             self._sessions[model] = (reply.session_token, reply.expires_at)
         self.user = reply.user
@@ -46,7 +48,11 @@ class GatewayClient:
             try:
                 return from_tensor(self.stub.Predict(request, metadata=metadata, timeout=self.timeout).outputs)
             except grpc.RpcError as err:  # an expired session: authenticate again, once
-                if attempt == 0 and err.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in (err.details() or ""):
+                if (
+                    attempt == 0
+                    and err.code() == grpc.StatusCode.UNAUTHENTICATED
+                    and "expired" in (err.details() or "")
+                ):
                     with self._lock:
                         self._sessions.pop(model, None)
                     continue

@@ -14,6 +14,9 @@ from __future__ import annotations
 import grpc
 
 from activeguard import protection as p
+from activeguard_proto.rpc import Refusal
+
+__all__ = ["HANDLER_REASON_CODES", "Refusal", "handler_refusal", "upstream_refusal"]
 
 Code = grpc.StatusCode
 
@@ -32,20 +35,19 @@ HANDLER_REASON_CODES: dict[str, grpc.StatusCode] = {
 }
 
 # TorchServe's codes that mean "this worker or frontend cannot answer now": retried once.
-UPSTREAM_RETRYABLE = frozenset({
-    Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.INTERNAL, Code.UNKNOWN, Code.ABORTED, Code.CANCELLED,
-})
+UPSTREAM_RETRYABLE = frozenset(
+    {
+        Code.UNAVAILABLE,
+        Code.RESOURCE_EXHAUSTED,
+        Code.INTERNAL,
+        Code.UNKNOWN,
+        Code.ABORTED,
+        Code.CANCELLED,
+    }
+)
 # TorchServe's codes that are the request's own fault keep their meaning; every other code is a
 # server-side problem and reaches the client as UNAVAILABLE.
 UPSTREAM_CLIENT_CODES = frozenset({Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE})
-
-
-class Refusal(Exception):
-    """Ends an RPC with ``code`` and a message meant for the client."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def handler_refusal(reason: str, message: str | None = None) -> Refusal:

@@ -12,7 +12,15 @@ class GatewayProcess(ReadyFileProcess):
     """``activeguard gateway --config CONFIG``; logs to ``workdir/gateway.log``."""
 
     def __init__(self, config_path: Path, workdir: Path):
-        cmd = [str(Path(sys.executable).with_name("activeguard")), "gateway", "--config", str(config_path),
-               "--port", "0", "--metrics-port", "0"]
+        cmd = [
+            str(Path(sys.executable).with_name("activeguard")),
+            "gateway",
+            "--config",
+            str(config_path),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ]
         super().__init__(cmd, workdir, "gateway", log_name="gateway.log", timeout=60)
         self.metrics_url = f"http://127.0.0.1:{self.info['metrics_port']}/metrics"

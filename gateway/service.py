@@ -24,12 +24,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from activeguard import licenses, sessions
 from activeguard.protection import EXPLANATION
+from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.errors import Refusal, handler_refusal, upstream_refusal
 from gateway.tensors import from_tensor, to_tensor
 from gateway.upstreams import UpstreamError, UpstreamPool
 
 log = logging.getLogger("activeguard.gateway")
+
 
 @dataclass
 class ModelRoute:
@@ -55,7 +57,7 @@ class GatewayConfig:
     max_sessions_per_user: int = 8
 
     @classmethod
-    def from_json(cls, path: Path) -> "GatewayConfig":
+    def from_json(cls, path: Path) -> GatewayConfig:
         doc = json.loads(Path(path).read_text())
         doc["models"] = [ModelRoute(**m) for m in doc["models"]]
         doc["signing_key"] = Path(doc["signing_key"])
@@ -67,17 +69,32 @@ class GatewayConfig:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("activeguard_gateway_requests", "gRPC requests by method and code",
-                                ["method", "code"], registry=self.registry)
-        self.upstream_latency = Histogram("activeguard_gateway_upstream_seconds", "TorchServe call latency",
-                                          registry=self.registry)
-        self.active_sessions = Gauge("activeguard_gateway_active_sessions",
-                                     "sessions issued that are neither expired nor revoked", registry=self.registry)
-        self.sync_age = Gauge("activeguard_gateway_revocation_sync_age_seconds",
-                              "seconds since the last successful revocation sync (staleness of the list)",
-                              registry=self.registry)
-        self.sync_errors = Counter("activeguard_gateway_revocation_sync_errors", "failed revocation syncs",
-                                   registry=self.registry)
+        self.requests = Counter(
+            "activeguard_gateway_requests",
+            "gRPC requests by method and code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "activeguard_gateway_upstream_seconds", "TorchServe call latency", registry=self.registry
+        )
+        self.active_sessions = Gauge(
+            "activeguard_gateway_active_sessions",
+            "sessions issued that are neither expired nor revoked",
+            registry=self.registry,
+        )
+        self.sync_age = Gauge(
+            "activeguard_gateway_revocation_sync_age_seconds",
+            "seconds since the last successful revocation sync (staleness of the list)",
+            registry=self.registry,
+        )
+        self.sync_errors = Counter(
+            "activeguard_gateway_revocation_sync_errors", "failed revocation syncs", registry=self.registry
+        )
+
+    def count(self, method: str, code: grpc.StatusCode, _exc: BaseException | None = None) -> None:
+        """The shared error mapper's hook: one request counted per method and final code."""
+        self.requests.labels(method, code.name).inc()
 
 
 class RevocationSync:
@@ -137,9 +154,11 @@ class RevocationSync:
         """Fail closed: refuse to vouch for a license while the revocation list is too old."""
         age = self.staleness()
         if age > self.config.max_revocation_staleness_s:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE,
-                          f"the license server has not been reachable for {age:.0f} s; the revocation list is too "
-                          f"stale to authenticate (limit {self.config.max_revocation_staleness_s:g} s)")
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the license server has not been reachable for {age:.0f} s; the revocation list is too "
+                f"stale to authenticate (limit {self.config.max_revocation_staleness_s:g} s)",
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.poll_interval_s):
@@ -174,13 +193,16 @@ class Limits:
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit: {self.rate:g} requests/s per user")
             calls.append(now)
 
-    def add_session(self, user: str, session_id: str, expires_at: float, license_id: str = "",
-                    revoked: frozenset[str] = frozenset()) -> None:
+    def add_session(
+        self, user: str, session_id: str, expires_at: float, license_id: str = "", revoked: frozenset[str] = frozenset()
+    ) -> None:
         with self._lock:
             live = self._live(self._sessions[user], revoked)
             if len(live) >= self.max_sessions:
-                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"user has {len(live)} active sessions (limit {self.max_sessions})")
+                raise Refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"user has {len(live)} active sessions (limit {self.max_sessions})",
+                )
             live[session_id] = (license_id, expires_at)
             self._sessions[user] = live
 
@@ -206,12 +228,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.metrics = Metrics()
         self.key, _ = licenses.load_or_create_signing_key(config.signing_key)
         self.routes = {m.name: m for m in config.models}
-        self.pools = {m.name: UpstreamPool(m.name, m.upstreams, deadline_s=config.upstream_deadline_s)
-                      for m in config.models}
+        self.pools = {
+            m.name: UpstreamPool(m.name, m.upstreams, deadline_s=config.upstream_deadline_s) for m in config.models
+        }
         self.sync = RevocationSync(config, self.metrics)
         self.license_keys = self.sync.verification_keys()
         self.limits = Limits(config.rate_per_user_per_s, config.max_sessions_per_user)
         self.metrics.active_sessions.set_function(lambda: self.limits.active_sessions(self.sync.revoked))
+        self._errors = ErrorMapper(log, on_result=self.metrics.count)
 
     # -- helpers ------------------------------------------------------------------------------
     def _route(self, name: str) -> ModelRoute:
@@ -241,56 +265,64 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         if not isinstance(explanation, dict):
             if isinstance(body.get("reason"), str):
                 raise handler_refusal(body["reason"])
-            raise Refusal(grpc.StatusCode.INTERNAL, "the model's handler did not explain its decision: is this "
-                                                    "gateway's public key in the model's protection profile?")
+            raise Refusal(
+                grpc.StatusCode.INTERNAL,
+                "the model's handler did not explain its decision: is this "
+                "gateway's public key in the model's protection profile?",
+            )
         if not explanation.get("authorized"):
             raise handler_refusal(str(explanation.get("reason", "unknown")))
         return explanation
 
     def _run(self, method: str, context: grpc.ServicerContext, fn):
-        """Run one RPC: a Refusal becomes its code; a bug becomes INTERNAL without a traceback."""
-        try:
-            result = fn()
-            self.metrics.requests.labels(method, "OK").inc()
-            return result
-        except Refusal as refusal:
-            code, message = refusal.code, str(refusal)
-        except Exception:
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, "internal error in the gateway"
-        self.metrics.requests.labels(method, code.name).inc()
-        context.abort(code, message)
+        """Run one RPC through the shared mapping: a Refusal becomes its code, a bug INTERNAL."""
+        return self._errors.run(method, context, fn)
 
     # -- RPCs -----------------------------------------------------------------------------------
     def Authenticate(self, request, context):
         def run():
             route = self._route(request.model)
             self.sync.require_fresh()
-            signed = licenses.SignedLicense(request.license.payload, request.license.signature,
-                                            request.license.key_id)
+            signed = licenses.SignedLicense(request.license.payload, request.license.signature, request.license.key_id)
             try:
-                payload = licenses.verify_license(signed, self.license_keys, model_id=route.model_id,
-                                                  revoked=self.sync.revoked)
+                payload = licenses.verify_license(
+                    signed, self.license_keys, model_id=route.model_id, revoked=self.sync.revoked
+                )
             except (licenses.RevokedLicense, licenses.WrongModel) as exc:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
             except licenses.LicenseError as exc:
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
             fingerprint = payload.fingerprint_tensor().numpy()
             explain, _ = sessions.issue_session(
-                self.key, user=payload.user, user_index=payload.user_index, license_id=payload.license_id,
-                model_id=route.model_id, ttl_seconds=self.config.upstream_deadline_s + 5, purpose=sessions.EXPLAIN)
-            body = self._forward(route.name, {"data": _npy(fingerprint), "license": signed.to_text().encode(),
-                                              "explain": explain.encode()})
+                self.key,
+                user=payload.user,
+                user_index=payload.user_index,
+                license_id=payload.license_id,
+                model_id=route.model_id,
+                ttl_seconds=self.config.upstream_deadline_s + 5,
+                purpose=sessions.EXPLAIN,
+            )
+            body = self._forward(
+                route.name,
+                {"data": _npy(fingerprint), "license": signed.to_text().encode(), "explain": explain.encode()},
+            )
             if self._outcome(body).get("user") != payload.user:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, "the served model named another user")
             token, claims = sessions.issue_session(
-                self.key, user=payload.user, user_index=payload.user_index, license_id=payload.license_id,
-                model_id=route.model_id, ttl_seconds=min(self.config.session_ttl_s, payload.expires_at - time.time()))
-            self.limits.add_session(payload.user, claims.session_id, claims.expires_at, payload.license_id,
-                                    self.sync.revoked)
+                self.key,
+                user=payload.user,
+                user_index=payload.user_index,
+                license_id=payload.license_id,
+                model_id=route.model_id,
+                ttl_seconds=min(self.config.session_ttl_s, payload.expires_at - time.time()),
+            )
+            self.limits.add_session(
+                payload.user, claims.session_id, claims.expires_at, payload.license_id, self.sync.revoked
+            )
             log.info("session issued user=%s model=%s", payload.user, route.name)
-            return gateway_pb2.AuthenticateResponse(session_token=token, user=payload.user,
-                                                    user_index=payload.user_index, expires_at=claims.expires_at)
+            return gateway_pb2.AuthenticateResponse(
+                session_token=token, user=payload.user, user_index=payload.user_index, expires_at=claims.expires_at
+            )
 
         return self._run("Authenticate", context, run)
 
@@ -299,11 +331,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             route = self._route(request.model)
             token = dict(context.invocation_metadata()).get("authorization", "")
             if not token.lower().startswith("bearer "):
-                raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
-                              "no session: call Authenticate and send 'authorization: Bearer <token>'")
+                raise Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "no session: call Authenticate and send 'authorization: Bearer <token>'",
+                )
             try:
-                claims = sessions.verify_session(token[7:].strip(), self.key.public_key(), model_id=route.model_id,
-                                                 revoked=self.sync.revoked)
+                claims = sessions.verify_session(
+                    token[7:].strip(), self.key.public_key(), model_id=route.model_id, revoked=self.sync.revoked
+                )
             except sessions.RevokedSession as exc:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
             except sessions.SessionError as exc:
@@ -324,10 +359,21 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return self._run("Predict", context, run)
 
     def ListModels(self, request, context):
-        return self._run("ListModels", context, lambda: gateway_pb2.ListModelsResponse(models=[
-            gateway_pb2.ModelInfo(name=r.name, model_id=r.model_id, upstreams=len(r.upstreams),
-                                  upstreams_up=self.pools[r.name].up_count())
-            for r in self.routes.values()]))
+        return self._run(
+            "ListModels",
+            context,
+            lambda: gateway_pb2.ListModelsResponse(
+                models=[
+                    gateway_pb2.ModelInfo(
+                        name=r.name,
+                        model_id=r.model_id,
+                        upstreams=len(r.upstreams),
+                        upstreams_up=self.pools[r.name].up_count(),
+                    )
+                    for r in self.routes.values()
+                ]
+            ),
+        )
 
     def close(self) -> None:
         self.sync.stop()

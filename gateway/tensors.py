@@ -25,8 +25,10 @@ def from_tensor(tensor: gateway_pb2.Tensor) -> np.ndarray:
         raise ValueError(f"unsupported dtype {tensor.dtype!r}; send one of {', '.join(DTYPES)}")
     shape = tuple(int(d) for d in tensor.shape)
     if not shape or len(shape) > MAX_RANK or any(d <= 0 for d in shape) or math.prod(shape) > MAX_ELEMENTS:
-        raise ValueError(f"invalid tensor shape {shape[:MAX_RANK + 1]}: 1 to {MAX_RANK} positive dimensions, "
-                         f"at most {MAX_ELEMENTS} elements")
+        raise ValueError(
+            f"invalid tensor shape {shape[: MAX_RANK + 1]}: 1 to {MAX_RANK} positive dimensions, "
+            f"at most {MAX_ELEMENTS} elements"
+        )
     needed = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != needed:
         raise ValueError(f"tensor has {len(tensor.data)} bytes but shape {shape} of {tensor.dtype} needs {needed}")

@@ -40,8 +40,15 @@ class Upstream:
 class UpstreamPool:
     """One model's TorchServe targets. ``call`` retries once, on another target, on UNAVAILABLE."""
 
-    def __init__(self, model_name: str, targets: list[str], *, deadline_s: float = 10.0,
-                 max_failures: int = 3, down_for_s: float = 5.0):
+    def __init__(
+        self,
+        model_name: str,
+        targets: list[str],
+        *,
+        deadline_s: float = 10.0,
+        max_failures: int = 3,
+        down_for_s: float = 5.0,
+    ):
         if not targets:
             raise ValueError(f"model {model_name!r} has no TorchServe upstreams")
         self.model_name = model_name

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -80,8 +79,13 @@ class ActiveGuardHandler(BaseHandler):
         self.guard = Guard(model, profile, device=self.device)
         self.model = self.guard.model
         self.initialized = True
-        logger.info("ActiveGuard ready: model %s on %s, policy %s, paper mode %s",
-                    profile.model_id[:16], self.device, profile.policy, profile.paper_mode)
+        logger.info(
+            "ActiveGuard ready: model %s on %s, policy %s, paper mode %s",
+            profile.model_id[:16],
+            self.device,
+            profile.policy,
+            profile.paper_mode,
+        )
 
     def handle(self, data: list[dict], context) -> list[str]:
         start = time.perf_counter()

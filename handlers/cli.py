@@ -29,19 +29,31 @@ def cmd_package(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     keys = dict(_pem(p) for p in args.license_key)
     if not keys and not args.paper_mode:
-        print("warning: no --license-key given: only paper-mode fingerprints or gateway sessions can authenticate",
-              file=sys.stderr)
+        print(
+            "warning: no --license-key given: only paper-mode fingerprints or gateway sessions can authenticate",
+            file=sys.stderr,
+        )
     profile = Profile(
-        model_id=model_id(model), input_shape=input_shape(model), num_classes=model.config["num_classes"],
-        confidences=tuple(float(c) for c in args.confidences.split(",")), epsilon=args.epsilon,
-        policy=args.policy, paper_mode=args.paper_mode, license_public_keys=keys,
+        model_id=model_id(model),
+        input_shape=input_shape(model),
+        num_classes=model.config["num_classes"],
+        confidences=tuple(float(c) for c in args.confidences.split(",")),
+        epsilon=args.epsilon,
+        policy=args.policy,
+        paper_mode=args.paper_mode,
+        license_public_keys=keys,
         gateway_public_key=_pem(args.gateway_key)[1] if args.gateway_key else None,
         revocation_file=str(Path(args.revocation_file).resolve()) if args.revocation_file else None,
     )
-    profile.control  # validate before building anything
+    profile.validated()  # before building anything
     mar = package(Path(args.model), profile, args.name, Path(args.store))
-    payload = {"mar": str(mar), "model_id": profile.model_id, "policy": profile.policy,
-               "paper_mode": profile.paper_mode, "license_keys": sorted(keys)}
+    payload = {
+        "mar": str(mar),
+        "model_id": profile.model_id,
+        "policy": profile.policy,
+        "paper_mode": profile.paper_mode,
+        "license_keys": sorted(keys),
+    }
     print(json.dumps(payload, indent=2) if args.json else f"wrote {mar} (model id {profile.model_id[:16]}…)")
     return 0
 
@@ -53,15 +65,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models[name] = mar or f"{name}.mar"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    ports = Ports.choose(args.http_port, args.management_port, args.metrics_port, args.grpc_port,
-                         args.grpc_management_port)
-    ts = ManagedTorchServe(Path(args.store), models, workers=args.workers, batch_size=args.batch_size,
-                           max_batch_delay_ms=args.max_batch_delay, ports=ports, log_dir=Path(args.log_dir))
+    ports = Ports.choose(
+        args.http_port, args.management_port, args.metrics_port, args.grpc_port, args.grpc_management_port
+    )
+    ts = ManagedTorchServe(
+        Path(args.store),
+        models,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        max_batch_delay_ms=args.max_batch_delay,
+        ports=ports,
+        log_dir=Path(args.log_dir),
+    )
     with ts:
-        info = {"inference": ts.url, "management": ts.management_url, "metrics": ts.metrics_url,
-                "grpc": ts.grpc_target, "models": sorted(models), "logs": str(ts.log_dir)}
-        print(json.dumps(info) if args.json else "TorchServe ready:\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()),
-              flush=True)
+        info = {
+            "inference": ts.url,
+            "management": ts.management_url,
+            "metrics": ts.metrics_url,
+            "grpc": ts.grpc_target,
+            "models": sorted(models),
+            "logs": str(ts.log_dir),
+        }
+        print(
+            json.dumps(info)
+            if args.json
+            else "TorchServe ready:\n" + "\n".join(f"  {k}: {v}" for k, v in info.items()),
+            flush=True,
+        )
         try:
             stop.wait()
         except KeyboardInterrupt:
@@ -76,11 +106,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="model name in TorchServe (and of the .mar file)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help="output folder (default model_store/)")
     p.add_argument("--policy", default="random", choices=POLICIES, help="answer for unauthorized requests")
-    p.add_argument("--paper-mode", action="store_true", help="also admit bare fingerprints (forgeable; reproduction only)")
+    p.add_argument(
+        "--paper-mode", action="store_true", help="also admit bare fingerprints (forgeable; reproduction only)"
+    )
     p.add_argument("--confidences", default=",".join(map(str, PAPER_CONFIDENCES)), help="C_fp")
     p.add_argument("--epsilon", type=float, default=PAPER_EPSILON)
-    p.add_argument("--license-key", action="append", default=[], metavar="PEM",
-                   help="license server public key (repeat while keys rotate)")
+    p.add_argument(
+        "--license-key",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="license server public key (repeat while keys rotate)",
+    )
     p.add_argument("--gateway-key", metavar="PEM", help="gateway public key whose session tokens are trusted")
     p.add_argument("--revocation-file", help="file of revoked license ids, re-read when it changes")
     p.add_argument("--json", action="store_true")
@@ -92,14 +129,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds to wait to fill a batch")
-    for flag, default, what in (("--http-port", 8080, "inference HTTP API (POST /predictions/NAME)"),
-                                ("--grpc-port", 7070, "inference gRPC API (the gateway's upstream)"),
-                                ("--management-port", 8081, "management API"),
-                                ("--metrics-port", 8082, "Prometheus metrics"),
-                                ("--grpc-management-port", 7071, "management gRPC API")):
-        p.add_argument(flag, type=int, default=default, help=f"{what}; default {default} (TorchServe's), 0: any free port")
-    p.add_argument("--log-dir", default=str(DEFAULT_LOG_DIR), metavar="DIR",
-                   help=f"where TorchServe's logs go and stay after it stops (default {DEFAULT_LOG_DIR}/ "
-                        "in the current directory; appended to across runs)")
+    for flag, default, what in (
+        ("--http-port", 8080, "inference HTTP API (POST /predictions/NAME)"),
+        ("--grpc-port", 7070, "inference gRPC API (the gateway's upstream)"),
+        ("--management-port", 8081, "management API"),
+        ("--metrics-port", 8082, "Prometheus metrics"),
+        ("--grpc-management-port", 7071, "management gRPC API"),
+    ):
+        p.add_argument(
+            flag, type=int, default=default, help=f"{what}; default {default} (TorchServe's), 0: any free port"
+        )
+    p.add_argument(
+        "--log-dir",
+        default=str(DEFAULT_LOG_DIR),
+        metavar="DIR",
+        help=f"where TorchServe's logs go and stay after it stops (default {DEFAULT_LOG_DIR}/ "
+        "in the current directory; appended to across runs)",
+    )
     p.add_argument("--json", action="store_true", help="print the endpoints and the log directory as JSON once ready")
     p.set_defaults(func=cmd_serve)

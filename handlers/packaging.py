@@ -14,8 +14,9 @@ from activeguard.protection import PROFILE_FILE, Profile
 HANDLER_FILE = Path(__file__).with_name("activeguard_handler.py")
 
 
-def package(model_path: Path, profile: Profile, name: str, store: Path, version: str = "1.0",
-            handler: Path = HANDLER_FILE) -> Path:
+def package(
+    model_path: Path, profile: Profile, name: str, store: Path, version: str = "1.0", handler: Path = HANDLER_FILE
+) -> Path:
     """Write ``store/name.mar``; refuse a profile whose model id does not match the weights.
 
     ``handler`` is swappable only so benchmarks can package a plain handler beside ours.
@@ -30,9 +31,22 @@ def package(model_path: Path, profile: Profile, name: str, store: Path, version:
         shutil.copyfile(model_path, staged_model)
         profile_file = Path(tmp) / PROFILE_FILE
         profile_file.write_text(profile.to_json())
-        cmd = [archiver, "--model-name", name, "--version", version, "--serialized-file", str(staged_model),
-               "--handler", str(handler), "--extra-files", str(profile_file),
-               "--export-path", str(store), "--force"]
+        cmd = [
+            archiver,
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(staged_model),
+            "--handler",
+            str(handler),
+            "--extra-files",
+            str(profile_file),
+            "--export-path",
+            str(store),
+            "--force",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed: {proc.stderr.strip()[-2000:]}")

@@ -51,24 +51,32 @@ class Ports:
     grpc_management: int
 
     @classmethod
-    def pick(cls) -> "Ports":
+    def pick(cls) -> Ports:
         return cls(*(free_port() for _ in range(5)))
 
     @classmethod
-    def choose(cls, inference: int, management: int, metrics: int, grpc_inference: int,
-               grpc_management: int) -> "Ports":
+    def choose(cls, inference: int, management: int, metrics: int, grpc_inference: int, grpc_management: int) -> Ports:
         """The given ports, with 0 meaning any free port."""
-        return cls(*(port or free_port() for port in (inference, management, metrics, grpc_inference,
-                                                       grpc_management)))
+        return cls(*(port or free_port() for port in (inference, management, metrics, grpc_inference, grpc_management)))
 
 
 class ManagedTorchServe:
     """Context manager: ``with ManagedTorchServe(store, {"mnist": "mnist.mar"}) as ts: ts.url``."""
 
-    def __init__(self, model_store: Path, models: dict[str, str], *, workers: int = 1, batch_size: int = 1,
-                 max_batch_delay_ms: int = 5, ports: Ports | None = None, startup_timeout: float = 180.0,
-                 workdir: Path | None = None, log_dir: Path | None = None,
-                 max_request_bytes: int = 32 * 1024 * 1024):
+    def __init__(
+        self,
+        model_store: Path,
+        models: dict[str, str],
+        *,
+        workers: int = 1,
+        batch_size: int = 1,
+        max_batch_delay_ms: int = 5,
+        ports: Ports | None = None,
+        startup_timeout: float = 180.0,
+        workdir: Path | None = None,
+        log_dir: Path | None = None,
+        max_request_bytes: int = 32 * 1024 * 1024,
+    ):
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.workers, self.batch_size, self.max_batch_delay_ms = workers, batch_size, max_batch_delay_ms
@@ -99,9 +107,17 @@ class ManagedTorchServe:
 
     def _config(self) -> Path:
         models = {
-            name: {"1.0": {"defaultVersion": True, "marName": mar, "minWorkers": self.workers,
-                           "maxWorkers": self.workers, "batchSize": self.batch_size,
-                           "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": 60}}
+            name: {
+                "1.0": {
+                    "defaultVersion": True,
+                    "marName": mar,
+                    "minWorkers": self.workers,
+                    "maxWorkers": self.workers,
+                    "batchSize": self.batch_size,
+                    "maxBatchDelay": self.max_batch_delay_ms,
+                    "responseTimeout": 60,
+                }
+            }
             for name, mar in self.models.items()
         }
         p = self.ports
@@ -146,9 +162,11 @@ class ManagedTorchServe:
                 chunks.append(f"--- {name} ---\n" + "\n".join(text))
         return "\n".join(chunks)
 
-    def start(self) -> "ManagedTorchServe":
+    def start(self) -> ManagedTorchServe:
         if shutil.which("java") is None:
-            raise TorchServeError("Java is not installed: TorchServe needs a Java 11+ runtime (apt-get install default-jre)")
+            raise TorchServeError(
+                "Java is not installed: TorchServe needs a Java 11+ runtime (apt-get install default-jre)"
+            )
         for port in self.ports.__dict__.values():
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -156,14 +174,28 @@ class ManagedTorchServe:
         torchserve = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir),
-                   LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir),
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        cmd = [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(self.model_store),
-               "--ts-config", str(self._config())]
+        env = dict(
+            os.environ,
+            TMPDIR=str(self.tmp_dir),
+            TEMP=str(self.tmp_dir),
+            LOG_LOCATION=str(self.log_dir),
+            METRICS_LOCATION=str(self.log_dir),
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        cmd = [
+            torchserve,
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--model-store",
+            str(self.model_store),
+            "--ts-config",
+            str(self._config()),
+        ]
         console = open(self.log_dir / "console.log", "ab")  # a reused log_dir keeps earlier runs' output
-        self.process = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT, env=env,
-                                        cwd=self.workdir, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd, stdout=console, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
+        )
         console.close()
         try:
             self._wait_ready()
@@ -182,8 +214,9 @@ class ManagedTorchServe:
                 if self.worker_status(name) == "READY":
                     pending.discard(name)
             if time.monotonic() > deadline:
-                raise TorchServeError(f"no READY worker for {sorted(pending)} after {self.startup_timeout:.0f} s"
-                                      f"\n{self.log_tail()}")
+                raise TorchServeError(
+                    f"no READY worker for {sorted(pending)} after {self.startup_timeout:.0f} s\n{self.log_tail()}"
+                )
             time.sleep(0.3)
 
     def worker_status(self, name: str) -> str | None:
@@ -192,7 +225,9 @@ class ManagedTorchServe:
                 workers = json.load(resp)[0].get("workers", [])
         except (urllib.error.URLError, OSError, ValueError, IndexError):
             return None
-        return "READY" if any(w.get("status") == "READY" for w in workers) else (workers[0]["status"] if workers else None)
+        return (
+            "READY" if any(w.get("status") == "READY" for w in workers) else (workers[0]["status"] if workers else None)
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (our own process group) and wait until they are gone."""
@@ -231,7 +266,7 @@ class ManagedTorchServe:
         if self._own_workdir and not (self.keeps_logs and logs_inside):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "ManagedTorchServe":
+    def __enter__(self) -> ManagedTorchServe:
         return self.start()
 
     def __exit__(self, *exc) -> None:

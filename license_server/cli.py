@@ -45,27 +45,40 @@ _USAGE_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "ALREADY_EXI
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="license-data", help="key, token hash, uploaded models, SQLite file")
-    p.add_argument("--database-url", default=None,
-                   help=f"SQLAlchemy URL (default: SQLite in the data dir; or ${DB_ENV}), "
-                        "e.g. postgresql+psycopg://user@127.0.0.1:5432/db")
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help=f"SQLAlchemy URL (default: SQLite in the data dir; or ${DB_ENV}), "
+        "e.g. postgresql+psycopg://user@127.0.0.1:5432/db",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061, help="0: any free port (see --ready-file)")
     p.add_argument("--metrics-port", type=int, default=9461, help="Prometheus endpoint; -1 disables, 0 any free port")
     p.add_argument("--signing-key", default=None, help="Ed25519 PEM key (created 0600 on first start)")
-    p.add_argument("--admin-token-hash-file", default=None,
-                   help=f"sha256 of the admin token (default DATA_DIR/admin_token.sha256; created with a new "
-                        f"token in DATA_DIR/admin.token if missing, or from ${'ACTIVEGUARD_ADMIN_TOKEN'})")
+    p.add_argument(
+        "--admin-token-hash-file",
+        default=None,
+        help=f"sha256 of the admin token (default DATA_DIR/admin_token.sha256; created with a new "
+        f"token in DATA_DIR/admin.token if missing, or from ${'ACTIVEGUARD_ADMIN_TOKEN'})",
+    )
     p.add_argument("--default-validity-days", type=float, default=365.0)
     p.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (chain); needs --tls-key")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (keep it 0600)")
-    p.add_argument("--tls-client-ca", default=None,
-                   help="mTLS: refuse clients without a certificate signed by this PEM CA (needs --tls-cert/--tls-key)")
+    p.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="mTLS: refuse clients without a certificate signed by this PEM CA (needs --tls-cert/--tls-key)",
+    )
     p.add_argument("--ready-file", default=None, help="write {pid, port, metrics_port, key_id} here once serving")
     p.add_argument("--max-steps", type=int, default=1000, help="fingerprint optimizer steps")
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--export-public-key", metavar="PEM", default=None,
-                   help="create the signing key if needed, write its public half here (for "
-                        "`activeguard package --license-key`), and exit")
+    p.add_argument(
+        "--export-public-key",
+        metavar="PEM",
+        default=None,
+        help="create the signing key if needed, write its public half here (for "
+        "`activeguard package --license-key`), and exit",
+    )
 
 
 def _signing_key_path(args: argparse.Namespace) -> Path:
@@ -79,13 +92,16 @@ def export_key(args: argparse.Namespace) -> int:
     if not args.signing_key and not data_dir.exists():
         data_dir.mkdir(parents=True, mode=0o700)  # as the server would: it holds the private key
     kid, created = export_public_key(_signing_key_path(args), args.export_public_key)
-    print(f"{'created' if created else 'loaded'} {_signing_key_path(args)} (key id {kid}); public key written to "
-          f"{args.export_public_key} (give it to `activeguard package --license-key`)")
+    print(
+        f"{'created' if created else 'loaded'} {_signing_key_path(args)} (key id {kid}); public key written to "
+        f"{args.export_public_key} (give it to `activeguard package --license-key`)"
+    )
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
-    from license_server.service import LicenseServer, configure_logging
+    from license_server.logs import configure_logging
+    from license_server.server import LicenseServer
 
     if args.export_public_key:
         return export_key(args)
@@ -100,8 +116,9 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if args.ready_file:
-        write_ready_file(args.ready_file, {"port": server.port, "metrics_port": server.metrics_port,
-                                           "key_id": server.service.key_id})
+        write_ready_file(
+            args.ready_file, {"port": server.port, "metrics_port": server.metrics_port, "key_id": server.service.key_id}
+        )
     while not stop.wait(0.5):
         pass
     server.stop()
@@ -110,17 +127,19 @@ def serve(args: argparse.Namespace) -> int:
 
 def _server_config(args: argparse.Namespace) -> Any:
     """The ServerConfig of ``serve``'s options (ValueError for an inconsistent TLS setup)."""
-    from license_server.service import ServerConfig
+    from license_server.config import ServerConfig
 
     return ServerConfig(
         data_dir=Path(args.data_dir),
         database_url=args.database_url or os.environ.get(DB_ENV, ""),
-        host=args.host, port=args.port,
+        host=args.host,
+        port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         signing_key=Path(args.signing_key) if args.signing_key else None,
         admin_token_hash_file=Path(args.admin_token_hash_file) if args.admin_token_hash_file else None,
         default_validity=int(args.default_validity_days * 86400),
-        tls_cert=args.tls_cert and Path(args.tls_cert), tls_key=args.tls_key and Path(args.tls_key),
+        tls_cert=args.tls_cert and Path(args.tls_cert),
+        tls_key=args.tls_key and Path(args.tls_key),
         tls_client_ca=args.tls_client_ca and Path(args.tls_client_ca),
         max_steps=args.max_steps,
     )
@@ -139,12 +158,17 @@ def server_main(argv: list[str] | None = None) -> int:
 def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help="host:port (default $ACTIVEGUARD_LICENSE_SERVER or 127.0.0.1:50061)")
     p.add_argument("--token-file", default=None, help="admin token file (default $ACTIVEGUARD_ADMIN_TOKEN)")
-    p.add_argument("--tls", action="store_true",
-                   help="connect over TLS, verifying the server with the system's CA roots (implied by --ca-cert)")
-    p.add_argument("--ca-cert", default=None,
-                   help="connect over TLS, verifying the server's certificate with this PEM CA instead")
-    p.add_argument("--client-cert", default=None,
-                   help="mTLS: PEM client certificate to present (needs --client-key; implies TLS)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS, verifying the server with the system's CA roots (implied by --ca-cert)",
+    )
+    p.add_argument(
+        "--ca-cert", default=None, help="connect over TLS, verifying the server's certificate with this PEM CA instead"
+    )
+    p.add_argument(
+        "--client-cert", default=None, help="mTLS: PEM client certificate to present (needs --client-key; implies TLS)"
+    )
     p.add_argument("--client-key", default=None, help="mTLS: PEM private key of --client-cert")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -152,17 +176,29 @@ def _add_client(p: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace):
     from license_server.client import LicenseClient, read_token
 
-    return LicenseClient(args.server, read_token(args.token_file), tls=args.tls, ca_cert=args.ca_cert,
-                         client_cert=args.client_cert, client_key=args.client_key)
+    return LicenseClient(
+        args.server,
+        read_token(args.token_file),
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+    )
 
 
 def _license_dict(msg) -> dict[str, Any]:
     from activeguard_proto.v1 import license_pb2
 
     return {
-        "license_id": msg.license_id, "model_id": msg.model_id, "user": msg.user,
-        "fo_class": msg.fo.target_class, "fo_confidence": round(msg.fo.confidence, 6), "user_index": msg.fo.user_index,
-        "issued_at": msg.issued_at, "expires_at": msg.expires_at, "key_id": msg.key_id,
+        "license_id": msg.license_id,
+        "model_id": msg.model_id,
+        "user": msg.user,
+        "fo_class": msg.fo.target_class,
+        "fo_confidence": round(msg.fo.confidence, 6),
+        "user_index": msg.fo.user_index,
+        "issued_at": msg.issued_at,
+        "expires_at": msg.expires_at,
+        "key_id": msg.key_id,
         "state": license_pb2.LicenseState.Name(msg.state).removeprefix("LICENSE_STATE_").lower(),
         **({"revoked_at": msg.revoked_at, "revoke_reason": msg.revoke_reason} if msg.revoked_at else {}),
     }
@@ -170,8 +206,10 @@ def _license_dict(msg) -> dict[str, Any]:
 
 def _human(d: dict[str, Any]) -> str:
     when = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))  # noqa: E731
-    text = (f"{d['license_id']}  {d['state']:<7}  user={d['user']!r}  model={d['model_id'][:16]}  "
-            f"FO=({d['fo_class']}, {d['fo_confidence']})  expires {when(d['expires_at'])}")
+    text = (
+        f"{d['license_id']}  {d['state']:<7}  user={d['user']!r}  model={d['model_id'][:16]}  "
+        f"FO=({d['fo_class']}, {d['fo_confidence']})  expires {when(d['expires_at'])}"
+    )
     if d.get("revoked_at"):
         text += f"  revoked {when(d['revoked_at'])}: {d['revoke_reason']}"
     return text
@@ -191,15 +229,27 @@ def _save_license(msg, out: str) -> Path:
 def cmd_register(args) -> int:
     with _client(args) as c:
         if args.upload:
-            resp = c.register_model(checkpoint=Path(args.model).read_bytes(), name=args.name or "",
-                                    pregenerate=args.pregenerate)
+            resp = c.register_model(
+                checkpoint=Path(args.model).read_bytes(), name=args.name or "", pregenerate=args.pregenerate
+            )
         else:
-            resp = c.register_model(model_path=str(Path(args.model).resolve()), name=args.name or "",
-                                    pregenerate=args.pregenerate)
-    d = {"model_id": resp.profile.model_id, "name": resp.profile.name, "created": resp.created,
-         "capacity": resp.capacity, "issued": resp.issued, "pregenerated": resp.pregenerated}
-    _emit(args, d, f"model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
-                   f"{d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated")
+            resp = c.register_model(
+                model_path=str(Path(args.model).resolve()), name=args.name or "", pregenerate=args.pregenerate
+            )
+    d = {
+        "model_id": resp.profile.model_id,
+        "name": resp.profile.name,
+        "created": resp.created,
+        "capacity": resp.capacity,
+        "issued": resp.issued,
+        "pregenerated": resp.pregenerated,
+    }
+    _emit(
+        args,
+        d,
+        f"model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
+        f"{d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated",
+    )
     return 0
 
 
@@ -255,10 +305,21 @@ def cmd_verify(args) -> int:
     except LicenseError as exc:
         _emit(args, {"valid": False, "reason": exc.reason, "message": str(exc)}, f"INVALID ({exc.reason}): {exc}")
         return 1
-    d = {"valid": True, "license_id": payload.license_id, "user": payload.user, "model_id": payload.model_id,
-         "fo_class": payload.fo_class, "fo_confidence": payload.fo_confidence, "expires_at": payload.expires_at}
-    _emit(args, d, f"valid: license {payload.license_id} for {payload.user!r}, FO=({payload.fo_class}, "
-                   f"{payload.fo_confidence}) on model {payload.model_id[:16]}")
+    d = {
+        "valid": True,
+        "license_id": payload.license_id,
+        "user": payload.user,
+        "model_id": payload.model_id,
+        "fo_class": payload.fo_class,
+        "fo_confidence": payload.fo_confidence,
+        "expires_at": payload.expires_at,
+    }
+    _emit(
+        args,
+        d,
+        f"valid: license {payload.license_id} for {payload.user!r}, FO=({payload.fo_class}, "
+        f"{payload.fo_confidence}) on model {payload.model_id[:16]}",
+    )
     return 0
 
 

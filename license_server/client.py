@@ -26,9 +26,13 @@ def read_token(token_file: str | Path | None = None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-def channel_credentials(*, tls: bool = False, ca_cert: str | Path | None = None,
-                        client_cert: str | Path | None = None,
-                        client_key: str | Path | None = None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    *,
+    tls: bool = False,
+    ca_cert: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+) -> grpc.ChannelCredentials | None:
     """TLS credentials, or None for plaintext.
 
     TLS is on when ``tls`` is set or any file is given; without ``ca_cert`` the system's roots verify
@@ -40,8 +44,9 @@ def channel_credentials(*, tls: bool = False, ca_cert: str | Path | None = None,
     if not (tls or ca_cert or client_cert):
         return None
     read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
-    return grpc.ssl_channel_credentials(root_certificates=read(ca_cert), private_key=read(client_key),
-                                        certificate_chain=read(client_cert))
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_cert), private_key=read(client_key), certificate_chain=read(client_cert)
+    )
 
 
 def channel_options(reconnect_backoff_ms: int = DEFAULT_RECONNECT_BACKOFF_MS) -> list[tuple[str, int]]:
@@ -63,15 +68,27 @@ class LicenseClient:
     gateway's revocation sync) recover within about a second of a server restart.
     """
 
-    def __init__(self, target: str | None = None, token: str | None = None, *, ca_cert: str | Path | None = None,
-                 client_cert: str | Path | None = None, client_key: str | Path | None = None, tls: bool = False,
-                 timeout: float = 600.0, reconnect_backoff_ms: int = DEFAULT_RECONNECT_BACKOFF_MS,
-                 wait_for_ready: bool = False):
+    def __init__(
+        self,
+        target: str | None = None,
+        token: str | None = None,
+        *,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        tls: bool = False,
+        timeout: float = 600.0,
+        reconnect_backoff_ms: int = DEFAULT_RECONNECT_BACKOFF_MS,
+        wait_for_ready: bool = False,
+    ):
         self.target = target or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
         creds = channel_credentials(tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key)
         options = channel_options(reconnect_backoff_ms)
-        self.channel = (grpc.secure_channel(self.target, creds, options=options) if creds is not None
-                        else grpc.insecure_channel(self.target, options=options))
+        self.channel = (
+            grpc.secure_channel(self.target, creds, options=options)
+            if creds is not None
+            else grpc.insecure_channel(self.target, options=options)
+        )
         self.stub = license_pb2_grpc.LicenseServiceStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
@@ -80,7 +97,7 @@ class LicenseClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "LicenseClient":
+    def __enter__(self) -> LicenseClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -90,29 +107,61 @@ class LicenseClient:
         return self._rpc(method, request, timeout, self._metadata)
 
     def _rpc(self, method: str, request, timeout: float | None = None, metadata=()):
-        return getattr(self.stub, method)(request, metadata=metadata, timeout=timeout or self.timeout,
-                                          wait_for_ready=self.wait_for_ready)
+        return getattr(self.stub, method)(
+            request, metadata=metadata, timeout=timeout or self.timeout, wait_for_ready=self.wait_for_ready
+        )
 
-    def register_model(self, *, model_path: str = "", checkpoint: bytes = b"", name: str = "", pregenerate: bool = False,
-                       confidences=(), epsilon: float = 0.0, encoding: str = "", expected_model_id: str = ""):
-        return self._admin("RegisterModel", license_pb2.RegisterModelRequest(
-            name=name, model_path=model_path, checkpoint=checkpoint, pregenerate=pregenerate,
-            confidences=list(confidences), epsilon=epsilon, encoding=encoding, expected_model_id=expected_model_id))
+    def register_model(
+        self,
+        *,
+        model_path: str = "",
+        checkpoint: bytes = b"",
+        name: str = "",
+        pregenerate: bool = False,
+        confidences=(),
+        epsilon: float = 0.0,
+        encoding: str = "",
+        expected_model_id: str = "",
+    ):
+        return self._admin(
+            "RegisterModel",
+            license_pb2.RegisterModelRequest(
+                name=name,
+                model_path=model_path,
+                checkpoint=checkpoint,
+                pregenerate=pregenerate,
+                confidences=list(confidences),
+                epsilon=epsilon,
+                encoding=encoding,
+                expected_model_id=expected_model_id,
+            ),
+        )
 
     def issue(self, model_id: str, user: str, validity_seconds: int = 0) -> license_pb2.License:
-        return self._admin("IssueLicense", license_pb2.IssueLicenseRequest(
-            model_id=model_id, user=user, validity_seconds=validity_seconds))
+        return self._admin(
+            "IssueLicense",
+            license_pb2.IssueLicenseRequest(model_id=model_id, user=user, validity_seconds=validity_seconds),
+        )
 
     def get(self, license_id: str) -> license_pb2.License:
         return self._admin("GetLicense", license_pb2.GetLicenseRequest(license_id=license_id))
 
-    def list(self, *, model_id: str = "", user: str = "", state: int = 0, page_size: int = 0,
-             include_signed: bool = False) -> list[license_pb2.License]:
+    def list(
+        self, *, model_id: str = "", user: str = "", state: int = 0, page_size: int = 0, include_signed: bool = False
+    ) -> list[license_pb2.License]:
         out, token = [], ""
         while True:
-            resp = self._admin("ListLicenses", license_pb2.ListLicensesRequest(
-                model_id=model_id, user=user, state=state, page_size=page_size, page_token=token,
-                include_signed=include_signed))
+            resp = self._admin(
+                "ListLicenses",
+                license_pb2.ListLicensesRequest(
+                    model_id=model_id,
+                    user=user,
+                    state=state,
+                    page_size=page_size,
+                    page_token=token,
+                    include_signed=include_signed,
+                ),
+            )
             out.extend(resp.licenses)
             token = resp.next_page_token
             if not token:

@@ -4,16 +4,18 @@ or in this process (:func:`in_process`: tests that read its metrics, use TLS or 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from activeguard.processes import ReadyFileProcess
 from license_server.auth import TOKEN_ENV, hash_token
 from license_server.client import LicenseClient
 
 if TYPE_CHECKING:
-    from license_server.service import LicenseServer, ServerConfig
+    from license_server.config import ServerConfig
+    from license_server.server import LicenseServer
 
 
 OWN_TOKEN = object()  # client(): use the token this server was started with
@@ -23,8 +25,20 @@ class LicenseServerProcess(ReadyFileProcess):
     """``python -m license_server serve`` with its data (SQLite, signing key) in ``data_dir``."""
 
     def __init__(self, data_dir: Path, token: str, database_url: str = "", *, log_level: str = "INFO"):
-        cmd = [sys.executable, "-m", "license_server", "serve", "--data-dir", str(data_dir), "--port", "0",
-               "--metrics-port", "0", "--log-level", log_level]
+        cmd = [
+            sys.executable,
+            "-m",
+            "license_server",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--log-level",
+            log_level,
+        ]
         if database_url:
             cmd += ["--database-url", database_url]
         self.data_dir = Path(data_dir)
@@ -38,9 +52,9 @@ class LicenseServerProcess(ReadyFileProcess):
 
 
 @contextmanager
-def in_process(config: "ServerConfig", token: str) -> Iterator["LicenseServer"]:
+def in_process(config: ServerConfig, token: str) -> Iterator[LicenseServer]:
     """A started :class:`LicenseServer` in this process with admin ``token``; stopped on exit, even on errors."""
-    from license_server.service import LicenseServer
+    from license_server.server import LicenseServer
 
     server = LicenseServer(config, admin_token_hash=hash_token(token)).start()
     try:

@@ -12,15 +12,35 @@ Invariants the schema itself enforces (not just the code):
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from sqlalchemy import (
-    Boolean, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text,
-    UniqueConstraint, and_, create_engine, delete, event, func, insert, select, text, update,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -32,14 +52,16 @@ MIGRATIONS: dict[int, list[str]] = {}
 metadata = MetaData()
 
 schema_version = Table(
-    "ag_schema_version", metadata,
+    "ag_schema_version",
+    metadata,
     Column("id", Integer, primary_key=True),
     Column("version", Integer, nullable=False),
     Column("updated_at", Integer, nullable=False),
 )
 
 models = Table(
-    "ag_models", metadata,
+    "ag_models",
+    metadata,
     Column("model_id", String(64), primary_key=True),
     Column("name", String(256), nullable=False),
     Column("num_classes", Integer, nullable=False),
@@ -52,7 +74,8 @@ models = Table(
 )
 
 licenses = Table(
-    "ag_licenses", metadata,
+    "ag_licenses",
+    metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("license_id", String(64), nullable=False, unique=True),
     Column("model_id", String(64), ForeignKey("ag_models.model_id"), nullable=False, index=True),
@@ -73,7 +96,8 @@ licenses = Table(
 )
 
 revocations = Table(
-    "ag_revocations", metadata,
+    "ag_revocations",
+    metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("license_id", String(64), ForeignKey("ag_licenses.license_id"), nullable=False, unique=True),
     Column("model_id", String(64), nullable=False, index=True),
@@ -82,7 +106,8 @@ revocations = Table(
 )
 
 pregenerated = Table(
-    "ag_pregenerated", metadata,
+    "ag_pregenerated",
+    metadata,
     Column("model_id", String(64), ForeignKey("ag_models.model_id"), primary_key=True),
     Column("fo_class", Integer, primary_key=True),
     Column("conf_index", Integer, primary_key=True),
@@ -91,7 +116,8 @@ pregenerated = Table(
 )
 
 signing_keys = Table(
-    "ag_signing_keys", metadata,
+    "ag_signing_keys",
+    metadata,
     Column("key_id", String(32), primary_key=True),
     Column("public_key", LargeBinary, nullable=False),
     Column("created_at", Integer, nullable=False),
@@ -99,19 +125,27 @@ signing_keys = Table(
 
 
 class StoreError(Exception):
-    """The database failed or holds something this server cannot use."""
+    """The database failed or holds something this server cannot use; the message is safe for clients."""
 
 
-class SlotTaken(Exception):
+class StoreUnavailable(StoreError):
+    """A database call failed (unreachable, unwritable, broken schema); ``detail`` is for the server log only."""
+
+    def __init__(self, op: str, detail: str = ""):
+        super().__init__(f"the license store is unavailable ({op} failed); retry later")
+        self.op, self.detail = op, detail
+
+
+class SlotTaken(StoreError):
     """Another issuance (this process or another) took the slot first."""
 
 
-class AlreadyExists(Exception):
-    pass
+class AlreadyExists(StoreError):
+    """The model is registered with another profile, which may never change."""
 
 
 @dataclass(frozen=True)
-class ModelRow:
+class ModelRecord:
     model_id: str
     name: str
     num_classes: int
@@ -127,13 +161,93 @@ class ModelRow:
         return self.num_classes * len(self.confidences)
 
 
-def _model_row(r: Any) -> ModelRow:
-    return ModelRow(
-        model_id=r.model_id, name=r.name, num_classes=r.num_classes,
-        confidences=tuple(json.loads(r.confidences)), epsilon=r.epsilon,
-        input_shape=tuple(json.loads(r.input_shape)), encoding=r.encoding, model_path=r.model_path,
+@dataclass(frozen=True)
+class LicenseRecord:
+    """One row of ``ag_licenses``: the signed license and the slot (FO) it holds."""
+
+    seq: int
+    license_id: str
+    model_id: str
+    user_name: str
+    fo_class: int
+    conf_index: int
+    fo_confidence: float
+    user_index: int
+    payload: bytes
+    signature: bytes
+    key_id: str
+    issued_at: int
+    expires_at: int
+    revoked: bool
+    revoked_at: int | None
+    revoke_reason: str | None
+
+
+@dataclass(frozen=True)
+class RevocationRecord:
+    seq: int
+    license_id: str
+    model_id: str
+    revoked_at: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    key_id: str
+    public_key: bytes
+    created_at: int
+
+
+R = TypeVar("R")
+
+
+def _record(cls: type[R], row: Any) -> R:
+    """A frozen dataclass from a result row (bytes columns copied out of driver buffers)."""
+    values = {f.name: getattr(row, f.name) for f in fields(cls)}
+    return cls(**{k: bytes(v) if isinstance(v, memoryview) else v for k, v in values.items()})
+
+
+def _model_row(r: Any) -> ModelRecord:
+    return ModelRecord(
+        model_id=r.model_id,
+        name=r.name,
+        num_classes=r.num_classes,
+        confidences=tuple(json.loads(r.confidences)),
+        epsilon=r.epsilon,
+        input_shape=tuple(json.loads(r.input_shape)),
+        encoding=r.encoding,
+        model_path=r.model_path,
         created_at=r.created_at,
     )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(op: str) -> Callable[[F], F]:
+    """Turn any database failure inside the method into :class:`StoreUnavailable`: no driver or
+    SQLAlchemy exception leaves the store, so callers need to know one error family only."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(self: Store, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except StoreError:
+                raise
+            except self._db_errors as exc:
+                raise StoreUnavailable(op, _describe(exc)) from exc
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line account of a database failure, for the server log."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
 
 
 def redact_url(url: str) -> str:
@@ -147,9 +261,19 @@ def redact_url(url: str) -> str:
 
 
 class Store:
+    """The license database; every method returns records (dataclasses) and raises only :class:`StoreError`."""
+
     def __init__(self, url: str, *, echo: bool = False):
         self.url = url
-        self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=True, future=True)
+        try:
+            self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=True, future=True)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise StoreUnavailable("opening the database", _describe(exc)) from exc
+        dbapi = getattr(self.engine.dialect, "loaded_dbapi", None) or getattr(self.engine.dialect, "dbapi", None)
+        driver_error = getattr(dbapi, "Error", None)
+        self._db_errors: tuple[type[BaseException], ...] = (
+            (SQLAlchemyError, driver_error) if isinstance(driver_error, type) else (SQLAlchemyError,)
+        )
         self.dialect = self.engine.dialect.name
         # ``seq`` columns are INTEGER: 32-bit on PostgreSQL, 64-bit on SQLite. A cursor beyond that range
         # matches no row, and binding it would fail ("integer out of range"): a store error, not a page.
@@ -200,11 +324,14 @@ class Store:
                 for v in range(version + 1, SCHEMA_VERSION + 1):
                     for stmt in MIGRATIONS.get(v, []):
                         conn.execute(text(stmt))
-                    conn.execute(update(schema_version).where(schema_version.c.id == 1).values(version=v, updated_at=_now()))
+                    conn.execute(
+                        update(schema_version).where(schema_version.c.id == 1).values(version=v, updated_at=_now())
+                    )
                 return SCHEMA_VERSION
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot prepare the database schema: {type(exc).__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+        except self._db_errors as exc:
+            raise StoreUnavailable("preparing the database schema", _describe(exc)) from exc
 
+    @_guarded("reading the schema version")
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(schema_version.c.version)).scalar_one())
@@ -217,26 +344,34 @@ class Store:
 
     # -- keys ----------------------------------------------------------------------------------
 
+    @_guarded("recording the signing key")
     def record_key(self, key_id: str, public_key: bytes) -> None:
         with self._write() as conn:
             if conn.execute(select(signing_keys.c.key_id).where(signing_keys.c.key_id == key_id)).first() is None:
                 conn.execute(insert(signing_keys).values(key_id=key_id, public_key=public_key, created_at=_now()))
 
-    def keys(self) -> list[tuple[str, bytes, int]]:
+    @_guarded("reading the signing keys")
+    def keys(self) -> list[SigningKeyRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(signing_keys).order_by(signing_keys.c.created_at)).all()
-        return [(r.key_id, bytes(r.public_key), r.created_at) for r in rows]
+        return [_record(SigningKeyRecord, r) for r in rows]
 
     # -- models --------------------------------------------------------------------------------
 
-    def add_model(self, row: ModelRow) -> tuple[ModelRow, bool]:
+    @_guarded("registering the model")
+    def add_model(self, row: ModelRecord) -> tuple[ModelRecord, bool]:
         """Insert a model; (existing, False) if registered with the same profile; AlreadyExists otherwise."""
         with self._write() as conn:
             existing = conn.execute(select(models).where(models.c.model_id == row.model_id)).first()
             if existing is not None:
                 old = _model_row(existing)
                 same = (old.num_classes, old.confidences, old.epsilon, old.input_shape, old.encoding) == (
-                    row.num_classes, row.confidences, row.epsilon, row.input_shape, row.encoding)
+                    row.num_classes,
+                    row.confidences,
+                    row.epsilon,
+                    row.input_shape,
+                    row.encoding,
+                )
                 if not same:
                     raise AlreadyExists(
                         f"model {row.model_id[:16]}… is already registered with another profile "
@@ -244,25 +379,35 @@ class Store:
                         f"encoding={old.encoding}); a profile cannot change once licenses may exist"
                     )
                 return old, False
-            conn.execute(insert(models).values(
-                model_id=row.model_id, name=row.name, num_classes=row.num_classes,
-                confidences=json.dumps(list(row.confidences)), epsilon=row.epsilon,
-                input_shape=json.dumps(list(row.input_shape)), encoding=row.encoding,
-                model_path=row.model_path, created_at=row.created_at,
-            ))
+            conn.execute(
+                insert(models).values(
+                    model_id=row.model_id,
+                    name=row.name,
+                    num_classes=row.num_classes,
+                    confidences=json.dumps(list(row.confidences)),
+                    epsilon=row.epsilon,
+                    input_shape=json.dumps(list(row.input_shape)),
+                    encoding=row.encoding,
+                    model_path=row.model_path,
+                    created_at=row.created_at,
+                )
+            )
         return row, True
 
-    def get_model(self, model_id: str) -> ModelRow | None:
+    @_guarded("reading the model")
+    def get_model(self, model_id: str) -> ModelRecord | None:
         with self.engine.connect() as conn:
             r = conn.execute(select(models).where(models.c.model_id == model_id)).first()
         return None if r is None else _model_row(r)
 
-    def list_models(self) -> list[ModelRow]:
+    @_guarded("listing models")
+    def list_models(self) -> list[ModelRecord]:
         with self.engine.connect() as conn:
             return [_model_row(r) for r in conn.execute(select(models).order_by(models.c.created_at)).all()]
 
     # -- slots ---------------------------------------------------------------------------------
 
+    @_guarded("reading issued slots")
     def taken_slots(self, model_id: str) -> set[tuple[int, int]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -270,6 +415,7 @@ class Store:
             ).all()
         return {(r.fo_class, r.conf_index) for r in rows}
 
+    @_guarded("counting licenses")
     def count_licenses(self, model_id: str | None = None) -> int:
         q = select(func.count()).select_from(licenses)
         if model_id is not None:
@@ -277,39 +423,62 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
 
+    @_guarded("saving pre-generated fingerprints")
     def save_pregenerated(self, model_id: str, rows: Iterable[tuple[int, int, bytes]]) -> int:
         """Store ready fingerprints for free slots (replacing older ones); returns how many."""
         n = 0
         with self._write() as conn:
             taken = {
                 (r.fo_class, r.conf_index)
-                for r in conn.execute(select(licenses.c.fo_class, licenses.c.conf_index).where(licenses.c.model_id == model_id))
+                for r in conn.execute(
+                    select(licenses.c.fo_class, licenses.c.conf_index).where(licenses.c.model_id == model_id)
+                )
             }
             for cls, j, data in rows:
                 if (cls, j) in taken:
                     continue
-                conn.execute(delete(pregenerated).where(and_(
-                    pregenerated.c.model_id == model_id, pregenerated.c.fo_class == cls, pregenerated.c.conf_index == j)))
-                conn.execute(insert(pregenerated).values(
-                    model_id=model_id, fo_class=cls, conf_index=j, fingerprint=data, created_at=_now()))
+                conn.execute(
+                    delete(pregenerated).where(
+                        and_(
+                            pregenerated.c.model_id == model_id,
+                            pregenerated.c.fo_class == cls,
+                            pregenerated.c.conf_index == j,
+                        )
+                    )
+                )
+                conn.execute(
+                    insert(pregenerated).values(
+                        model_id=model_id, fo_class=cls, conf_index=j, fingerprint=data, created_at=_now()
+                    )
+                )
                 n += 1
         return n
 
+    @_guarded("reading a pre-generated fingerprint")
     def pregenerated_for(self, model_id: str, slot: tuple[int, int]) -> bytes | None:
         with self.engine.connect() as conn:
-            r = conn.execute(select(pregenerated.c.fingerprint).where(and_(
-                pregenerated.c.model_id == model_id, pregenerated.c.fo_class == slot[0],
-                pregenerated.c.conf_index == slot[1]))).first()
+            r = conn.execute(
+                select(pregenerated.c.fingerprint).where(
+                    and_(
+                        pregenerated.c.model_id == model_id,
+                        pregenerated.c.fo_class == slot[0],
+                        pregenerated.c.conf_index == slot[1],
+                    )
+                )
+            ).first()
         return None if r is None else bytes(r.fingerprint)
 
+    @_guarded("reading pre-generated slots")
     def pregenerated_slots(self, model_id: str) -> set[tuple[int, int]]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(pregenerated.c.fo_class, pregenerated.c.conf_index).where(
-                pregenerated.c.model_id == model_id)).all()
+            rows = conn.execute(
+                select(pregenerated.c.fo_class, pregenerated.c.conf_index).where(pregenerated.c.model_id == model_id)
+            ).all()
         return {(r.fo_class, r.conf_index) for r in rows}
 
     # -- licenses ------------------------------------------------------------------------------
 
+    @_guarded("storing the license")
     def insert_license(self, row: dict[str, Any]) -> None:
         """Insert one whole license and drop its slot's pre-generated fingerprint, atomically.
 
@@ -318,20 +487,37 @@ class Store:
         try:
             with self._write() as conn:
                 conn.execute(insert(licenses).values(**row, revoked=False))
-                conn.execute(delete(pregenerated).where(and_(
-                    pregenerated.c.model_id == row["model_id"], pregenerated.c.fo_class == row["fo_class"],
-                    pregenerated.c.conf_index == row["conf_index"])))
+                conn.execute(
+                    delete(pregenerated).where(
+                        and_(
+                            pregenerated.c.model_id == row["model_id"],
+                            pregenerated.c.fo_class == row["fo_class"],
+                            pregenerated.c.conf_index == row["conf_index"],
+                        )
+                    )
+                )
         except IntegrityError as exc:
-            raise SlotTaken(str(exc.orig)) from exc
+            raise SlotTaken(
+                f"slot ({row['fo_class']}, {row['conf_index']}) of model {row['model_id'][:16]}… is taken"
+            ) from exc
 
-    def get_license(self, license_id: str) -> Any | None:
+    @_guarded("reading the license")
+    def get_license(self, license_id: str) -> LicenseRecord | None:
         with self.engine.connect() as conn:
-            return conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
+            r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
+        return None if r is None else _record(LicenseRecord, r)
 
+    @_guarded("listing licenses")
     def list_licenses(
-        self, *, model_id: str = "", user: str = "", state: str = "", after_seq: int = 0, limit: int = 100,
+        self,
+        *,
+        model_id: str = "",
+        user: str = "",
+        state: str = "",
+        after_seq: int = 0,
+        limit: int = 100,
         now: int | None = None,
-    ) -> list[Any]:
+    ) -> list[LicenseRecord]:
         now = _now() if now is None else now
         if after_seq >= self.max_sequence:
             return []
@@ -347,32 +533,38 @@ class Store:
         elif state == "expired":
             q = q.where(and_(licenses.c.revoked.is_(False), licenses.c.expires_at <= now))
         with self.engine.connect() as conn:
-            return conn.execute(q.order_by(licenses.c.seq).limit(limit)).all()
+            return [_record(LicenseRecord, r) for r in conn.execute(q.order_by(licenses.c.seq).limit(limit))]
 
-    def revoke(self, license_id: str, reason: str) -> tuple[Any | None, bool]:
+    @_guarded("revoking the license")
+    def revoke(self, license_id: str, reason: str) -> tuple[LicenseRecord | None, bool]:
         """(row, newly_revoked); row None if the license does not exist."""
         with self._write() as conn:
             r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
             if r is None:
                 return None, False
             if r.revoked:
-                return r, False
+                return _record(LicenseRecord, r), False
             now = _now()
-            conn.execute(update(licenses).where(licenses.c.license_id == license_id).values(
-                revoked=True, revoked_at=now, revoke_reason=reason))
-            conn.execute(insert(revocations).values(
-                license_id=license_id, model_id=r.model_id, revoked_at=now, reason=reason))
+            conn.execute(
+                update(licenses)
+                .where(licenses.c.license_id == license_id)
+                .values(revoked=True, revoked_at=now, revoke_reason=reason)
+            )
+            conn.execute(
+                insert(revocations).values(license_id=license_id, model_id=r.model_id, revoked_at=now, reason=reason)
+            )
             r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
-        return r, True
+        return _record(LicenseRecord, r), True
 
-    def list_revocations(self, since: int = 0, model_id: str = "", limit: int = 1000) -> list[Any]:
+    @_guarded("listing revocations")
+    def list_revocations(self, since: int = 0, model_id: str = "", limit: int = 1000) -> list[RevocationRecord]:
         if since >= self.max_sequence:
             return []
         q = select(revocations).where(revocations.c.seq > since)
         if model_id:
             q = q.where(revocations.c.model_id == model_id)
         with self.engine.connect() as conn:
-            return conn.execute(q.order_by(revocations.c.seq).limit(limit)).all()
+            return [_record(RevocationRecord, r) for r in conn.execute(q.order_by(revocations.c.seq).limit(limit))]
 
 
 class _WriteTxn:

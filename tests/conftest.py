@@ -39,6 +39,10 @@ def server(deployment):
     package(d.model_path, d.profile(policy="random"), "guarded", d.store)
     package(d.model_path, d.profile(policy="reject"), "strict", d.store)
     package(d.model_path, d.profile(policy="reject", paper_mode=True), "paper", d.store)
-    with ManagedTorchServe(d.store, {"guarded": "guarded.mar", "strict": "strict.mar", "paper": "paper.mar"},
-                           batch_size=8, max_batch_delay_ms=20) as ts:
+    with ManagedTorchServe(
+        d.store,
+        {"guarded": "guarded.mar", "strict": "strict.mar", "paper": "paper.mar"},
+        batch_size=8,
+        max_batch_delay_ms=20,
+    ) as ts:
         yield ts

@@ -34,19 +34,36 @@ class Deployment:
 
     def profile(self, **kw) -> Profile:
         pub = self.server_key.public_key()
-        return Profile(model_id=self.model_id, input_shape=(1, 28, 28),
-                       license_public_keys={licenses.key_id(pub): licenses.public_key_pem(pub).decode()},
-                       gateway_public_key=licenses.public_key_pem(self.gateway_key.public_key()).decode(),
-                       revocation_file=str(self.revocation_file), **kw)
+        return Profile(
+            model_id=self.model_id,
+            input_shape=(1, 28, 28),
+            license_public_keys={licenses.key_id(pub): licenses.public_key_pem(pub).decode()},
+            gateway_public_key=licenses.public_key_pem(self.gateway_key.public_key()).decode(),
+            revocation_file=str(self.revocation_file),
+            **kw,
+        )
 
-    def license(self, row: int = 0, *, user: str = "alice", validity: int = 3600, mid: str | None = None,
-                key: Ed25519PrivateKey | None = None) -> str:
+    def license(
+        self,
+        row: int = 0,
+        *,
+        user: str = "alice",
+        validity: int = 3600,
+        mid: str | None = None,
+        key: Ed25519PrivateKey | None = None,
+    ) -> str:
         key = key or self.server_key
         index = self.users[row]
-        payload = licenses.make_payload(model_id=mid or self.model_id, user=user, user_index=index,
-                                        fo=CONFIG.fo_of_user(index), epsilon=CONFIG.epsilon,
-                                        fingerprint=self.fingerprints[row : row + 1], key=key,
-                                        validity_seconds=validity)
+        payload = licenses.make_payload(
+            model_id=mid or self.model_id,
+            user=user,
+            user_index=index,
+            fo=CONFIG.fo_of_user(index),
+            epsilon=CONFIG.epsilon,
+            fingerprint=self.fingerprints[row : row + 1],
+            key=key,
+            validity_seconds=validity,
+        )
         return licenses.sign_license(payload, key).to_text()
 
 
@@ -55,8 +72,16 @@ def build(model: torch.nn.Module, x_seed: torch.Tensor, root: Path, users: list[
     mid = save_model(model, model_path)
     fps = generate_fingerprints(model, CONFIG, users, seed_images(x_seed, len(users), 3))
     assert fps.success.all()
-    return Deployment(root / "store", model_path, mid, Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate(),
-                      root / "revoked.txt", fps.inputs, users)
+    return Deployment(
+        root / "store",
+        model_path,
+        mid,
+        Ed25519PrivateKey.generate(),
+        Ed25519PrivateKey.generate(),
+        root / "revoked.txt",
+        fps.inputs,
+        users,
+    )
 
 
 def header_value(license_text: str) -> str:

@@ -25,7 +25,8 @@ def test_conferrability_score_by_hand():
 @pytest.fixture(scope="module")
 def cem(lenet, mnist):
     surrogates, references = conferrable.train_ensemble(
-        lenet, mnist.x_train[:500], mnist.y_train[:500], n_surrogates=1, n_references=1, epochs=1)
+        lenet, mnist.x_train[:500], mnist.y_train[:500], n_surrogates=1, n_references=1, epochs=1
+    )
     x0 = mnist.x_test[:40]
     fp = conferrable.generate(lenet, surrogates, references, x0, n=20, steps=30, eps=0.25)
     return fp, x0
@@ -46,7 +47,6 @@ def test_cem_fingerprint(lenet, cem):
 
 def test_cem_bad_input(lenet, cem):
     with pytest.raises(ValueError, match="empty"):
-        conferrable.CemFingerprint(torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long), torch.empty(0),
-                                   0.85, 0)
+        conferrable.CemFingerprint(torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long), torch.empty(0), 0.85, 0)
     with pytest.raises(ValueError, match="surrogate"):
         conferrable.generate(lenet, [], [lenet], torch.zeros(2, 1, 28, 28))

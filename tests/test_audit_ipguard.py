@@ -35,7 +35,8 @@ def test_independent_models_match_less(fingerprint, mnist):
     torch.manual_seed(3)
     other = MLPClassifier()  # untrained: an independent model
     rf = RandomForestClassifier(n_estimators=10, random_state=0).fit(
-        torch.flatten(mnist.x_train[:500], 1).numpy(), mnist.y_train[:500].numpy())
+        torch.flatten(mnist.x_train[:500], 1).numpy(), mnist.y_train[:500].numpy()
+    )
     assert ipguard.verify(fingerprint, other) < 0.5
     assert ipguard.verify(fingerprint, ipguard.sklearn_suspect(rf)) < 0.5
 

@@ -109,13 +109,16 @@ def stub():
         server.server_close()
 
 
-@pytest.mark.parametrize("path, message", [
-    ("garbage", r"did not answer JSON \(HTTP 200\): '<html>502"),
-    ("rows", "answered 2 rows for 3 queries"),
-    ("nan", "NaN or infinite scores in 1 of 3 rows"),
-    ("ragged", r"ragged rows: row lengths \[1, 2\]"),
-    ("error", "answered HTTP 507: worker died"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("garbage", r"did not answer JSON \(HTTP 200\): '<html>502"),
+        ("rows", "answered 2 rows for 3 queries"),
+        ("nan", "NaN or infinite scores in 1 of 3 rows"),
+        ("ragged", r"ragged rows: row lengths \[1, 2\]"),
+        ("error", "answered HTTP 507: worker died"),
+    ],
+)
 def test_bad_answers_raise_suspect_error(stub, path, message):
     with pytest.raises(SuspectError, match=message):
         open_suspect(f"{stub}/{path}")(torch.zeros(3, 2))

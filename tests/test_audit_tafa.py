@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from activeguard.attacks import fine_tune, global_prune
 from activeguard.audit import tafa
-from activeguard.audit.suspects import as_callable, fine_tune, global_prune
+from activeguard.audit.suspects import as_callable
 from activeguard.data import load_diabetes, load_fashion_mnist
 from activeguard.models import (
     MLPClassifier,
@@ -26,13 +27,16 @@ def _scores(fp, positives, negatives, statistic):
 def regression():
     split = load_diabetes(seed=0)
     owner = train_regressor(split, epochs=40, seed=0)
-    positives = [global_prune(owner, 0.2),
-                 fine_tune(owner, split.x_test[:40], split.y_test[:40], epochs=5, lr=0.002, loss="mse")]
+    positives = [
+        global_prune(owner, 0.2),
+        fine_tune(owner, split.x_test[:40], split.y_test[:40], epochs=5, lr=0.002, loss="mse"),
+    ]
     negatives = []
     for s in (1, 2):
         torch.manual_seed(s)
-        negatives.append(train(MLPRegressor(10), split.x_train, split.y_train, loss="mse", epochs=40, batch_size=32,
-                               seed=s))
+        negatives.append(
+            train(MLPRegressor(10), split.x_train, split.y_train, loss="mse", epochs=40, batch_size=32, seed=s)
+        )
     return owner, positives, negatives
 
 
@@ -72,13 +76,21 @@ def test_generator():
 
 def test_classifier_gradient_path(lenet, mnist):
     softmax = lambda z: torch.softmax(z, 1)
-    fp = tafa.generate(lenet, 30, (1, 28, 28), output=lambda x: softmax(lenet(x)), solver="gradient",
-                       bounds=(0.0, 1.0), init="uniform", seed=0)
+    fp = tafa.generate(
+        lenet,
+        30,
+        (1, 28, 28),
+        output=lambda x: softmax(lenet(x)),
+        solver="gradient",
+        bounds=(0.0, 1.0),
+        init="uniform",
+        seed=0,
+    )
     assert fp.solver == "gradient"
     torch.manual_seed(5)
     other = train(MLPClassifier(), mnist.x_train[:1000], mnist.y_train[:1000], epochs=2, seed=5)
     positive = global_prune(lenet, 0.3)
-    wrap = lambda m: (lambda x: softmax(m(x)))
+    wrap = lambda m: lambda x: softmax(m(x))
     for statistic in tafa.STATISTICS:
         assert tafa.verify(fp, wrap(lenet), statistic) == pytest.approx(1.0)
         assert tafa.verify(fp, wrap(positive), statistic) > tafa.verify(fp, wrap(other), statistic)
@@ -94,6 +106,8 @@ def test_bad_suspects(regression):
     with pytest.raises(ValueError, match="statistic"):
         tafa.verify(fp, owner, "nope")
     with pytest.raises(ValueError, match="empty"):
-        tafa.TafaFingerprint(torch.empty(0, 10), torch.empty(0, 10), 0.1, torch.empty(0, 1), torch.empty(0, 1), 1.0, "lp")
+        tafa.TafaFingerprint(
+            torch.empty(0, 10), torch.empty(0, 10), 0.1, torch.empty(0, 1), torch.empty(0, 1), 1.0, "lp"
+        )
     with pytest.raises(ValueError, match="not a fully-connected"):
         tafa.lp_boundary_points(torch.nn.Conv2d(1, 1, 3), 2, (1, 5, 5))

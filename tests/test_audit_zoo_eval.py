@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from activeguard.audit import conferrable, ipguard, metrics
+from activeguard.audit.cache import cached
 from activeguard.audit.evaluate import POST_PROCESSING, run_audit_evaluation
-from activeguard.audit.suspects import as_callable, cached, classifier_zoo
+from activeguard.audit.suspects import as_callable, classifier_zoo
 from activeguard.models import accuracy
 
 pytestmark = pytest.mark.slow
@@ -49,8 +50,9 @@ def test_zoo_is_cached(zoo, lenet, mnist, cache):
 
 def test_ipguard_and_cem_separate_positives_from_negatives(zoo, lenet, mnist):
     fp = ipguard.generate(lenet, 50, k=3.0, method="RL", x_train=mnist.x_train, seed=0)
-    surrogates, references = conferrable.train_ensemble(lenet, mnist.x_train[:500], mnist.y_train[:500],
-                                                        n_surrogates=1, n_references=1, epochs=1)
+    surrogates, references = conferrable.train_ensemble(
+        lenet, mnist.x_train[:500], mnist.y_train[:500], n_surrogates=1, n_references=1, epochs=1
+    )
     cem = conferrable.generate(lenet, surrogates, references, mnist.x_test[:100], n=40, steps=40)
     for score in (lambda m: ipguard.verify(fp, m), lambda m: conferrable.caeacc(cem, m)):
         s = [score(as_callable(z.model)) for z in zoo]

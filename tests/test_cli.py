@@ -41,8 +41,9 @@ def test_fingerprint_command_writes_verified_files(model_file, tmp_path, capsys,
     from activeguard.fingerprints import authenticate
 
     out = tmp_path / "fps"
-    code, stdout, _ = run_cli(["fingerprint", "--model", str(model_file), "--users", "0,14-15", "--out", str(out),
-                               "--json"], capsys)
+    code, stdout, _ = run_cli(
+        ["fingerprint", "--model", str(model_file), "--users", "0,14-15", "--out", str(out), "--json"], capsys
+    )
     assert code == 0
     manifest = json.loads(stdout)
     assert [e["user"] for e in manifest["fingerprints"]] == [0, 14, 15]
@@ -53,20 +54,28 @@ def test_fingerprint_command_writes_verified_files(model_file, tmp_path, capsys,
 
 def test_watermark_embed_and_verify_with_exit_codes(model_file, tmp_path, capsys):
     marked, key = tmp_path / "marked.pt", tmp_path / "owner.agkey"
-    code, stdout, _ = run_cli(["watermark", "embed", "--model", str(model_file), "--out", str(marked),
-                               "--key-out", str(key), "--json"], capsys, PASS_ENV)
+    code, stdout, _ = run_cli(
+        ["watermark", "embed", "--model", str(model_file), "--out", str(marked), "--key-out", str(key), "--json"],
+        capsys,
+        PASS_ENV,
+    )
     result = json.loads(stdout)
     assert code == 0 and result["verified"] and result["digits"] == 13
     assert "correct horse" not in stdout
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    code, stdout, _ = run_cli(["watermark", "verify", "--model", str(marked), "--key", str(key), "--json"],
-                              capsys, PASS_ENV)
+    code, stdout, _ = run_cli(
+        ["watermark", "verify", "--model", str(marked), "--key", str(key), "--json"], capsys, PASS_ENV
+    )
     assert code == 0 and json.loads(stdout)["verified"]
-    code, stdout, _ = run_cli(["watermark", "verify", "--model", str(model_file), "--key", str(key), "--json"],
-                              capsys, PASS_ENV)
+    code, stdout, _ = run_cli(
+        ["watermark", "verify", "--model", str(model_file), "--key", str(key), "--json"], capsys, PASS_ENV
+    )
     assert code == 1 and not json.loads(stdout)["verified"]  # the unmarked original is not ours
-    code, _, err = run_cli(["watermark", "verify", "--model", str(marked), "--key", str(key)], capsys,
-                           {"ACTIVEGUARD_WM_PASSPHRASE": "wrong"})
+    code, _, err = run_cli(
+        ["watermark", "verify", "--model", str(marked), "--key", str(key)],
+        capsys,
+        {"ACTIVEGUARD_WM_PASSPHRASE": "wrong"},
+    )
     assert code == 2 and "wrong passphrase" in err
 
 
@@ -77,8 +86,22 @@ def test_watermark_key_is_secret_unless_an_experiment_seed_is_given(model_file, 
 
     def embed(name: str, *extra: str) -> tuple[wm.WatermarkKey, dict, str]:
         key_path = tmp_path / f"{name}.agkey"
-        _, stdout, err = run_cli(["watermark", "embed", "--model", str(model_file), "--out", str(tmp_path / f"{name}.pt"),
-                                  "--key-out", str(key_path), "--json", *extra], capsys, PASS_ENV)
+        _, stdout, err = run_cli(
+            [
+                "watermark",
+                "embed",
+                "--model",
+                str(model_file),
+                "--out",
+                str(tmp_path / f"{name}.pt"),
+                "--key-out",
+                str(key_path),
+                "--json",
+                *extra,
+            ],
+            capsys,
+            PASS_ENV,
+        )
         return wm.load_key(key_path, PASS_ENV["ACTIVEGUARD_WM_PASSPHRASE"]), json.loads(stdout), err
 
     first, report, err = embed("first")
@@ -112,8 +135,19 @@ def test_usage_errors_exit_2_with_a_message(args, message, model_file, capsys, t
 def test_core_evaluation_runs_end_to_end_and_reports(tmp_path):
     out = tmp_path / "core"
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("activeguard")), "evaluate", "core", "--quick", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, **PASS_ENV},
+        [
+            str(Path(sys.executable).with_name("activeguard")),
+            "evaluate",
+            "core",
+            "--quick",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **PASS_ENV},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

@@ -5,7 +5,13 @@ import torch
 
 from activeguard import data
 from activeguard.models import (
-    accuracy, build_model, load_model, model_id, save_model, train_generator, train_regressor,
+    accuracy,
+    build_model,
+    load_model,
+    model_id,
+    save_model,
+    train_generator,
+    train_regressor,
 )
 
 

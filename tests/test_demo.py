@@ -46,8 +46,13 @@ def gone(pid: int, group: bool = False) -> bool:
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
     env = {**os.environ, "ACTIVEGUARD_WM_PASSPHRASE": "correct horse battery staple"}
-    proc = subprocess.run([ACTIVEGUARD, "demo", "--quick", "--out", str(out), "--json"], capture_output=True,
-                          text=True, timeout=840, env=env)
+    proc = subprocess.run(
+        [ACTIVEGUARD, "demo", "--quick", "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=840,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads(proc.stdout), proc
 
@@ -109,8 +114,9 @@ def test_no_process_left_running(demo_run):
 
 def test_ctrl_c_during_the_served_part_stops_every_server(tmp_path):
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([ACTIVEGUARD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [ACTIVEGUARD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 600
         while not (out / "gateway" / "gateway.json").exists():  # written once TorchServe is up

@@ -23,8 +23,10 @@ def test_table1_every_user_authenticates_as_themselves(table):
     assert len(result.per_user) == 30 and result.fingerprints == 600
     assert result.minimum >= 0.95, result.per_user
     assert result.wrong_identity == 0
-    print("\nTable 1 analog:", json.dumps({"min": result.minimum, "median": result.median,
-                                           "seconds": round(result.generation_seconds, 1)}))
+    print(
+        "\nTable 1 analog:",
+        json.dumps({"min": result.minimum, "median": result.median, "seconds": round(result.generation_seconds, 1)}),
+    )
 
 
 def test_generator_flags_agree_with_an_independent_pass(table, lenet):

@@ -25,23 +25,39 @@ from gateway.tensors import from_tensor, to_tensor
 from tests.serving_fixtures import json_body
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 # -- strategies ---------------------------------------------------------------------------------
 
 json_leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
-json_trees = st.recursive(json_leaves, lambda kids: st.lists(kids, max_size=5) | st.dictionaries(
-    st.text(max_size=8), kids, max_size=5), max_leaves=30)
-credentials = (st.none() | st.text(max_size=200) | st.binary(max_size=200) | st.integers() | json_trees
-               | st.just("") | st.just(b"") | st.just("Bearer ") | st.just("v1.e30.AAAA"))
+json_trees = st.recursive(
+    json_leaves,
+    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=8), kids, max_size=5),
+    max_leaves=30,
+)
+credentials = (
+    st.none()
+    | st.text(max_size=200)
+    | st.binary(max_size=200)
+    | st.integers()
+    | json_trees
+    | st.just("")
+    | st.just(b"")
+    | st.just("Bearer ")
+    | st.just("v1.e30.AAAA")
+)
 npy_dtypes = st.sampled_from(["<f4", "<f8", ">f4", "|u1", "<i8", "|b1", "<c8", "|O", "<U3", "V8", "zz"])
 npy_shapes = st.lists(st.integers(min_value=-3, max_value=10**13) | st.sampled_from([1, 28]), max_size=6)
 
 
 def npy_bytes(descr: str, shape: list[int], fortran: bool, tail: bytes) -> bytes:
     """An .npy file whose header says anything at all, followed by arbitrary data."""
-    header = "{'descr': %r, 'fortran_order': %r, 'shape': %s, }" % (descr, fortran, tuple(shape))
+    header = f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {tuple(shape)}, }}"
     header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + tail
 
@@ -138,8 +154,11 @@ def test_license_parsing_raises_only_license_errors(raw):
 
 
 @FUZZ
-@given(payload=st.binary(max_size=400) | json_trees.map(lambda t: json.dumps(t).encode()),
-       signature=st.binary(max_size=80), key_id=st.text(max_size=20))
+@given(
+    payload=st.binary(max_size=400) | json_trees.map(lambda t: json.dumps(t).encode()),
+    signature=st.binary(max_size=80),
+    key_id=st.text(max_size=20),
+)
 def test_signed_license_fields_raise_only_license_errors(payload, signature, key_id):
     with pytest.raises(licenses.LicenseError):
         licenses.verify_license(licenses.SignedLicense(payload, signature, key_id), {key_id: SESSION_KEY.public_key()})
@@ -165,8 +184,11 @@ def test_session_parsing_raises_only_session_errors(token, claims):
 
 
 @FUZZ
-@given(data=st.binary(max_size=256), shape=st.lists(st.integers(-2, 2**62), max_size=12),
-       dtype=st.sampled_from(["float32", "float64", "", "int8"]) | st.text(max_size=8))
+@given(
+    data=st.binary(max_size=256),
+    shape=st.lists(st.integers(-2, 2**62), max_size=12),
+    dtype=st.sampled_from(["float32", "float64", "", "int8"]) | st.text(max_size=8),
+)
 def test_tensor_codec_raises_only_value_errors(data, shape, dtype):
     try:
         array = from_tensor(gateway_pb2.Tensor(data=data, shape=shape, dtype=dtype))

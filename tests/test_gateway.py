@@ -44,21 +44,40 @@ def stack(lenet, deployment, tmp_path_factory):
         gateway_key_path = root / "gateway.key"
         gateway_key = licenses.generate_signing_key(gateway_key_path)
         revocations = root / "revoked.txt"
-        profile = Profile(model_id=mid, input_shape=(1, 28, 28), policy="reject", license_public_keys=pems,
-                          gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),
-                          revocation_file=str(revocations))
+        profile = Profile(
+            model_id=mid,
+            input_shape=(1, 28, 28),
+            policy="reject",
+            license_public_keys=pems,
+            gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),
+            revocation_file=str(revocations),
+        )
         store = root / "store"
         package(deployment.model_path, profile, "mnist", store)
         ts = ManagedTorchServe(store, {"mnist": "mnist.mar"}, batch_size=8, max_batch_delay_ms=2).start()
-        config = {"models": [{"name": "mnist", "model_id": mid, "upstreams": [ts.grpc_target]}],
-                  "signing_key": str(gateway_key_path), "license_server": ls.target,
-                  "revocation_file": str(revocations), "poll_interval_s": POLL_S, "session_ttl_s": 60,
-                  "upstream_deadline_s": 5, "rate_per_user_per_s": 10000, "max_sessions_per_user": 64}
+        config = {
+            "models": [{"name": "mnist", "model_id": mid, "upstreams": [ts.grpc_target]}],
+            "signing_key": str(gateway_key_path),
+            "license_server": ls.target,
+            "revocation_file": str(revocations),
+            "poll_interval_s": POLL_S,
+            "session_ttl_s": 60,
+            "upstream_deadline_s": 5,
+            "rate_per_user_per_s": 10000,
+            "max_sessions_per_user": 64,
+        }
         (root / "gateway.json").write_text(json.dumps(config))
         gw = GatewayProcess(root / "gateway.json", root)
         channel = grpc.insecure_channel(gw.target)
-        state = {"ls": ls, "ts": ts, "gw": gw, "channel": channel, "licenses": issued, "gateway_key": gateway_key,
-                 "model_id": mid}
+        state = {
+            "ls": ls,
+            "ts": ts,
+            "gw": gw,
+            "channel": channel,
+            "licenses": issued,
+            "gateway_key": gateway_key,
+            "model_id": mid,
+        }
         yield state
         channel.close()
         ts = state["ts"]  # a test may have replaced TorchServe with a restarted one: stop that one
@@ -100,30 +119,42 @@ def test_bad_credentials_get_the_right_code_and_no_outputs(stack, mnist):
         return stub.Predict(request, metadata=metadata, timeout=10)
 
     assert rpc_code(call)[0] == grpc.StatusCode.UNAUTHENTICATED
-    expired, _ = sessions.issue_session(stack["gateway_key"], user="alice", user_index=0, license_id="x",
-                                        model_id=stack["model_id"], ttl_seconds=-1)
+    expired, _ = sessions.issue_session(
+        stack["gateway_key"], user="alice", user_index=0, license_id="x", model_id=stack["model_id"], ttl_seconds=-1
+    )
     code, message = rpc_code(lambda: call(expired))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "expired" in message
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    foreign, _ = sessions.issue_session(Ed25519PrivateKey.generate(), user="alice", user_index=0, license_id="x",
-                                        model_id=stack["model_id"], ttl_seconds=60)
+    foreign, _ = sessions.issue_session(
+        Ed25519PrivateKey.generate(),
+        user="alice",
+        user_index=0,
+        license_id="x",
+        model_id=stack["model_id"],
+        ttl_seconds=60,
+    )
     assert rpc_code(lambda: call(foreign))[0] == grpc.StatusCode.UNAUTHENTICATED
     lic = stack["licenses"]["alice"]
     raw = bytearray(lic.payload)
     raw[len(raw) // 3] ^= 0x04
     tampered = common_pb2.SignedLicense(payload=bytes(raw), signature=lic.signature, key_id=lic.key_id)
-    code, message = rpc_code(lambda: stub.Authenticate(gateway_pb2.AuthenticateRequest(model="mnist",
-                                                                                      license=tampered), timeout=10))
+    code, message = rpc_code(
+        lambda: stub.Authenticate(gateway_pb2.AuthenticateRequest(model="mnist", license=tampered), timeout=10)
+    )
     assert code == grpc.StatusCode.UNAUTHENTICATED and message
-    bad_tensor = gateway_pb2.PredictRequest(model="mnist", inputs=gateway_pb2.Tensor(data=b"\0" * 7, shape=[1, 1, 28, 28],
-                                                                                      dtype="float32"))
+    bad_tensor = gateway_pb2.PredictRequest(
+        model="mnist", inputs=gateway_pb2.Tensor(data=b"\0" * 7, shape=[1, 1, 28, 28], dtype="float32")
+    )
     token = client(stack, "alice").authenticate("mnist")
-    code, message = rpc_code(lambda: stub.Predict(bad_tensor, metadata=(("authorization", f"Bearer {token}"),),
-                                                  timeout=10))
+    code, message = rpc_code(
+        lambda: stub.Predict(bad_tensor, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in message
-    assert rpc_code(lambda: stub.Predict(gateway_pb2.PredictRequest(model="nope"), timeout=10))[0] \
+    assert (
+        rpc_code(lambda: stub.Predict(gateway_pb2.PredictRequest(model="nope"), timeout=10))[0]
         == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_load_8_clients_2000_requests_10_percent_unauthorized(stack, mnist):
@@ -148,8 +179,10 @@ def test_load_8_clients_2000_requests_10_percent_unauthorized(stack, mnist):
     unexpected = [r for r in results if (r[1] != "OK") != r[0] or (r[0] and r[1] != "UNAUTHENTICATED")]
     leaked = [r for r in results if r[0] and r[3] > 0]
     latencies = sorted(r[2] * 1000 for r in results if not r[0])
-    print(f"\ngateway load: p50 {statistics.median(latencies):.1f} ms, "
-          f"p99 {latencies[int(0.99 * (len(latencies) - 1))]:.1f} ms over {len(results)} requests")
+    print(
+        f"\ngateway load: p50 {statistics.median(latencies):.1f} ms, "
+        f"p99 {latencies[int(0.99 * (len(latencies) - 1))]:.1f} ms over {len(results)} requests"
+    )
     assert unexpected == [] and leaked == []
 
 

@@ -10,8 +10,8 @@ import pytest
 from gateway.service import GatewayConfig, Metrics, ModelRoute, RevocationSync
 from handlers.server import free_port
 from license_server.client import LicenseClient
+from license_server.config import ServerConfig
 from license_server.process import in_process
-from license_server.service import ServerConfig
 from tests.processes import TOKEN
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,13 @@ def test_a_revocation_reaches_the_gateway_within_poll_plus_one_second_after_a_re
     with in_process(ls_config, TOKEN), LicenseClient(f"127.0.0.1:{port}", TOKEN, timeout=120) as admin:
         mid = admin.register_model(model_path=str(deployment.model_path), name="mnist").profile.model_id
         license_id = admin.issue(mid, "alice", 3600).license_id
-    gw_config = GatewayConfig(models=[ModelRoute("mnist", mid, ["127.0.0.1:1"])], signing_key=tmp_path / "gw.key",
-                              license_server=f"127.0.0.1:{port}", revocation_file=tmp_path / "revoked.txt",
-                              poll_interval_s=POLL_S)
+    gw_config = GatewayConfig(
+        models=[ModelRoute("mnist", mid, ["127.0.0.1:1"])],
+        signing_key=tmp_path / "gw.key",
+        license_server=f"127.0.0.1:{port}",
+        revocation_file=tmp_path / "revoked.txt",
+        poll_interval_s=POLL_S,
+    )
     metrics = Metrics()
     sync = RevocationSync(gw_config, metrics)
     sync.start()
@@ -36,8 +40,10 @@ def test_a_revocation_reaches_the_gateway_within_poll_plus_one_second_after_a_re
         assert metrics.registry.get_sample_value("activeguard_gateway_revocation_sync_errors_total") >= 3
         assert sync.staleness() >= OUTAGE_S - POLL_S
         # the admin waits for the connection; the sync (like the gateway) keeps its own fail-fast polls
-        with in_process(ls_config, TOKEN), LicenseClient(f"127.0.0.1:{port}", TOKEN, timeout=30,
-                                                         wait_for_ready=True) as admin:
+        with (
+            in_process(ls_config, TOKEN),
+            LicenseClient(f"127.0.0.1:{port}", TOKEN, timeout=30, wait_for_ready=True) as admin,
+        ):
             admin.revoke(license_id, "test")
             revoked_at = time.monotonic()
             while license_id not in sync.revoked:
@@ -46,8 +52,10 @@ def test_a_revocation_reaches_the_gateway_within_poll_plus_one_second_after_a_re
             delay = time.monotonic() - revoked_at
     finally:
         sync.stop()
-    print(f"\nrevocation reached the gateway {delay:.2f} s after the restarted license server recorded it "
-          f"(poll interval {POLL_S:g} s)")
+    print(
+        f"\nrevocation reached the gateway {delay:.2f} s after the restarted license server recorded it "
+        f"(poll interval {POLL_S:g} s)"
+    )
     assert delay <= POLL_S + 1.0
     assert license_id in (tmp_path / "revoked.txt").read_text()  # and the handler's file has it
     assert sync.staleness() < POLL_S + 1.0

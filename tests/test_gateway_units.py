@@ -6,8 +6,8 @@ import grpc
 import numpy as np
 import pytest
 
-from activeguard_proto.v1 import gateway_pb2
 from activeguard import protection
+from activeguard_proto.v1 import gateway_pb2
 from gateway.errors import HANDLER_REASON_CODES, handler_refusal, upstream_refusal
 from gateway.service import GatewayConfig, GatewayService, Limits, Metrics, ModelRoute, Refusal, RevocationSync
 from gateway.tensors import from_tensor, to_tensor
@@ -52,9 +52,13 @@ def test_upstream_pool_round_robin_retry_and_mark_down():
 
 
 def test_revocation_sync_keeps_last_list_when_server_is_unreachable(tmp_path):
-    config = GatewayConfig(models=[ModelRoute("m", "id", ["127.0.0.1:1"])], signing_key=tmp_path / "k",
-                           license_server=f"127.0.0.1:{free_port()}", revocation_file=tmp_path / "revoked.txt",
-                           poll_interval_s=0.5)
+    config = GatewayConfig(
+        models=[ModelRoute("m", "id", ["127.0.0.1:1"])],
+        signing_key=tmp_path / "k",
+        license_server=f"127.0.0.1:{free_port()}",
+        revocation_file=tmp_path / "revoked.txt",
+        poll_interval_s=0.5,
+    )
     metrics = Metrics()
     sync = RevocationSync(config, metrics)
     sync.revoked = frozenset({"L1"})
@@ -93,8 +97,12 @@ def test_handler_bodies_map_to_codes():
 
 
 def test_stale_revocation_list_fails_closed_and_is_exported(tmp_path):
-    config = GatewayConfig(models=[ModelRoute("m", "id", ["127.0.0.1:1"])], signing_key=tmp_path / "k",
-                           license_server=f"127.0.0.1:{free_port()}", max_revocation_staleness_s=5)
+    config = GatewayConfig(
+        models=[ModelRoute("m", "id", ["127.0.0.1:1"])],
+        signing_key=tmp_path / "k",
+        license_server=f"127.0.0.1:{free_port()}",
+        max_revocation_staleness_s=5,
+    )
     metrics = Metrics()
     sync = RevocationSync(config, metrics)
     sync.require_fresh()  # just started: fresh enough
@@ -128,9 +136,16 @@ def test_export_public_key_creates_the_key_once(tmp_path, capsys):
     from activeguard.cli import main
 
     config = tmp_path / "gateway.json"
-    config.write_text(json.dumps({"models": [{"name": "m", "model_id": "x", "upstreams": ["127.0.0.1:1"]}],
-                                  "signing_key": str(tmp_path / "gateway.key"), "license_server": "127.0.0.1:2",
-                                  "revocation_file": str(tmp_path / "revoked.txt")}))
+    config.write_text(
+        json.dumps(
+            {
+                "models": [{"name": "m", "model_id": "x", "upstreams": ["127.0.0.1:1"]}],
+                "signing_key": str(tmp_path / "gateway.key"),
+                "license_server": "127.0.0.1:2",
+                "revocation_file": str(tmp_path / "revoked.txt"),
+            }
+        )
+    )
     pem = tmp_path / "gateway.pub.pem"
     assert main(["gateway", "--config", str(config), "--export-public-key", str(pem)]) == 0
     assert "created" in capsys.readouterr().out

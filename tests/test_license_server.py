@@ -33,9 +33,10 @@ from activeguard.control import ControlConfig  # noqa: E402
 from activeguard.fingerprints import authenticate  # noqa: E402
 from activeguard.models import CHECKPOINT_FORMAT, model_id, save_model  # noqa: E402
 from activeguard_proto.v1 import license_pb2  # noqa: E402
+from handlers.server import free_port  # noqa: E402
 from license_server.client import LicenseClient, to_signed  # noqa: E402
+from license_server.config import ServerConfig  # noqa: E402
 from license_server.process import in_process  # noqa: E402
-from license_server.service import ServerConfig  # noqa: E402
 from license_server.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -250,8 +251,9 @@ def test_kill_during_issuance_leaves_whole_licenses_only(servers, tmp_path, mode
         assert len(rows) >= sum(outcomes)  # every acknowledged license is durable
         assert len(rows) < 30, "the kill came too late to interrupt an issuance"
         for r in rows:  # each row is a whole, valid license whose columns match the signed payload
-            payload = lic.verify_license(lic.SignedLicense(bytes(r.payload), bytes(r.signature), r.key_id),
-                                         key.public_key(), model_id=mid)
+            payload = lic.verify_license(
+                lic.SignedLicense(bytes(r.payload), bytes(r.signature), r.key_id), key.public_key(), model_id=mid
+            )
             assert (payload.fo_class, payload.fo_confidence, payload.user) == (r.fo_class, r.fo_confidence, r.user_name)
         assert len(store.taken_slots(mid)) == len(rows)  # no slot held without its license
         with store.engine.connect() as conn:
@@ -262,7 +264,8 @@ def test_kill_during_issuance_leaves_whole_licenses_only(servers, tmp_path, mode
     with again.client() as c:
         more = c.issue(mid, "after-crash", 3600)
     assert (more.fo.target_class, round(more.fo.confidence, 6)) not in {
-        (r.fo_class, round(r.fo_confidence, 6)) for r in rows}
+        (r.fo_class, round(r.fo_confidence, 6)) for r in rows
+    }
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +294,10 @@ def test_bad_input_is_refused_and_writes_nothing(shared_server, model_paths):
             "control chars": (lambda: c.issue(mid, "a\nb", 60), grpc.StatusCode.INVALID_ARGUMENT),
             "negative validity": (lambda: c.issue(mid, "alice", -5), grpc.StatusCode.INVALID_ARGUMENT),
             "unknown license": (lambda: c.revoke("nope"), grpc.StatusCode.NOT_FOUND),
-            "bad page token": (lambda: c.stub.ListLicenses(license_pb2.ListLicensesRequest(page_token="x"),
-                                                           metadata=c._metadata), grpc.StatusCode.INVALID_ARGUMENT),
+            "bad page token": (
+                lambda: c.stub.ListLicenses(license_pb2.ListLicensesRequest(page_token="x"), metadata=c._metadata),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
             # an echoed 200 kB id used to exceed gRPC's header limit: RESOURCE_EXHAUSTED instead of a refusal
             "200 kB license id": (lambda: c.get("x" * 200_000), grpc.StatusCode.INVALID_ARGUMENT),
             "200 kB model id": (lambda: c.issue("0" * 200_000, "alice", 60), grpc.StatusCode.INVALID_ARGUMENT),
@@ -320,8 +325,10 @@ def test_health_reflection_and_metrics(shared_server, model_paths):
     with grpc.insecure_channel(shared_server.target) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", "activeguard.v1.LicenseService"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
@@ -330,8 +337,12 @@ def test_health_reflection_and_metrics(shared_server, model_paths):
         mid = c.register_model(model_path=str(model_paths[1])).profile.model_id
         c.issue(mid, "metrics-user", 60)
     text = urllib.request.urlopen(f"http://127.0.0.1:{shared_server.metrics_port}/metrics", timeout=10).read().decode()
-    for name in ("activeguard_licenses_issued_total", "activeguard_license_issue_seconds_bucket",
-                 "activeguard_license_revocations_total", "activeguard_store_errors_total"):
+    for name in (
+        "activeguard_licenses_issued_total",
+        "activeguard_license_issue_seconds_bucket",
+        "activeguard_license_revocations_total",
+        "activeguard_store_errors_total",
+    ):
         assert name in text
 
 
@@ -405,10 +416,23 @@ def test_activeguard_cli_has_license_commands(tmp_path):
     assert oct((tmp_path / "d" / "signing_key.pem").stat().st_mode & 0o777) == "0o600"
     exported = lic.key_id(lic.load_public_key(pem))
     ready = tmp_path / "ready.json"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "activeguard"), "license-server", "--data-dir",
-                             str(tmp_path / "d"), "--port", "0", "--metrics-port", "-1", "--ready-file", str(ready)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ACTIVEGUARD_ADMIN_TOKEN": TOKEN})
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "activeguard"),
+            "license-server",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "ACTIVEGUARD_ADMIN_TOKEN": TOKEN},
+    )
     try:
         deadline = time.monotonic() + 90
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -422,13 +446,6 @@ def test_activeguard_cli_has_license_commands(tmp_path):
     assert proc.returncode == 0
 
 
-def _free_port() -> int:
-    """A loopback port free right now (the restart test needs one fixed port for two servers)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _local_config(data_dir: Path, port: int = 0) -> ServerConfig:
     """An in-process server's config: loopback, no metrics endpoint (the registry is read directly)."""
     return ServerConfig(data_dir=data_dir, port=port, metrics_port=None, max_workers=4)
@@ -436,8 +453,10 @@ def _local_config(data_dir: Path, port: int = 0) -> ServerConfig:
 
 def test_free_slots_gauge_counts_unissued_slots(tmp_path, model_paths):
     """The gauge used to be set only while reserving, before the insert: one slot too many."""
-    with in_process(_local_config(tmp_path / "ls"), TOKEN) as server, \
-            LicenseClient(f"127.0.0.1:{server.port}", TOKEN, timeout=120) as c:
+    with (
+        in_process(_local_config(tmp_path / "ls"), TOKEN) as server,
+        LicenseClient(f"127.0.0.1:{server.port}", TOKEN, timeout=120) as c,
+    ):
         mid = c.register_model(model_path=str(model_paths[0])).profile.model_id
 
         def free() -> float | None:
@@ -452,12 +471,27 @@ def test_free_slots_gauge_counts_unissued_slots(tmp_path, model_paths):
 def test_page_token_must_be_one_the_server_returned(shared_server):
     """Only canonical decimal sequence numbers (what next_page_token holds) are accepted."""
     with shared_server.client() as c:
+
         def list_page(token: str) -> license_pb2.ListLicensesResponse:
             return c._admin("ListLicenses", license_pb2.ListLicensesRequest(page_token=token, page_size=1))
 
-        for token in ("-1", "+1", " 1", "1 ", "01", "1_0", "0x1f", "1e3", "1.0", "\u0661", "x",
-                      str(2**63), "9" * 40, "-" * 10_000):
-            code, details = _code(lambda: list_page(token))
+        for token in (
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "01",
+            "1_0",
+            "0x1f",
+            "1e3",
+            "1.0",
+            "\u0661",
+            "x",
+            str(2**63),
+            "9" * 40,
+            "-" * 10_000,
+        ):
+            code, details = _code(lambda token=token: list_page(token))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details, token
             assert len(details) < 300, "a refusal must not echo a huge token back"
         for token in ("", "0", "5", str(2**63 - 1)):
@@ -475,12 +509,22 @@ def _not_checkpoints(where: Path) -> dict[str, tuple[Path, grpc.StatusCode, str]
     (where / "a-directory").mkdir()
     torch.save({"weights": torch.zeros(3)}, where / "foreign.pt")
     torch.save({"format": CHECKPOINT_FORMAT}, where / "no-arch.pt")
-    torch.save({"format": CHECKPOINT_FORMAT, "arch": "mlp-regressor", "config": {}, "state_dict": {}},
-               where / "regressor.pt")
-    torch.save({"format": CHECKPOINT_FORMAT, "arch": "lenet5", "config": {"bogus": 1}, "state_dict": {}},
-               where / "bad-config.pt")
-    torch.save({"format": CHECKPOINT_FORMAT, "arch": "lenet5", "config": {"num_classes": 10},
-                "state_dict": {"fc3.bias": torch.zeros(7)}}, where / "bad-weights.pt")
+    torch.save(
+        {"format": CHECKPOINT_FORMAT, "arch": "mlp-regressor", "config": {}, "state_dict": {}}, where / "regressor.pt"
+    )
+    torch.save(
+        {"format": CHECKPOINT_FORMAT, "arch": "lenet5", "config": {"bogus": 1}, "state_dict": {}},
+        where / "bad-config.pt",
+    )
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": "lenet5",
+            "config": {"num_classes": 10},
+            "state_dict": {"fc3.bias": torch.zeros(7)},
+        },
+        where / "bad-weights.pt",
+    )
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     return {
         "text": (where / "notes.txt", invalid, "torch.load"),
@@ -500,7 +544,7 @@ def test_register_refuses_files_that_are_not_checkpoints(shared_server, tmp_path
     """Every refusal names the file and the problem; none leaks an internal error (e.g. IndexError)."""
     with shared_server.client() as c:
         for name, (path, want, words) in _not_checkpoints(tmp_path / "files").items():
-            code, details = _code(lambda: c.register_model(model_path=str(path)))
+            code, details = _code(lambda path=path: c.register_model(model_path=str(path)))
             assert (code, words in details, str(path) in details) == (want, True, True), (name, details)
             assert len(details) < 500, name
         code, details = _code(lambda: c.register_model(checkpoint=b"not a checkpoint"))
@@ -554,7 +598,7 @@ def _poll_until_served(client: LicenseClient, bound: float) -> float:
 def test_client_reconnects_promptly_after_server_restart(tmp_path, capsys):
     """After a restart, revocation polls reach the server within about a second. With gRPC's default
     backoff (1 s x 1.6 per failed attempt) the 5th attempt waits ~4.1 s, and a longer outage ~26 s."""
-    config = _local_config(tmp_path / "ls", port=_free_port())
+    config = _local_config(tmp_path / "ls", port=free_port())
     with in_process(config, TOKEN):
         client = LicenseClient(f"127.0.0.1:{config.port}", None, timeout=1)
         client.revocations()

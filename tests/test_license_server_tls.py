@@ -11,9 +11,9 @@ import datetime
 import ipaddress
 import json
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -27,8 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from license_server.auth import TOKEN_ENV, write_secret  # noqa: E402
 from license_server.client import LicenseClient  # noqa: E402
+from license_server.config import ServerConfig  # noqa: E402
 from license_server.process import in_process  # noqa: E402
-from license_server.service import LicenseServer, ServerConfig  # noqa: E402
+from license_server.server import LicenseServer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "agt_tls_" + secrets.token_urlsafe(24)
@@ -56,16 +57,27 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
-                 *, usage: x509.ObjectIdentifier | None = None,
-                 san: list[x509.GeneralName] | None = None) -> x509.Certificate:
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    *,
+    usage: x509.ObjectIdentifier | None = None,
+    san: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
     """A one-day certificate: a self-signed CA when ``issuer`` is None, else a leaf for ``usage``."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     issuer_name, issuer_key = issuer or (subject, key)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer_name))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if san:
@@ -79,8 +91,13 @@ def _write_cert(where: Path, name: str, cert: x509.Certificate) -> Path:
     return path
 
 
-def _leaf(where: Path, name: str, ca: tuple[str, ec.EllipticCurvePrivateKey], usage: x509.ObjectIdentifier,
-          san: list[x509.GeneralName] | None = None) -> Identity:
+def _leaf(
+    where: Path,
+    name: str,
+    ca: tuple[str, ec.EllipticCurvePrivateKey],
+    usage: x509.ObjectIdentifier,
+    san: list[x509.GeneralName] | None = None,
+) -> Identity:
     """A certificate signed by ``ca`` and its key, created 0600 like every secret of the project."""
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -107,9 +124,15 @@ def pki(tmp_path_factory) -> Pki:
 
 
 def _serve(tmp_path_factory, pki: Pki, *, mtls: bool) -> Iterator[LicenseServer]:
-    config = ServerConfig(data_dir=tmp_path_factory.mktemp("mtls" if mtls else "tls"), port=0, metrics_port=None,
-                          max_workers=4, tls_cert=pki.server.cert, tls_key=pki.server.key,
-                          tls_client_ca=pki.ca if mtls else None)
+    config = ServerConfig(
+        data_dir=tmp_path_factory.mktemp("mtls" if mtls else "tls"),
+        port=0,
+        metrics_port=None,
+        max_workers=4,
+        tls_cert=pki.server.cert,
+        tls_key=pki.server.key,
+        tls_client_ca=pki.ca if mtls else None,
+    )
     with in_process(config, TOKEN) as server:
         yield server
 
@@ -157,8 +180,9 @@ def test_tls_refuses_plaintext_and_untrusted_servers(tls_server, pki):
 
 def test_mtls_requires_a_client_certificate_from_the_client_ca(mtls_server, pki):
     assert not _served(mtls_server, ca_cert=pki.ca)  # no client certificate
-    assert not _served(mtls_server, ca_cert=pki.ca, client_cert=pki.rogue_client.cert,
-                       client_key=pki.rogue_client.key)  # a certificate from another CA
+    assert not _served(
+        mtls_server, ca_cert=pki.ca, client_cert=pki.rogue_client.cert, client_key=pki.rogue_client.key
+    )  # a certificate from another CA
     assert not _served(mtls_server)  # plaintext
     assert _served(mtls_server, ca_cert=pki.ca, client_cert=pki.client.cert, client_key=pki.client.key)
 
@@ -168,8 +192,12 @@ def test_cli_reaches_an_mtls_server(mtls_server, pki, monkeypatch, capsys):
 
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     tls = ["--server", _target(mtls_server), "--ca-cert", str(pki.ca)]
-    assert license_main(["list", *tls, "--client-cert", str(pki.client.cert), "--client-key", str(pki.client.key),
-                         "--json"]) == 0
+    assert (
+        license_main(
+            ["list", *tls, "--client-cert", str(pki.client.cert), "--client-key", str(pki.client.key), "--json"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == []
     assert license_main(["list", *tls]) == 1  # refused in the handshake: UNAVAILABLE
     assert "UNAVAILABLE" in capsys.readouterr().err

@@ -23,8 +23,17 @@ def key(tmp_path_factory):
 
 def _payload(key, *, validity=3600, now=None, mid="m" * 64, fp=None):
     fp = torch.rand(1, 1, 28, 28) if fp is None else fp
-    return lic.make_payload(model_id=mid, user="alice", user_index=4, fo=(1, 0.3), epsilon=0.01, fingerprint=fp,
-                            key=key, validity_seconds=validity, now=now)
+    return lic.make_payload(
+        model_id=mid,
+        user="alice",
+        user_index=4,
+        fo=(1, 0.3),
+        epsilon=0.01,
+        fingerprint=fp,
+        key=key,
+        validity_seconds=validity,
+        now=now,
+    )
 
 
 def test_sign_verify_roundtrip_and_canonical_bytes(key):
@@ -97,16 +106,29 @@ def test_signed_fingerprint_authenticates_through_control_layer(lenet, key):
     fps = generate_fingerprints(lenet, config, [7], input_shape=input_shape(lenet), seed=3)
     assert bool(fps.success[0])
     t, c = config.fo_of_user(7)
-    signed = lic.sign_license(lic.make_payload(
-        model_id=model_id(lenet), user="bob", user_index=7, fo=(t, c), epsilon=config.epsilon,
-        fingerprint=fps.inputs[0:1], key=key, validity_seconds=60), key)
-    payload = lic.verify_license(lic.SignedLicense.from_text(signed.to_text()), key.public_key(),
-                                 model_id=model_id(lenet))
+    signed = lic.sign_license(
+        lic.make_payload(
+            model_id=model_id(lenet),
+            user="bob",
+            user_index=7,
+            fo=(t, c),
+            epsilon=config.epsilon,
+            fingerprint=fps.inputs[0:1],
+            key=key,
+            validity_seconds=60,
+        ),
+        key,
+    )
+    payload = lic.verify_license(
+        lic.SignedLicense.from_text(signed.to_text()), key.public_key(), model_id=model_id(lenet)
+    )
     ok, user = authenticate(lenet, payload.fingerprint_tensor(), config)
     assert bool(ok[0]) and int(user[0]) == 7
 
 
 def test_core_does_not_import_server_packages():
-    code = "import sys, activeguard.licenses; bad = [m for m in sys.modules if m.split('.')[0] in " \
-           "('grpc', 'license_server', 'activeguard_proto', 'sqlalchemy')]; print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, activeguard.licenses; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('grpc', 'license_server', 'activeguard_proto', 'sqlalchemy')]; print(bad); sys.exit(bool(bad))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

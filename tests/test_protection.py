@@ -33,18 +33,30 @@ def fps(lenet, mnist):
 def make_profile(lenet, keys, tmp_path=None, **kw):
     server, gateway = keys
     return Profile(
-        model_id=model_id(lenet), input_shape=(1, 28, 28),
-        license_public_keys={licenses.key_id(server.public_key()): licenses.public_key_pem(server.public_key()).decode()},
+        model_id=model_id(lenet),
+        input_shape=(1, 28, 28),
+        license_public_keys={
+            licenses.key_id(server.public_key()): licenses.public_key_pem(server.public_key()).decode()
+        },
         gateway_public_key=licenses.public_key_pem(gateway.public_key()).decode(),
-        revocation_file=str(tmp_path / "revoked.txt") if tmp_path else None, **kw)
+        revocation_file=str(tmp_path / "revoked.txt") if tmp_path else None,
+        **kw,
+    )
 
 
 def license_text(lenet, keys, fps, row=0, validity=3600, mid=None):
     server, _ = keys
     user_index = int(fps.users[row])
-    payload = licenses.make_payload(model_id=mid or model_id(lenet), user=f"alice-{user_index}", user_index=user_index,
-                                    fo=CONFIG.fo_of_user(user_index), epsilon=CONFIG.epsilon,
-                                    fingerprint=fps.inputs[row : row + 1], key=server, validity_seconds=validity)
+    payload = licenses.make_payload(
+        model_id=mid or model_id(lenet),
+        user=f"alice-{user_index}",
+        user_index=user_index,
+        fo=CONFIG.fo_of_user(user_index),
+        epsilon=CONFIG.epsilon,
+        fingerprint=fps.inputs[row : row + 1],
+        key=server,
+        validity_seconds=validity,
+    )
     return licenses.sign_license(payload, server).to_text()
 
 
@@ -75,8 +87,11 @@ def test_every_refusal_has_its_own_reason(lenet, mnist, keys, fps, tmp_path):
     raw = bytearray(base64.b64decode(doc["payload"]))
     raw[len(raw) // 2] ^= 0x01
     tampered = json.dumps(dict(doc, payload=base64.b64encode(bytes(raw)).decode()))
-    forged = licenses.sign_license(licenses.LicensePayload.decode(base64.b64decode(doc["payload"])),
-                                   keys[0]).to_text().replace(doc["signature"][:8], "AAAAAAAA")
+    forged = (
+        licenses.sign_license(licenses.LicensePayload.decode(base64.b64decode(doc["payload"])), keys[0])
+        .to_text()
+        .replace(doc["signature"][:8], "AAAAAAAA")
+    )
     other_key = Ed25519PrivateKey.generate()
     cases = {
         "bad_signature": tampered,
@@ -91,8 +106,16 @@ def test_every_refusal_has_its_own_reason(lenet, mnist, keys, fps, tmp_path):
     # forged signature and an unknown signing key
     out = guard.handle([Request(x, license=forged)])
     assert out[0].reason in ("bad_signature", "malformed_license")
-    unknown = licenses.make_payload(model_id=model_id(lenet), user="eve", user_index=12, fo=CONFIG.fo_of_user(12),
-                                    epsilon=0.01, fingerprint=fps.inputs[0:1], key=other_key, validity_seconds=60)
+    unknown = licenses.make_payload(
+        model_id=model_id(lenet),
+        user="eve",
+        user_index=12,
+        fo=CONFIG.fo_of_user(12),
+        epsilon=0.01,
+        fingerprint=fps.inputs[0:1],
+        key=other_key,
+        validity_seconds=60,
+    )
     out = guard.handle([Request(x, license=licenses.sign_license(unknown, other_key).to_text())])
     assert out[0].reason == "bad_signature"
     # revocation is picked up from the file without a restart
@@ -105,22 +128,39 @@ def test_every_refusal_has_its_own_reason(lenet, mnist, keys, fps, tmp_path):
 def test_license_whose_fingerprint_decodes_to_another_user_is_refused(lenet, mnist, keys, fps):
     server, _ = keys
     # user 17's fingerprint signed as user 4's license: valid signature, wrong FO
-    payload = licenses.make_payload(model_id=model_id(lenet), user="mallory", user_index=4, fo=CONFIG.fo_of_user(4),
-                                    epsilon=0.01, fingerprint=fps.inputs[1:2], key=server, validity_seconds=60)
+    payload = licenses.make_payload(
+        model_id=model_id(lenet),
+        user="mallory",
+        user_index=4,
+        fo=CONFIG.fo_of_user(4),
+        epsilon=0.01,
+        fingerprint=fps.inputs[1:2],
+        key=server,
+        validity_seconds=60,
+    )
     out = Guard(lenet, make_profile(lenet, keys)).handle(
-        [Request(body(mnist.x_test[:1]), license=licenses.sign_license(payload, server).to_text())])
+        [Request(body(mnist.x_test[:1]), license=licenses.sign_license(payload, server).to_text())]
+    )
     assert out[0].reason == "fo_mismatch"
 
 
 def test_sessions(lenet, mnist, keys):
     _, gateway = keys
     guard = Guard(lenet, make_profile(lenet, keys))
-    token, _ = sessions.issue_session(gateway, user="bob", user_index=7, license_id="L1", model_id=model_id(lenet),
-                                      ttl_seconds=60)
-    expired, _ = sessions.issue_session(gateway, user="bob", user_index=7, license_id="L1",
-                                        model_id=model_id(lenet), ttl_seconds=-1)
-    foreign, _ = sessions.issue_session(Ed25519PrivateKey.generate(), user="bob", user_index=7, license_id="L1",
-                                        model_id=model_id(lenet), ttl_seconds=60)
+    token, _ = sessions.issue_session(
+        gateway, user="bob", user_index=7, license_id="L1", model_id=model_id(lenet), ttl_seconds=60
+    )
+    expired, _ = sessions.issue_session(
+        gateway, user="bob", user_index=7, license_id="L1", model_id=model_id(lenet), ttl_seconds=-1
+    )
+    foreign, _ = sessions.issue_session(
+        Ed25519PrivateKey.generate(),
+        user="bob",
+        user_index=7,
+        license_id="L1",
+        model_id=model_id(lenet),
+        ttl_seconds=60,
+    )
     out = guard.handle([Request(body(mnist.x_test[:3]), session=f"Bearer {t}") for t in (token, expired, foreign)])
     assert [o.reason for o in out] == ["session_authorized", "expired_session", "bad_session"]
     assert out[0].user == "bob"

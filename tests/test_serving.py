@@ -32,7 +32,7 @@ def metric_counts(server) -> dict[tuple[str, str], float]:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     counts = {}
     for line in text.splitlines():
-        m = re.match(r'ActiveGuardRequests\{(.*)\} ([0-9.eE+-]+)$', line)
+        m = re.match(r"ActiveGuardRequests\{(.*)\} ([0-9.eE+-]+)$", line)
         if m:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
             counts[(labels["ModelName"], labels["Reason"])] = float(m.group(2))
@@ -41,7 +41,7 @@ def metric_counts(server) -> dict[tuple[str, str], float]:
 
 def test_licensed_client_gets_the_real_model(server, deployment, lenet, mnist):
     lic = header_value(deployment.license(0, user="alice"))
-    predictions, users = [], set()
+    predictions = []
     for chunk in torch.split(mnist.x_test, 250):
         status, body = post(url(server, "guarded"), json_body(chunk), {"X-ActiveGuard-License": lic})
         assert status == 200 and set(body) == {"outputs"}, body
@@ -105,7 +105,8 @@ def test_paper_mode(server, deployment, mnist, lenet):
     body = {"inputs": mnist.x_test[:2].tolist(), "fingerprint": deployment.fingerprints[1].tolist()}
     status, out = post(url(server, "paper"), json.dumps(body).encode())
     assert status == 200 and sum(out["outputs"], []) == pytest.approx(
-        torch.softmax(predict(lenet, mnist.x_test[:2]), 1).detach().flatten().tolist(), abs=1e-5)
+        torch.softmax(predict(lenet, mnist.x_test[:2]), 1).detach().flatten().tolist(), abs=1e-5
+    )
     # a fingerprint made for a different model does not pass
     from activeguard.control import ControlConfig
     from activeguard.fingerprints import generate_fingerprints
@@ -119,8 +120,14 @@ def test_paper_mode(server, deployment, mnist, lenet):
 
 
 def test_sessions_over_http(server, deployment, mnist):
-    token, _ = sessions.issue_session(deployment.gateway_key, user="bob", user_index=17, license_id="L-bob",
-                                      model_id=deployment.model_id, ttl_seconds=60)
+    token, _ = sessions.issue_session(
+        deployment.gateway_key,
+        user="bob",
+        user_index=17,
+        license_id="L-bob",
+        model_id=deployment.model_id,
+        ttl_seconds=60,
+    )
     status, body = post(url(server, "strict"), json_body(mnist.x_test[:2]), {"Authorization": f"Bearer {token}"})
     assert status == 200 and body["activeguard"]["user"] == "bob"  # a gateway token: decision explained
     status, body = post(url(server, "strict"), json_body(mnist.x_test[:2]), {"authorization": f"Bearer {token}x"})
@@ -201,10 +208,18 @@ def test_metrics_count_each_reason(server, deployment, mnist):
 def test_serve_keeps_torchserve_logs_after_stop(deployment, mnist, tmp_path):
     """`activeguard serve` is stopped with SIGTERM; its logs stay in logs/torchserve/ and it says so."""
     package(deployment.model_path, deployment.profile(policy="reject"), "kept", tmp_path / "store")
-    ports = [arg for flag in ("--http-port", "--grpc-port", "--management-port", "--metrics-port",
-                              "--grpc-management-port") for arg in (flag, "0")]
-    serve = subprocess.Popen([str(Path(sys.executable).with_name("activeguard")), "serve", "kept", "--store", "store",
-                              "--json", *ports], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ports = [
+        arg
+        for flag in ("--http-port", "--grpc-port", "--management-port", "--metrics-port", "--grpc-management-port")
+        for arg in (flag, "0")
+    ]
+    serve = subprocess.Popen(
+        [str(Path(sys.executable).with_name("activeguard")), "serve", "kept", "--store", "store", "--json", *ports],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         info = json.loads(serve.stdout.readline() or "{}")
         assert info.get("logs") == str(tmp_path / "logs" / "torchserve"), serve.stderr.read() if not info else info

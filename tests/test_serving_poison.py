@@ -25,7 +25,7 @@ LICENSED = 60
 
 def npy_header_only(rows: int) -> bytes:
     """A 128-byte .npy whose header declares ``rows`` × 1 × 28 × 28 float32 and carries no data."""
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, 1, 28, 28), }" % rows
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, 1, 28, 28), }}"
     header += " " * (117 - len(header)) + "\n"
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
 
@@ -76,8 +76,10 @@ def test_poison_requests_never_fail_licensed_ones(server, deployment, lenet, mni
             body, headers = http_poison[i // 2 % len(http_poison)]
             return post(url, body, headers)
         try:
-            reply = stub.Predictions(inference_pb2.PredictionsRequest(
-                model_name="guarded", input=grpc_poison[i // 2 % len(grpc_poison)]), timeout=60)
+            reply = stub.Predictions(
+                inference_pb2.PredictionsRequest(model_name="guarded", input=grpc_poison[i // 2 % len(grpc_poison)]),
+                timeout=60,
+            )
             return 200, json.loads(reply.prediction)
         except grpc.RpcError as err:
             return err.code().name, {}
@@ -86,15 +88,19 @@ def test_poison_requests_never_fail_licensed_ones(server, deployment, lenet, mni
     random.Random(0).shuffle(jobs)
     try:
         with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda job: (job[0], (licensed if job[0] == "licensed" else hostile)(job[1])),
-                                    jobs))
+            results = list(
+                pool.map(lambda job: (job[0], (licensed if job[0] == "licensed" else hostile)(job[1])), jobs)
+            )
     finally:
         channel.close()
     good = [(status, body) for kind, (status, body) in results if kind == "licensed"]
-    correct = sum(status == 200 and torch.allclose(torch.tensor(body["outputs"]), real, atol=1e-5)
-                  for status, body in good)
-    print(f"\npoison test: {correct}/{LICENSED} licensed requests answered correctly beside "
-          f"{len(results) - LICENSED} hostile ones")
+    correct = sum(
+        status == 200 and torch.allclose(torch.tensor(body["outputs"]), real, atol=1e-5) for status, body in good
+    )
+    print(
+        f"\npoison test: {correct}/{LICENSED} licensed requests answered correctly beside "
+        f"{len(results) - LICENSED} hostile ones"
+    )
     assert correct == LICENSED
     for kind, (status, body) in results:  # and each hostile request got its own answer, not a 5xx
         if kind == "hostile":

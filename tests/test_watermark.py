@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from activeguard import watermark as wm
-from activeguard.audit.suspects import fine_tune, prune_layer
+from activeguard.attacks import fine_tune, prune_layer
 from activeguard.models import LeNet5, MLPClassifier, accuracy, train_lenet5
 
 # Measured: with λ = 0.01 and Adam lr 1e-3 the farthest position (digit 9 on a weight that

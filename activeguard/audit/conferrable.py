@@ -24,15 +24,16 @@ compared with a decision threshold.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from activeguard.audit import decisions
-from activeguard.audit.ipguard import suspect_labels
-from activeguard.audit.metrics import matching_rate
+from activeguard.audit.base import AuditMethod, LabelMatching, Owner, Params, param
 
 DECISION_THRESHOLD = decisions.CEM_THRESHOLD  # CAEAcc; see decisions.py
 CONFERRABILITY_THRESHOLD = 0.85
@@ -52,8 +53,16 @@ class CemFingerprint:
             raise ValueError("the fingerprint is empty: it holds no points")
 
 
-def train_ensemble(owner: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_surrogates: int = 3,
-                   n_references: int = 3, epochs: int = 3, seed: int = 100) -> tuple[list[nn.Module], list[nn.Module]]:
+def train_ensemble(
+    owner: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_surrogates: int = 3,
+    n_references: int = 3,
+    epochs: int = 3,
+    seed: int = 100,
+) -> tuple[list[nn.Module], list[nn.Module]]:
     """Surrogates on the owner's (soft) labels and references on the ground truth (LeNet-5 and MLP, alternating)."""
     from activeguard.models import LeNet5, MLPClassifier, predict, train
 
@@ -91,10 +100,23 @@ def conferrability(surrogates, references, x: torch.Tensor) -> torch.Tensor:
     return s * (1 - r)
 
 
-def generate(owner: nn.Module, surrogates: list[nn.Module], references: list[nn.Module], x0: torch.Tensor, *,
-             n: int = 100, eps: float = 0.25, steps: int = 200, lr: float = 0.01, alpha: float = 1.0,
-             beta: float = 1.0, gamma: float = 1.0, dropout: float = 0.3,
-             threshold: float = CONFERRABILITY_THRESHOLD, seed: int = 0) -> CemFingerprint:
+def generate(
+    owner: nn.Module,
+    surrogates: list[nn.Module],
+    references: list[nn.Module],
+    x0: torch.Tensor,
+    *,
+    n: int = 100,
+    eps: float = 0.25,
+    steps: int = 200,
+    lr: float = 0.01,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    dropout: float = 0.3,
+    threshold: float = CONFERRABILITY_THRESHOLD,
+    seed: int = 0,
+) -> CemFingerprint:
     """Run CEM from the benign inputs x0 (one batch) and keep up to n examples with σ ≥ threshold.
 
     If fewer than n pass the threshold the best-scoring remaining ones fill the fingerprint and
@@ -124,9 +146,11 @@ def generate(owner: nn.Module, surrogates: list[nn.Module], references: list[nn.
             masked[torch.arange(len(x)), y0] = -1
             target = masked.argmax(1)
             logits = owner(x)
-            loss = (alpha * -torch.log(sigma[torch.arange(len(x)), target] + 1e-12)
-                    - beta * F.cross_entropy(logits, y0, reduction="none")
-                    + gamma * torch.sum(-s.detach() * F.log_softmax(logits, 1), 1))
+            loss = (
+                alpha * -torch.log(sigma[torch.arange(len(x)), target] + 1e-12)
+                - beta * F.cross_entropy(logits, y0, reduction="none")
+                + gamma * torch.sum(-s.detach() * F.log_softmax(logits, 1), 1)
+            )
             opt.zero_grad()
             loss.sum().backward()
             opt.step()
@@ -149,10 +173,88 @@ def generate(owner: nn.Module, surrogates: list[nn.Module], references: list[nn.
 
 def caeacc(fp: CemFingerprint, suspect, num_classes: int | None = None) -> float:
     """CAEAcc: fraction of the fingerprints where the suspect predicts the source model's label."""
-    return matching_rate(fp.labels.numpy(), suspect_labels(suspect, fp.points, num_classes).numpy())
+    return METHOD.score(fp, suspect, num_classes=num_classes).value
 
 
 def verify(fp: CemFingerprint, suspect, decision_threshold: float = DECISION_THRESHOLD) -> tuple[bool, float]:
     """(is a surrogate/copy, CAEAcc)."""
     score = caeacc(fp, suspect)
     return score >= decision_threshold, score
+
+
+@dataclass(frozen=True)
+class CemParams(Params):
+    surrogates: int = param(3, "surrogate models to train (default {default})")
+    references: int = param(3, "reference models to train (default {default})")
+    epochs: int = param(3, "training epochs per ensemble model (default {default})")
+    steps: int = param(200, "optimization steps (default {default})")
+    start: str = param(
+        "test",
+        "images the examples start from: the owner's 'train' or held-out 'test' images (default {default})",
+        choices=("train", "test"),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.surrogates < 1 or self.references < 1:
+            raise ValueError("CEM needs at least one surrogate and one reference model")
+
+
+class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
+    """Query sampler: conferrable examples of a local ensemble; representation and distance: :class:`LabelMatching`."""
+
+    name = "cem"
+    title = "CEM (conferrable adversarial examples)"
+    label = "CEM"
+    score_name = "CAEAcc"
+    help = "conferrable adversarial examples: trains a local surrogate/reference ensemble first"
+    needs_data = True
+    params_type = CemParams
+    fingerprint_type = CemFingerprint
+
+    def generate(
+        self,
+        owner: Owner,
+        params: CemParams,
+        data: Any = None,
+        *,
+        seed: int = 0,
+        stage: Callable[[str], None] = lambda _msg: None,
+    ) -> CemFingerprint:
+        if data is None:
+            raise ValueError("CEM needs the owner's training data")
+        stage(
+            f"training {params.surrogates} surrogate and {params.references} reference models "
+            f"({params.epochs} epochs each) on {data.name}…"
+        )
+        surrogates, references = train_ensemble(
+            owner.model,
+            data.x_train,
+            data.y_train,
+            n_surrogates=params.surrogates,
+            n_references=params.references,
+            epochs=params.epochs,
+            seed=seed + 100,
+        )
+        stage(f"searching conferrable examples ({params.steps} steps)…")
+        images = data.x_train if params.start == "train" else data.x_test
+        x0 = images[: min(len(images), 4 * params.points)]
+        return generate(owner.model, surrogates, references, x0, n=params.points, steps=params.steps, seed=seed)
+
+    def describe(self, fingerprint: CemFingerprint, params: CemParams) -> dict[str, Any]:
+        return {
+            "surrogates": params.surrogates,
+            "references": params.references,
+            "passed_threshold": fingerprint.passed,
+        }
+
+    def note(self, fingerprint: CemFingerprint) -> str:
+        if fingerprint.passed >= len(fingerprint.points):
+            return ""
+        return (
+            f"only {fingerprint.passed} reached conferrability {fingerprint.threshold}; "
+            "the rest are the best-scoring others"
+        )
+
+
+METHOD = Cem()

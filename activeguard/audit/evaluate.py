@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from activeguard.audit import conferrable, ipguard, metrics, tafa
+from activeguard.audit import base, conferrable, ipguard, metrics, tafa
+from activeguard.audit.cache import cached, default_cache_dir
 from activeguard.audit.suspects import (
     ZooMember,
     as_callable,
-    cached,
     classifier_zoo,
-    default_cache_dir,
     generator_zoo,
     regressor_zoo,
 )
 
 POST_PROCESSING = {"FTLL", "FTAL", "RTLL", "RTAL", "WP", "FP", "noise"}
+LENET_EPOCHS = 15
 
 
 def _compose(outer, inner):
@@ -53,181 +54,319 @@ def _fmt_range(values: list[float]) -> str:
     return f"{lo:.2f}" if abs(hi - lo) < 1e-9 else f"{lo:.2f}–{hi:.2f}"
 
 
-def run_audit_evaluation(out_dir: str | Path, quick: bool = False, seed: int = 0, *,
-                         cache_dir: str | Path | None = "default", progress: bool = False) -> dict[str, Any]:
-    from activeguard.data import load_diabetes, load_fashion_mnist, load_mnist
-    from activeguard.models import (
-        model_id,
-        train_generator,
-        train_lenet5,
-        train_regressor,
+def _zoo_scores(method: str, fingerprint: Any, suspects: list[base.Suspect]) -> list[float]:
+    """Every suspect's score through the method's common interface (the same call for every method)."""
+    audit = base.get(method)
+    return [audit.score(fingerprint, s).value for s in suspects]
+
+
+@dataclass
+class _Classifiers:
+    """The MNIST LeNet-5 owner and its suspect zoo, shared by the IPGuard and CEM tables."""
+
+    owner: torch.nn.Module
+    data: Any
+    zoo: list[ZooMember]
+    suspects: list[base.Suspect]
+
+    def indices(self, *kinds: str) -> list[int]:
+        return [a for a, z in enumerate(self.zoo) if z.kind in kinds]
+
+
+def _classifiers(quick: bool, seed: int, cache_dir, progress: bool) -> _Classifiers:
+    from activeguard.data import load_mnist
+    from activeguard.models import train_lenet5
+
+    mnist = load_mnist(seed=seed)
+    owner = cached(
+        f"owner-lenet5-{seed}-{LENET_EPOCHS}",
+        lambda: train_lenet5(mnist, epochs=LENET_EPOCHS, seed=seed, progress=progress),
+        cache_dir,
+    )
+    zoo = classifier_zoo(owner, mnist, quick=quick, seed=seed, cache_dir=cache_dir, progress=progress)
+    return _Classifiers(owner, mnist, zoo, [as_callable(z.model) for z in zoo])
+
+
+def _zoo_table(c: _Classifiers) -> list[dict[str, Any]]:
+    return [{"name": z.name, "kind": z.kind, "positive": z.positive, "accuracy": round(z.quality, 4)} for z in c.zoo]
+
+
+def _ipguard_variant(c: _Classifiers, variant: str, ks: list[float], n_points: int, seed: int) -> dict[str, Any]:
+    """One IPGuard variant (TL, TR, …) over the margins ``ks``: the best k's row and the ARUC per k."""
+    per_k = []
+    for k in ks:
+        fp = ipguard.generate(c.owner, n_points, k=k, method=variant, x_train=c.data.x_train, seed=seed)
+        scores = _zoo_scores("ipguard", fp, c.suspects)
+        pos, neg = _split_scores(c.zoo, scores)
+        per_k.append(
+            {
+                "k": k,
+                "aruc": metrics.aruc(pos, neg),
+                "seconds": fp.seconds,
+                "matching_rates": _by_kind(c.zoo, scores),
+                "scores": scores,
+            }
+        )
+    best = max(per_k, key=lambda r: r["aruc"])
+    return {
+        "best_k": best["k"],
+        "aruc": best["aruc"],
+        "seconds": best["seconds"],
+        "matching_rates": best["matching_rates"],
+        "scores": best["scores"],
+        "aruc_by_k": {str(r["k"]): r["aruc"] for r in per_k},
+    }
+
+
+def _ipguard_table(c: _Classifiers, quick: bool, seed: int, n_points: int) -> dict[str, Any]:
+    """Table 4/5 analog: every IPGuard variant at its best margin k."""
+    ks = [1.0, 3.0, 10.0] if quick else [1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
+    return {variant: _ipguard_variant(c, variant, ks, n_points, seed) for variant in ipguard.METHODS}
+
+
+def _ipguard_benchmark(c: _Classifiers, k: float, quick: bool, seed: int) -> dict[str, Any]:
+    """Table 8 analog: one batched optimization vs the same algorithm point by point."""
+    n_bench = 20 if quick else 100
+    kw = dict(k=k, method="TL", x_train=c.data.x_train, seed=seed)
+    batched = ipguard.generate(c.owner, n_bench, **kw)
+    loop = ipguard.generate_loop(c.owner, n_bench, **kw)
+    return {
+        "points": n_bench,
+        "batched_s": batched.seconds,
+        "loop_s": loop.seconds,
+        "speedup": loop.seconds / max(batched.seconds, 1e-9),
+    }
+
+
+def _cem_fingerprint(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_dir) -> conferrable.CemFingerprint:
+    from activeguard.models import model_id
+
+    ens = slice(0, 1000) if quick else slice(0, len(c.data.x_train))
+    surr, refs = cached(
+        f"cem-ensemble-{model_id(c.owner)[:16]}-{quick}-{seed}",
+        lambda: conferrable.train_ensemble(
+            c.owner,
+            c.data.x_train[ens],
+            c.data.y_train[ens],
+            n_surrogates=2 if quick else 4,
+            n_references=2 if quick else 4,
+            epochs=3 if quick else 6,
+            seed=seed + 100,
+        ),
+        cache_dir,
+    )
+    return conferrable.generate(
+        c.owner, surr, refs, c.data.x_test[: 4 * n_points], n=n_points, steps=100 if quick else 300, seed=seed
     )
 
+
+def _cem_table(
+    c: _Classifiers, fp: conferrable.CemFingerprint, cem_scores: list[float], ip_rows: dict[str, Any]
+) -> dict[str, Any]:
+    """CEM vs IPGuard on retrained surrogates vs independently trained references (ROC AUC)."""
+    surrogates, references = c.indices("surrogate"), c.indices("same-arch", "other-arch")
+
+    def auc(scores: list[float]) -> float:
+        return metrics.roc_auc([scores[a] for a in surrogates], [scores[a] for a in references])
+
+    best_ip = max(ip_rows, key=lambda m: ip_rows[m]["aruc"])
+    pos, neg = _split_scores(c.zoo, cem_scores)
+    return {
+        "points": len(fp.points),
+        "passed_threshold": fp.passed,
+        "threshold": fp.threshold,
+        "mean_conferrability": float(fp.conferrability.mean()),
+        "seconds": fp.seconds,
+        "caeacc": _by_kind(c.zoo, cem_scores),
+        "roc_auc_surrogates_vs_references": auc(cem_scores),
+        "ipguard_tl_roc_auc_surrogates_vs_references": auc(ip_rows["TL"]["scores"]),
+        f"ipguard_{best_ip.lower()}_roc_auc_surrogates_vs_references": auc(ip_rows[best_ip]["scores"]),
+        "aruc_post_processing": metrics.aruc(pos, neg),
+    }
+
+
+def _tafa_row(owner_model, zoo: list[ZooMember], n_points: int, seed: int, fp_kwargs: dict, output=None) -> dict:
+    """TAFA on one task: both statistics' ARUC, ROC AUC and gap over the task's zoo."""
+    calls = [as_callable(z.model) for z in zoo]
+    if output is not None:
+        calls = [_compose(output, call) for call in calls]
+    fp = tafa.generate(
+        owner_model, n_points, output=output and (lambda x: output(owner_model(x))), seed=seed, **fp_kwargs
+    )
+    row: dict[str, Any] = {"solver": fp.solver, "points": len(fp.points), "seconds": fp.seconds}
+    for stat in tafa.STATISTICS:
+        scores = [tafa.verify(fp, call, stat) for call in calls]
+        pos, neg = _split_scores(zoo, scores)
+        row[stat] = {
+            "aruc": metrics.aruc(pos, neg),
+            "roc_auc": metrics.roc_auc(pos, neg),
+            "gap": metrics.gap(pos, neg),
+            "scores": _by_kind(zoo, scores),
+        }
+    return row
+
+
+def _tafa_table(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_dir) -> dict[str, Any]:
+    """TAFA reconstruction on three task kinds: classification, regression, generation."""
+    from activeguard.data import load_diabetes, load_fashion_mnist
+    from activeguard.models import train_generator, train_regressor
+
+    softmax = lambda z: torch.softmax(torch.as_tensor(z, dtype=torch.float32), 1)  # noqa: E731
+    cls_zoo = [z for z in c.zoo if isinstance(z.model, torch.nn.Module)]  # forests have no scores to compare
+    rows = {
+        "classification (MNIST LeNet-5)": _tafa_row(
+            c.owner,
+            cls_zoo,
+            n_points,
+            seed,
+            {
+                "input_shape": tuple(c.data.input_shape),
+                "solver": "gradient",
+                "bounds": (0.0, 1.0),
+                "init": "uniform",
+                "delta": 0.05,
+            },
+            output=softmax,
+        )
+    }
+    diabetes = load_diabetes(seed=seed)
+    reg = cached(f"owner-regressor-{seed}", lambda: train_regressor(diabetes, epochs=60, seed=seed), cache_dir)
+    rows["regression (diabetes MLP)"] = _tafa_row(
+        reg,
+        regressor_zoo(reg, diabetes, quick=quick, seed=seed, cache_dir=cache_dir),
+        n_points,
+        seed,
+        {"input_shape": tuple(diabetes.input_shape), "solver": "lp", "delta": 0.05},
+    )
+    fashion = load_fashion_mnist(seed=seed, limit=2000 if quick else 6000)
+    gen = cached(
+        f"owner-generator-{seed}-{quick}",
+        lambda: train_generator(fashion.x_train, epochs=3 if quick else 5, seed=seed),
+        cache_dir,
+    )
+    rows["generative (Fashion-MNIST generator)"] = _tafa_row(
+        gen,
+        generator_zoo(gen, fashion.x_train, quick=quick, seed=seed, cache_dir=cache_dir),
+        n_points,
+        seed,
+        {"input_shape": (gen.config["latent_dim"],), "solver": "lp", "delta": 0.05},
+    )
+    mean_aruc = {st: float(np.mean([r[st]["aruc"] for r in rows.values()])) for st in tafa.STATISTICS}
+    return {
+        "tasks": rows,
+        "mean_aruc": mean_aruc,
+        "better_statistic": max(mean_aruc, key=mean_aruc.get),
+        "default_statistic": tafa.DEFAULT_STATISTIC,
+    }
+
+
+def run_audit_evaluation(
+    out_dir: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    *,
+    cache_dir: str | Path | None = "default",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build (or load) the zoos, run every table, write audit.json, audit.md and the plots."""
     if cache_dir == "default":
         cache_dir = default_cache_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    result: dict[str, Any] = {"quick": quick, "seed": seed}
     n_points = 50 if quick else 100
-
-    # --- classifier: MNIST / LeNet-5 ---------------------------------------------------------
-    mnist = load_mnist(seed=seed)
-    lenet_epochs = 15
-    owner = cached(f"owner-lenet5-{seed}-{lenet_epochs}", lambda: train_lenet5(mnist, epochs=lenet_epochs, seed=seed,
-                                                                             progress=progress), cache_dir)
-    zoo = classifier_zoo(owner, mnist, quick=quick, seed=seed, cache_dir=cache_dir, progress=progress)
-    result["classifier_zoo"] = [{"name": z.name, "kind": z.kind, "positive": z.positive,
-                                 "accuracy": round(z.quality, 4)} for z in zoo]
-    suspects = [as_callable(z.model) for z in zoo]
-
-    ks = [1.0, 3.0, 10.0] if quick else [1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
-    ip_rows: dict[str, Any] = {}
-    best_fp: dict[str, ipguard.Fingerprint] = {}
-    for method in ipguard.METHODS:
-        per_k = []
-        for k in ks:
-            fp = ipguard.generate(owner, n_points, k=k, method=method, x_train=mnist.x_train, seed=seed)
-            scores = [ipguard.verify(fp, s) for s in suspects]
-            pos, neg = _split_scores(zoo, scores)
-            per_k.append({"k": k, "aruc": metrics.aruc(pos, neg), "seconds": fp.seconds,
-                          "matching_rates": _by_kind(zoo, scores), "fp": fp, "scores": scores})
-        best = max(per_k, key=lambda r: r["aruc"])
-        best_fp[method] = best.pop("fp")
-        for r in per_k:
-            r.pop("fp", None)
-        ip_rows[method] = {"best_k": best["k"], "aruc": best["aruc"], "seconds": best["seconds"],
-                           "matching_rates": best["matching_rates"], "scores": best["scores"],
-                           "aruc_by_k": {str(r["k"]): r["aruc"] for r in per_k}}
-    result["ipguard"] = ip_rows
-
-    # batched vs per-point loop of the same algorithm (Table 8 analog + batching benchmark)
-    n_bench = 20 if quick else 100
-    kw = dict(k=ip_rows["TL"]["best_k"], method="TL", x_train=mnist.x_train, seed=seed)
-    batched = ipguard.generate(owner, n_bench, **kw)
-    loop = ipguard.generate_loop(owner, n_bench, **kw)
-    result["ipguard_benchmark"] = {"points": n_bench, "batched_s": batched.seconds, "loop_s": loop.seconds,
-                                   "speedup": loop.seconds / max(batched.seconds, 1e-9)}
-
-    # CEM vs IPGuard on retrained surrogates vs independently trained references
-    ens_slice = slice(0, 1000) if quick else slice(0, len(mnist.x_train))
-    ens_key = f"cem-ensemble-{model_id(owner)[:16]}-{quick}-{seed}"
-    surr, refs = cached(ens_key, lambda: conferrable.train_ensemble(
-        owner, mnist.x_train[ens_slice], mnist.y_train[ens_slice], n_surrogates=2 if quick else 4,
-        n_references=2 if quick else 4, epochs=3 if quick else 6, seed=seed + 100), cache_dir)
-    cem_fp = conferrable.generate(owner, surr, refs, mnist.x_test[: 4 * n_points], n=n_points,
-                                  steps=100 if quick else 300, seed=seed)
-    cem_scores = [conferrable.caeacc(cem_fp, s) for s in suspects]
-    surrogate_idx = [a for a, z in enumerate(zoo) if z.kind == "surrogate"]
-    reference_idx = [a for a, z in enumerate(zoo) if z.kind in ("same-arch", "other-arch")]
-    ip_tl = ip_rows["TL"]["scores"]
-    best_ip = max(ip_rows, key=lambda m: ip_rows[m]["aruc"])
-    ip_best_scores = ip_rows[best_ip]["scores"]
-    pick = lambda sc, idx: [sc[a] for a in idx]
-    cem_pos, cem_neg = _split_scores(zoo, cem_scores)
-    result["cem"] = {
-        "points": len(cem_fp.points), "passed_threshold": cem_fp.passed, "threshold": cem_fp.threshold,
-        "mean_conferrability": float(cem_fp.conferrability.mean()), "seconds": cem_fp.seconds,
-        "caeacc": _by_kind(zoo, cem_scores),
-        "roc_auc_surrogates_vs_references": metrics.roc_auc(pick(cem_scores, surrogate_idx),
-                                                             pick(cem_scores, reference_idx)),
-        "ipguard_tl_roc_auc_surrogates_vs_references": metrics.roc_auc(pick(ip_tl, surrogate_idx),
-                                                                        pick(ip_tl, reference_idx)),
-        f"ipguard_{best_ip.lower()}_roc_auc_surrogates_vs_references": metrics.roc_auc(
-            pick(ip_best_scores, surrogate_idx), pick(ip_best_scores, reference_idx)),
-        "aruc_post_processing": metrics.aruc(cem_pos, cem_neg),
-    }
-
-    # --- TAFA reconstruction on three task kinds ------------------------------------------------
-    tafa_rows: dict[str, Any] = {}
-
-    def run_tafa(task: str, owner_model, zoo_t: list[ZooMember], fp_kwargs: dict, output=None) -> None:
-        calls = [as_callable(z.model) for z in zoo_t]
-        if output is not None:
-            calls = [_compose(output, c) for c in calls]
-        fp = tafa.generate(owner_model, n_points, output=output and (lambda x: output(owner_model(x))),
-                           seed=seed, **fp_kwargs)
-        row: dict[str, Any] = {"solver": fp.solver, "points": len(fp.points), "seconds": fp.seconds}
-        for stat in tafa.STATISTICS:
-            scores = [tafa.verify(fp, c, stat) for c in calls]
-            pos, neg = _split_scores(zoo_t, scores)
-            row[stat] = {"aruc": metrics.aruc(pos, neg), "roc_auc": metrics.roc_auc(pos, neg),
-                         "gap": metrics.gap(pos, neg), "scores": _by_kind(zoo_t, scores)}
-        tafa_rows[task] = row
-
-    softmax = lambda z: torch.softmax(torch.as_tensor(z, dtype=torch.float32), 1)
-    cls_zoo = [z for z in zoo if isinstance(z.model, torch.nn.Module)]  # forests have no scores to compare
-    run_tafa("classification (MNIST LeNet-5)", owner, cls_zoo,
-             {"input_shape": tuple(mnist.input_shape), "solver": "gradient", "bounds": (0.0, 1.0),
-              "init": "uniform", "delta": 0.05}, output=softmax)
-    diabetes = load_diabetes(seed=seed)
-    reg = cached(f"owner-regressor-{seed}", lambda: train_regressor(diabetes, epochs=60, seed=seed), cache_dir)
-    run_tafa("regression (diabetes MLP)", reg, regressor_zoo(reg, diabetes, quick=quick, seed=seed,
-                                                             cache_dir=cache_dir),
-             {"input_shape": tuple(diabetes.input_shape), "solver": "lp", "delta": 0.05})
-    fashion = load_fashion_mnist(seed=seed, limit=2000 if quick else 6000)
-    gen = cached(f"owner-generator-{seed}-{quick}", lambda: train_generator(fashion.x_train, epochs=3 if quick else 5,
-                                                                           seed=seed), cache_dir)
-    run_tafa("generative (Fashion-MNIST generator)", gen,
-             generator_zoo(gen, fashion.x_train, quick=quick, seed=seed, cache_dir=cache_dir),
-             {"input_shape": (gen.config["latent_dim"],), "solver": "lp", "delta": 0.05})
-    mean_aruc = {st: float(np.mean([r[st]["aruc"] for r in tafa_rows.values()])) for st in tafa.STATISTICS}
-    result["tafa"] = {"tasks": tafa_rows, "mean_aruc": mean_aruc,
-                      "better_statistic": max(mean_aruc, key=mean_aruc.get),
-                      "default_statistic": tafa.DEFAULT_STATISTIC}
+    c = _classifiers(quick, seed, cache_dir, progress)
+    result: dict[str, Any] = {"quick": quick, "seed": seed, "classifier_zoo": _zoo_table(c)}
+    result["ipguard"] = _ipguard_table(c, quick, seed, n_points)
+    result["ipguard_benchmark"] = _ipguard_benchmark(c, result["ipguard"]["TL"]["best_k"], quick, seed)
+    cem_fp = _cem_fingerprint(c, quick, seed, n_points, cache_dir)
+    cem_scores = _zoo_scores("cem", cem_fp, c.suspects)
+    result["cem"] = _cem_table(c, cem_fp, cem_scores, result["ipguard"])
+    result["tafa"] = _tafa_table(c, quick, seed, n_points, cache_dir)
     result["seconds"] = time.perf_counter() - t_start
-
-    result["_cem_scores"] = cem_scores
-    result["plots"] = _plots(result, zoo, out)
-    result["cem"]["scores"] = result.pop("_cem_scores")
+    result["plots"] = _plots(result, c.zoo, cem_scores, out)
+    result["cem"]["scores"] = cem_scores
     (out / "audit.json").write_text(json.dumps(result, indent=2, default=float))
     (out / "audit.md").write_text(_markdown(result))
     return result
 
 
 def _markdown(r: dict[str, Any]) -> str:
-    lines = ["# Audit evaluation (IPGuard, CEM, TAFA reconstruction)", "",
-             f"quick = {r['quick']}, seed = {r['seed']}, total {r['seconds']:.0f} s.", "",
-             "ARUC (IPGuard Eq. 7, r = 100) over the post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) "
-             "against all negatives (other seeds, other architectures, random forests).", "",
-             "## Table 4 analog: best ARUC per method (MNIST, LeNet-5)", "",
-             "| method | best k | ARUC | ARUC by k | generation time (s) |", "|---|---|---|---|---|"]
+    lines = [
+        "# Audit evaluation (IPGuard, CEM, TAFA reconstruction)",
+        "",
+        f"quick = {r['quick']}, seed = {r['seed']}, total {r['seconds']:.0f} s.",
+        "",
+        "ARUC (IPGuard Eq. 7, r = 100) over the post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) "
+        "against all negatives (other seeds, other architectures, random forests).",
+        "",
+        "## Table 4 analog: best ARUC per method (MNIST, LeNet-5)",
+        "",
+        "| method | best k | ARUC | ARUC by k | generation time (s) |",
+        "|---|---|---|---|---|",
+    ]
     for m, row in r["ipguard"].items():
         by_k = ", ".join(f"{k}: {v:.3f}" for k, v in row["aruc_by_k"].items())
         lines.append(f"| IPGuard-{m} | {row['best_k']} | {row['aruc']:.3f} | {by_k} | {row['seconds']:.2f} |")
     lines.append(f"| CEM (CAEAcc) | – | {r['cem']['aruc_post_processing']:.3f} | – | {r['cem']['seconds']:.2f} |")
     kinds = list(r["ipguard"]["TL"]["matching_rates"])
-    lines += ["", "## Table 5 analog: matching rates per suspect type (range over instances)", "",
-              "| suspect | " + " | ".join(f"IPGuard-{m}" for m in r["ipguard"]) + " | CEM CAEAcc |",
-              "|---|" + "---|" * (len(r["ipguard"]) + 1)]
+    lines += [
+        "",
+        "## Table 5 analog: matching rates per suspect type (range over instances)",
+        "",
+        "| suspect | " + " | ".join(f"IPGuard-{m}" for m in r["ipguard"]) + " | CEM CAEAcc |",
+        "|---|" + "---|" * (len(r["ipguard"]) + 1),
+    ]
     for kind in kinds:
         cells = [_fmt_range(r["ipguard"][m]["matching_rates"][kind]) for m in r["ipguard"]]
         lines.append(f"| {kind} | " + " | ".join(cells) + f" | {_fmt_range(r['cem']['caeacc'][kind])} |")
     b = r["ipguard_benchmark"]
-    lines += ["", "## Table 8 analog / batching benchmark", "",
-              f"IPGuard-TL, {b['points']} points: one batched optimization {b['batched_s']:.2f} s, "
-              f"per-point loop {b['loop_s']:.2f} s, speed-up {b['speedup']:.1f}×.", "",
-              "## CEM vs IPGuard: retrained surrogates vs independently trained references (ROC AUC)", "",
-              "| method | ROC AUC |", "|---|---|"]
+    lines += [
+        "",
+        "## Table 8 analog / batching benchmark",
+        "",
+        f"IPGuard-TL, {b['points']} points: one batched optimization {b['batched_s']:.2f} s, "
+        f"per-point loop {b['loop_s']:.2f} s, speed-up {b['speedup']:.1f}×.",
+        "",
+        "## CEM vs IPGuard: retrained surrogates vs independently trained references (ROC AUC)",
+        "",
+        "| method | ROC AUC |",
+        "|---|---|",
+    ]
     for key, value in r["cem"].items():
         if key.endswith("roc_auc_surrogates_vs_references"):
-            name = key.replace("_roc_auc_surrogates_vs_references", "").replace("roc_auc_surrogates_vs_references", "cem")
+            name = key.replace("_roc_auc_surrogates_vs_references", "").replace(
+                "roc_auc_surrogates_vs_references", "cem"
+            )
             lines.append(f"| {name or 'CEM'} | {value:.3f} |")
     c = r["cem"]
-    lines += ["", f"CEM: {c['points']} fingerprints, {c['passed_threshold']} reached conferrability ≥ "
-              f"{c['threshold']} on the training ensemble (mean {c['mean_conferrability']:.2f}).", "",
-              "## TAFA (reconstruction, not the published algorithm): ARUC per task and statistic", "",
-              "| task | solver | distance ARUC | distance AUC | bending ARUC | bending AUC |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"CEM: {c['points']} fingerprints, {c['passed_threshold']} reached conferrability ≥ "
+        f"{c['threshold']} on the training ensemble (mean {c['mean_conferrability']:.2f}).",
+        "",
+        "## TAFA (reconstruction, not the published algorithm): ARUC per task and statistic",
+        "",
+        "| task | solver | distance ARUC | distance AUC | bending ARUC | bending AUC |",
+        "|---|---|---|---|---|---|",
+    ]
     for task, row in r["tafa"]["tasks"].items():
-        lines.append(f"| {task} | {row['solver']} | {row['distance']['aruc']:.3f} | {row['distance']['roc_auc']:.3f} "
-                     f"| {row['bending']['aruc']:.3f} | {row['bending']['roc_auc']:.3f} |")
+        lines.append(
+            f"| {task} | {row['solver']} | {row['distance']['aruc']:.3f} | {row['distance']['roc_auc']:.3f} "
+            f"| {row['bending']['aruc']:.3f} | {row['bending']['roc_auc']:.3f} |"
+        )
     t = r["tafa"]
-    lines += ["", "Mean ARUC: " + ", ".join(f"{k} {v:.3f}" for k, v in t["mean_aruc"].items())
-              + f"; better: {t['better_statistic']}; library default: {t['default_statistic']}.", ""]
+    lines += [
+        "",
+        "Mean ARUC: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in t["mean_aruc"].items())
+        + f"; better: {t['better_statistic']}; library default: {t['default_statistic']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _plots(r: dict[str, Any], zoo: list[ZooMember], out: Path) -> list[str]:
+def _plots(r: dict[str, Any], zoo: list[ZooMember], cem_scores: list[float], out: Path) -> list[str]:
     """Robustness-uniqueness curves, matching rates per suspect, ROC of surrogates vs references (PNG)."""
     import matplotlib
 
@@ -266,7 +405,7 @@ def _plots(r: dict[str, Any], zoo: list[ZooMember], out: Path) -> list[str]:
     idx = [a for a, z in enumerate(zoo) if z.kind in ("surrogate", "same-arch", "other-arch")]
     y = [1 if zoo[a].kind == "surrogate" else 0 for a in idx]
     fig, ax = plt.subplots(figsize=(4, 4))
-    for name, scores in (("CEM", r["_cem_scores"]), ("IPGuard-TL", r["ipguard"]["TL"]["scores"])):
+    for name, scores in (("CEM", cem_scores), ("IPGuard-TL", r["ipguard"]["TL"]["scores"])):
         fpr, tpr, _ = roc_curve(y, [scores[a] for a in idx])
         ax.plot(fpr, tpr, label=name)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)

@@ -1,9 +1,9 @@
-"""One file format for the three black-box fingerprints (IPGuard, CEM, TAFA).
+"""One file format for the black-box fingerprints of every registered audit method.
 
 A fingerprint file is a ``torch.save`` of a plain dict, read back with
 ``torch.load(weights_only=True)`` (tensors and plain Python values only, no arbitrary unpickling)::
 
-    {"format": "activeguard-audit-fingerprint/1", "kind": "ipguard" | "cem" | "tafa",
+    {"format": "activeguard-audit-fingerprint/1", "kind": <registered method name>,
      "fields": {<every dataclass field of the fingerprint>}, "meta": {...}}
 
 The fields are taken from :func:`dataclasses.fields`, so a field added to or removed from a
@@ -21,14 +21,9 @@ from typing import Any
 
 import torch
 
-from activeguard.audit import conferrable, ipguard, tafa
+from activeguard.audit import base
 
 FORMAT = "activeguard-audit-fingerprint/1"
-KINDS: dict[str, type] = {
-    "ipguard": ipguard.Fingerprint,
-    "cem": conferrable.CemFingerprint,
-    "tafa": tafa.TafaFingerprint,
-}
 _LEGACY_IPGUARD = "activeguard-ipguard/1"  # written by ipguard.Fingerprint.save
 
 
@@ -43,11 +38,17 @@ class FingerprintFile:
     meta: dict[str, Any]
 
 
+def kinds() -> dict[str, type]:
+    """Fingerprint class of every registered method (the file's ``kind`` is the method's name)."""
+    return {name: method.fingerprint_type for name, method in base.methods().items()}
+
+
 def kind_of(fingerprint: Any) -> str:
-    for kind, cls in KINDS.items():
+    known = kinds()
+    for kind, cls in known.items():
         if type(fingerprint) is cls:
             return kind
-    raise TypeError(f"{type(fingerprint).__name__} is not an audit fingerprint ({', '.join(KINDS)})")
+    raise TypeError(f"{type(fingerprint).__name__} is not an audit fingerprint ({', '.join(known)})")
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -64,10 +65,11 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def save(fingerprint: Any, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``fingerprint`` (any of the three kinds) and ``meta`` to ``path``."""
+    """Write ``fingerprint`` (of any registered method) and ``meta`` to ``path``."""
     kind = kind_of(fingerprint)
-    fields = {f.name: _plain(getattr(fingerprint, f.name), f"field {f.name!r}")
-              for f in dataclasses.fields(fingerprint)}
+    fields = {
+        f.name: _plain(getattr(fingerprint, f.name), f"field {f.name!r}") for f in dataclasses.fields(fingerprint)
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": FORMAT, "kind": kind, "fields": fields, "meta": _plain(dict(meta or {}), "meta")}, path)
@@ -89,22 +91,28 @@ def load(path: str | Path, kind: str | None = None) -> FingerprintFile:
         stored, fields, meta = "ipguard", {k: data[k] for k in ("points", "labels", "k", "method") if k in data}, {}
     elif isinstance(data, dict) and data.get("format") == FORMAT:
         stored, fields, meta = data.get("kind"), data.get("fields"), data.get("meta") or {}
-        if stored not in KINDS or not isinstance(fields, dict):
+        if stored not in base.names() or not isinstance(fields, dict):
             raise FingerprintFileError(f"{path} holds an unknown fingerprint kind {stored!r}")
     else:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise FingerprintFileError(f"{path} is not an ActiveGuard fingerprint file (found {found!r}, "
-                                   f"expected format {FORMAT})")
+        raise FingerprintFileError(
+            f"{path} is not an ActiveGuard fingerprint file (found {found!r}, expected format {FORMAT})"
+        )
     if kind is not None and stored != kind:
-        raise FingerprintFileError(f"{path} holds a {stored} fingerprint, not {kind}: "
-                                   f"use 'activeguard audit {stored}'")
-    cls = KINDS[stored]
+        raise FingerprintFileError(f"{path} holds a {stored} fingerprint, not {kind}: use 'activeguard audit {stored}'")
+    method = base.get(stored)
+    cls = method.fingerprint_type
+    fields = method.from_file(dict(fields), dict(meta))
     names = {f.name for f in dataclasses.fields(cls)}
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in fields and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in fields and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
-        raise FingerprintFileError(f"{path} lacks the {stored} fingerprint field(s) {', '.join(missing)} "
-                                   "(written by another version?)")
+        raise FingerprintFileError(
+            f"{path} lacks the {stored} fingerprint field(s) {', '.join(missing)} (written by another version?)"
+        )
     try:
         fingerprint = cls(**{k: v for k, v in fields.items() if k in names})
     except (ValueError, TypeError) as exc:

@@ -24,15 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from activeguard.audit import decisions
-from activeguard.audit.metrics import matching_rate
+from activeguard.audit.base import (  # noqa: F401 - Suspect, suspect_labels: re-exported
+    AuditMethod,
+    LabelMatching,
+    Owner,
+    Params,
+    Suspect,
+    param,
+    suspect_labels,
+)
 
-METHODS = {"TL": ("train", "least-likely"), "TR": ("train", "random"),
-           "RL": ("random", "least-likely"), "RR": ("random", "random")}
+METHODS = {
+    "TL": ("train", "least-likely"),
+    "TR": ("train", "random"),
+    "RL": ("random", "least-likely"),
+    "RR": ("random", "random"),
+}
 DEFAULT_K = decisions.IPGUARD_K
 DECISION_THRESHOLD = decisions.IPGUARD_THRESHOLD  # matching rate; see decisions.py
 
@@ -55,8 +66,16 @@ class Fingerprint:
             raise ValueError(f"fingerprint has {len(self.points)} points but {len(self.labels)} labels")
 
     def save(self, path: str | Path) -> None:
-        torch.save({"format": "activeguard-ipguard/1", "points": self.points, "labels": self.labels,
-                    "k": self.k, "method": self.method}, path)
+        torch.save(
+            {
+                "format": "activeguard-ipguard/1",
+                "points": self.points,
+                "labels": self.labels,
+                "k": self.k,
+                "method": self.method,
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Fingerprint:
@@ -89,8 +108,16 @@ def _choose_labels(logits: torch.Tensor, target: str, gen: torch.Generator) -> t
 
 
 def generate(
-    model: nn.Module, n: int = 100, *, k: float = DEFAULT_K, method: str = "TL", x_train: torch.Tensor | None = None,
-    input_shape: tuple[int, ...] | None = None, lr: float = 0.01, max_iter: int = 1000, seed: int = 0,
+    model: nn.Module,
+    n: int = 100,
+    *,
+    k: float = DEFAULT_K,
+    method: str = "TL",
+    x_train: torch.Tensor | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    lr: float = 0.01,
+    max_iter: int = 1000,
+    seed: int = 0,
 ) -> Fingerprint:
     """Find ``n`` fingerprinting points in one batched Adam optimization of Eq. 5."""
     if method not in METHODS:
@@ -166,11 +193,14 @@ def generate_loop(model: nn.Module, n: int = 100, **kwargs: Any) -> Fingerprint:
         xt = x_train[order[a : a + 1]] if x_train is not None else None
         parts.append(generate(model, 1, x_train=xt, seed=seed + a, **kwargs))
     seconds = time.perf_counter() - start
-    return Fingerprint(torch.cat([p.points for p in parts]), torch.cat([p.labels for p in parts]),
-                       parts[0].k, parts[0].method, torch.cat([p.iterations for p in parts]), seconds)
-
-
-Suspect = Callable[[torch.Tensor], Any]
+    return Fingerprint(
+        torch.cat([p.points for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        parts[0].k,
+        parts[0].method,
+        torch.cat([p.iterations for p in parts]),
+        seconds,
+    )
 
 
 def sklearn_suspect(estimator: Any) -> Suspect:
@@ -178,28 +208,9 @@ def sklearn_suspect(estimator: Any) -> Suspect:
     return lambda x: torch.as_tensor(estimator.predict(torch.flatten(x, 1).numpy()))
 
 
-def suspect_labels(suspect: Suspect | nn.Module, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """Labels a suspect assigns to ``x``; raises a clear error on a wrong input shape or output size."""
-    if isinstance(suspect, nn.Module):
-        suspect.eval()
-    try:
-        with torch.no_grad():
-            out = suspect(x)
-    except RuntimeError as exc:
-        raise ValueError(f"suspect cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from exc
-    out = torch.as_tensor(np.asarray(out.detach() if isinstance(out, torch.Tensor) else out))
-    if out.ndim == 2:
-        if num_classes is not None and out.shape[1] != num_classes:
-            raise ValueError(f"suspect has {out.shape[1]} outputs, the owner's model has {num_classes}")
-        out = out.argmax(1)
-    if out.ndim != 1 or len(out) != len(x):
-        raise ValueError(f"suspect returned shape {tuple(out.shape)} for {len(x)} queries")
-    return out.long()
-
-
 def verify(fingerprint: Fingerprint, suspect: Suspect | nn.Module, num_classes: int | None = None) -> float:
     """Matching rate of the suspect's labels with the owner's labels on the fingerprint."""
-    return matching_rate(fingerprint.labels.numpy(), suspect_labels(suspect, fingerprint.points, num_classes).numpy())
+    return METHOD.score(fingerprint, suspect, num_classes=num_classes).value
 
 
 def margins(model: nn.Module, points: torch.Tensor) -> torch.Tensor:
@@ -207,3 +218,57 @@ def margins(model: nn.Module, points: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         top = model(points).topk(2, dim=1).values
     return top[:, 0] - top[:, 1]
+
+
+@dataclass(frozen=True)
+class IPGuardParams(Params):
+    method: str = param(
+        "TL",
+        "initialization (T: training examples, R: noise) and target label (L: least likely, "
+        "R: random); default {default}, the paper's best",
+        choices=list(METHODS),
+    )
+    k: float = param(
+        DEFAULT_K,
+        "logit margin of each point over the runner-up (default {default:g}; larger k loses "
+        "uniqueness: independent models start to match)",
+    )
+
+
+class IPGuard(LabelMatching, AuditMethod[IPGuardParams, Fingerprint]):
+    """Query sampler: Eq. 5 boundary points; representation and distance: :class:`LabelMatching`."""
+
+    name = "ipguard"
+    title = "IPGuard"
+    label = "IPGuard"
+    score_name = "matching rate"
+    help = "IPGuard: points near the classification boundary (needs training data)"
+    needs_data = True
+    params_type = IPGuardParams
+    fingerprint_type = Fingerprint
+
+    def generate(
+        self,
+        owner: Owner,
+        params: IPGuardParams,
+        data: Any = None,
+        *,
+        seed: int = 0,
+        stage: Callable[[str], None] = lambda _msg: None,
+    ) -> Fingerprint:
+        stage(f"searching {params.points} IPGuard-{params.method} boundary points…")
+        return generate(
+            owner.model,
+            params.points,
+            k=params.k,
+            method=params.method,
+            x_train=None if data is None else data.x_train,
+            input_shape=owner.input_shape,
+            seed=seed,
+        )
+
+    def describe(self, fingerprint: Fingerprint, params: IPGuardParams) -> dict[str, Any]:
+        return {"method": fingerprint.method, "k": fingerprint.k}
+
+
+METHOD = IPGuard()

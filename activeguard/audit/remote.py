@@ -59,8 +59,10 @@ class Suspect:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x, dtype=torch.float32)
         if self.input_shape is not None and not self._accepts(tuple(x.shape[1:])):
-            raise SuspectError(f"suspect {self.name} takes inputs of shape {self.input_shape}, "
-                               f"but the queries have shape {tuple(x.shape[1:])}")
+            raise SuspectError(
+                f"suspect {self.name} takes inputs of shape {self.input_shape}, "
+                f"but the queries have shape {tuple(x.shape[1:])}"
+            )
         parts = [self._query(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         if not parts:
             raise SuspectError("no queries to send: the fingerprint holds no points")
@@ -112,8 +114,14 @@ class LocalSuspect(Suspect):
 class RemoteSuspect(Suspect):
     """A model behind ``POST <url>`` with a JSON body ``{"inputs": [...]}``, queried over one kept-alive connection."""
 
-    def __init__(self, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, batch_size: int = DEFAULT_BATCH_SIZE,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(url, batch_size)
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -131,7 +139,8 @@ class RemoteSuspect(Suspect):
             raise SuspectError(f"{url}: {exc}") from exc
         if parts.scheme == "https":
             self.conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname, port, timeout=timeout_s, context=ssl.create_default_context())
+                parts.hostname, port, timeout=timeout_s, context=ssl.create_default_context()
+            )
         else:
             self.conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout_s)
 
@@ -189,8 +198,10 @@ def parse_outputs(answer: Any, rows: int, name: str = "suspect") -> torch.Tensor
     """Scores (rows, m) float32 or labels (rows,) int64 from ``{"outputs": ...}`` or a bare list."""
     if isinstance(answer, dict):
         if "outputs" not in answer:
-            raise SuspectError(f"{name} answered a JSON object without an 'outputs' list (keys: "
-                               f"{', '.join(sorted(map(str, answer))) or 'none'})")
+            raise SuspectError(
+                f"{name} answered a JSON object without an 'outputs' list (keys: "
+                f"{', '.join(sorted(map(str, answer))) or 'none'})"
+            )
         answer = answer["outputs"]
     if not isinstance(answer, list):
         raise SuspectError(f"{name} answered {type(answer).__name__}, expected a list of score vectors or labels")
@@ -222,8 +233,13 @@ def is_url(path_or_url: str | Path) -> bool:
     return isinstance(path_or_url, str) and urllib.parse.urlsplit(path_or_url).scheme in ("http", "https")
 
 
-def open_suspect(path_or_url: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 batch_size: int = DEFAULT_BATCH_SIZE, headers: dict[str, str] | None = None) -> Suspect:
+def open_suspect(
+    path_or_url: str | Path,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    headers: dict[str, str] | None = None,
+) -> Suspect:
     """A callable suspect from a checkpoint path or an ``http(s)://host:port/predictions/<name>`` URL.
 
     ``timeout_s`` bounds each HTTP request (connect and answer); ``headers`` are sent with every

@@ -1,15 +1,13 @@
-"""Post-processing attacks a pirate applies to a stolen model (ActiveGuard §3.5, IPGuard §5.1.2).
+"""Suspect zoos for the black-box audits (IPGuard §5.1.2).
 
-Every function returns a new model and leaves its input untouched, so one source model can
-spawn a whole zoo of suspects.
+Positives are post-processed copies of the owner's model (the removal attacks of
+:mod:`activeguard.attacks`), negatives are independently trained models.  Zoos are cached by
+content hash (:mod:`activeguard.audit.cache`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,65 +17,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from activeguard.attacks import (
+    filter_prune,
+    fine_tune,
+    fine_tune_last_layer,
+    global_prune,
+    prune_sweep,
+    retrain_last_layer,
+)
+from activeguard.audit.cache import (
+    _hash,
+    _tensor_digest,
+    cached,
+    default_cache_dir,
+)
 from activeguard.models import predict, train
-
-
-def fine_tune(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, lr: float = 0.01, seed: int = 0,
-    loss: str = "cross_entropy", progress: bool = False,
-) -> nn.Module:
-    """Fine-tune all layers (SGD, momentum 0.9) on the attacker's data, without any regularizer."""
-    return train(copy.deepcopy(model), x, y, loss=loss, epochs=epochs, lr=lr, seed=seed, optimizer="sgd",
-                 progress=progress, desc="fine-tuning")
-
-
-def _zero_smallest(tensor: torch.Tensor, rate: float) -> None:
-    k = int(round(rate * tensor.numel()))
-    if k == 0:
-        return
-    threshold = tensor.abs().flatten().kthvalue(k).values
-    tensor[tensor.abs() <= threshold] = 0.0
-
-
-def _check_rate(rate: float) -> None:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"pruning rate must be in [0, 1), got {rate}")
-
-
-@torch.no_grad()
-def prune_layer(model: nn.Module, parameter: str, rate: float) -> nn.Module:
-    """The paper's pruning attack: zero the ``rate`` fraction of smallest-|w| weights of one parameter."""
-    _check_rate(rate)
-    pruned = copy.deepcopy(model)
-    params = dict(pruned.named_parameters())
-    if parameter not in params:
-        raise ValueError(f"model has no parameter {parameter!r}; it has {', '.join(params)}")
-    _zero_smallest(params[parameter].data, rate)
-    return pruned
-
-
-@torch.no_grad()
-def global_prune(model: nn.Module, rate: float) -> nn.Module:
-    """Zero the ``rate`` fraction of smallest-|w| weights across all weight matrices and kernels."""
-    _check_rate(rate)
-    pruned = copy.deepcopy(model)
-    weights = [p for name, p in pruned.named_parameters() if name.endswith("weight") and p.ndim > 1]
-    k = int(round(rate * sum(w.numel() for w in weights)))
-    if k == 0:
-        return pruned
-    threshold = torch.cat([w.abs().flatten() for w in weights]).kthvalue(k).values
-    for w in weights:
-        w[w.abs() <= threshold] = 0.0
-    return pruned
-
-
-# ---------------------------------------------------------------------------------------------
-# Suspect zoo for the black-box audits (IPGuard §5.1.2): positives are post-processed copies of
-# the owner's model, negatives are independently trained models.
-# ---------------------------------------------------------------------------------------------
-
-ZOO_FORMAT = "activeguard-zoo/1"
-MAX_ACCURACY_DROP = 0.03  # IPGuard §5.1.2: stop pruning when accuracy drops by more than 3 points
 
 
 @dataclass
@@ -91,121 +45,15 @@ class ZooMember:
     quality: float  # test accuracy (classifiers) or negative test MSE (others)
 
 
-def _last_linear(model: nn.Module) -> tuple[nn.Module, str]:
-    last = None
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                last = (parent, name)
-    if last is None:
-        raise ValueError(f"{type(model).__name__} has no linear layer")
-    return last
-
-
-def _train_subset(model: nn.Module, trainable: list[nn.Parameter], x, y, **kwargs) -> nn.Module:
-    keep = {id(p) for p in trainable}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(id(p) in keep)
-    try:
-        train(model, x, y, **kwargs)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return model.eval()
-
-
-def fine_tune_last_layer(model: nn.Module, x, y, *, epochs: int = 5, lr: float = 0.01, seed: int = 0,
-                         loss: str = "cross_entropy") -> nn.Module:
-    """FTLL: fine-tune only the last layer."""
-    copy_ = copy.deepcopy(model)
-    parent, name = _last_linear(copy_)
-    return _train_subset(copy_, list(getattr(parent, name).parameters()), x, y, epochs=epochs, lr=lr, seed=seed,
-                         loss=loss, optimizer="sgd")
-
-
-def retrain_last_layer(model: nn.Module, x, y, *, all_layers: bool, epochs: int = 5, lr: float = 0.01,
-                       seed: int = 0, loss: str = "cross_entropy") -> nn.Module:
-    """RTLL (``all_layers=False``) / RTAL (``True``): re-initialize the last layer, then retrain."""
-    copy_ = copy.deepcopy(model)
-    parent, name = _last_linear(copy_)
-    old = getattr(parent, name)
-    torch.manual_seed(seed)
-    setattr(parent, name, nn.Linear(old.in_features, old.out_features))
-    trainable = list(copy_.parameters()) if all_layers else list(getattr(parent, name).parameters())
-    return _train_subset(copy_, trainable, x, y, epochs=epochs, lr=lr, seed=seed, loss=loss, optimizer="sgd")
-
-
-@torch.no_grad()
-def filter_prune(model: nn.Module, fraction: float) -> nn.Module:
-    """Zero the ``fraction`` of each conv layer's filters with the smallest L1 norm (and their biases)."""
-    _check_rate(fraction)
-    pruned = copy.deepcopy(model)
-    for conv in (m for m in pruned.modules() if isinstance(m, nn.Conv2d)):
-        n = int(round(fraction * conv.out_channels))
-        if n == 0:
-            continue
-        order = conv.weight.abs().flatten(1).sum(1).argsort()[:n]
-        conv.weight[order] = 0.0
-        if conv.bias is not None:
-            conv.bias[order] = 0.0
-    return pruned
-
-
-def prune_sweep(model: nn.Module, quality: Callable[[nn.Module], float], prune: Callable[[nn.Module, float], nn.Module],
-                rates: list[float], max_drop: float = MAX_ACCURACY_DROP) -> list[tuple[float, nn.Module, float]]:
-    """Prune at increasing rates; stop (excluding it) at the first whose quality drops by > ``max_drop``."""
-    base = quality(model)
-    kept = []
-    for rate in rates:
-        pruned = prune(model, rate)
-        q = quality(pruned)
-        if base - q > max_drop:
-            break
-        kept.append((rate, pruned, q))
-    return kept
-
-
-def _hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode() if not isinstance(part, bytes) else part)
-    return h.hexdigest()[:20]
-
-
-def _tensor_digest(*tensors: torch.Tensor) -> bytes:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.digest()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ACTIVEGUARD_CACHE", ".activeguard-cache"))
-
-
-def cached(key: str, build: Callable[[], Any], cache_dir: str | Path | None) -> Any:
-    """Load ``key`` from the on-disk cache or build and store it (``cache_dir=None`` disables caching)."""
-    if cache_dir is None:
-        return build()
-    path = Path(cache_dir) / f"{key}.pt"
-    if path.exists():
-        try:
-            data = torch.load(path, weights_only=False)  # our own cache file, written below
-            if data.get("format") == ZOO_FORMAT:
-                return data["value"]
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is rebuilt
-            pass
-    value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": ZOO_FORMAT, "value": value}, tmp)
-    tmp.replace(path)
-    return value
-
-
-def classifier_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 0,
-                   cache_dir: str | Path | None = "default", progress: bool = False) -> list[ZooMember]:
+def classifier_zoo(
+    owner: nn.Module,
+    split,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir: str | Path | None = "default",
+    progress: bool = False,
+) -> list[ZooMember]:
     """The classifier suspect zoo for ``owner`` (a LeNet-5 trained on ``split``).
 
     The attacker's data is the first half of the test set (IPGuard lets the attacker fine-tune on
@@ -257,8 +105,7 @@ def classifier_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 
                     members.append(ZooMember(f"FP c={round(rate * 16)}/16", "FP", True, m, q))
             elif step == "surrogate":
                 torch.manual_seed(seed + 50)
-                m = train(LeNet5(c, split.input_shape[0], side), xt, owner_labels, epochs=epochs,
-                          seed=seed + 50)
+                m = train(LeNet5(c, split.input_shape[0], side), xt, owner_labels, epochs=epochs, seed=seed + 50)
                 members.append(ZooMember("surrogate LeNet-5", "surrogate", True, m, acc(m)))
                 torch.manual_seed(seed + 51)
                 m = train(MLPClassifier(c, feats), xt, owner_labels, epochs=2 * epochs, seed=seed + 51)
@@ -296,8 +143,9 @@ def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.nn.functional.mse_loss(predict(model, x).reshape(y.shape), y))
 
 
-def regressor_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 0,
-                  cache_dir: str | Path | None = "default") -> list[ZooMember]:
+def regressor_zoo(
+    owner: nn.Module, split, *, quick: bool = False, seed: int = 0, cache_dir: str | Path | None = "default"
+) -> list[ZooMember]:
     """Suspects for the diabetes MLP regressor; quality = R² on the second half of the test set.
 
     Positives: FTLL, FTAL, RTLL, RTAL on the attacker's half of the test set, weight pruning until R²
@@ -320,23 +168,29 @@ def regressor_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 0
         members = [
             ZooMember("FTLL", "FTLL", True, fine_tune_last_layer(owner, xa, ya, epochs=20, lr=0.005, **kw), 0.0),
             ZooMember("FTAL", "FTAL", True, fine_tune(owner, xa, ya, epochs=20, lr=0.005, **kw), 0.0),
-            ZooMember("RTLL", "RTLL", True,
-                      retrain_last_layer(owner, xa, ya, all_layers=False, epochs=40, lr=0.005, **kw), 0.0),
-            ZooMember("RTAL", "RTAL", True,
-                      retrain_last_layer(owner, xa, ya, all_layers=True, epochs=40, lr=0.005, **kw), 0.0),
+            ZooMember(
+                "RTLL",
+                "RTLL",
+                True,
+                retrain_last_layer(owner, xa, ya, all_layers=False, epochs=40, lr=0.005, **kw),
+                0.0,
+            ),
+            ZooMember(
+                "RTAL", "RTAL", True, retrain_last_layer(owner, xa, ya, all_layers=True, epochs=40, lr=0.005, **kw), 0.0
+            ),
         ]
         for rate, m, _ in prune_sweep(owner, r2, global_prune, [round(0.1 * i, 1) for i in range(1, 10)]):
             members.append(ZooMember(f"WP p={rate}", "WP", True, m, 0.0))
+
+        def independent(s: int, *hidden: tuple[int, ...]) -> nn.Module:
+            torch.manual_seed(s)
+            model = MLPRegressor(split.input_shape[0], *hidden)
+            return train(model, split.x_train, split.y_train, loss="mse", epochs=epochs, batch_size=32, seed=s)
+
         for s in range(seed + 1, seed + 6):
-            torch.manual_seed(s)
-            m = train(MLPRegressor(split.input_shape[0]), split.x_train, split.y_train, loss="mse", epochs=epochs,
-                      batch_size=32, seed=s)
-            members.append(ZooMember(f"MLP (64, 64) seed {s}", "same-arch", False, m, 0.0))
+            members.append(ZooMember(f"MLP (64, 64) seed {s}", "same-arch", False, independent(s), 0.0))
         for s, hidden in ((seed + 11, (128,)), (seed + 12, (32, 32, 32))):
-            torch.manual_seed(s)
-            m = train(MLPRegressor(split.input_shape[0], hidden), split.x_train, split.y_train, loss="mse",
-                      epochs=epochs, batch_size=32, seed=s)
-            members.append(ZooMember(f"MLP {hidden}", "other-arch", False, m, 0.0))
+            members.append(ZooMember(f"MLP {hidden}", "other-arch", False, independent(s, hidden), 0.0))
         for member in members:
             member.quality = r2(member.model)
         return members
@@ -344,8 +198,14 @@ def regressor_zoo(owner: nn.Module, split, *, quick: bool = False, seed: int = 0
     return cached(key, build, cache_dir)
 
 
-def generator_zoo(owner: nn.Module, images: torch.Tensor, *, quick: bool = False, seed: int = 0,
-                  cache_dir: str | Path | None = "default") -> list[ZooMember]:
+def generator_zoo(
+    owner: nn.Module,
+    images: torch.Tensor,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir: str | Path | None = "default",
+) -> list[ZooMember]:
     """Suspects for the Fashion-MNIST generator; quality = −MSE to the owner's outputs on N(0, I) latents.
 
     Positives: fine-tuning all / the last layer on the owner's own samples G(z) for the attacker's
@@ -370,12 +230,20 @@ def generator_zoo(owner: nn.Module, images: torch.Tensor, *, quick: bool = False
         z_att = 1.5 * torch.randn(2048, latent, generator=gen)
         target = predict(owner, z_att)
         members = [
-            ZooMember("FTAL", "FTAL", True, fine_tune(owner, z_att, target, epochs=3, lr=0.01, loss="mse", seed=seed), 0),
-            ZooMember("FTLL", "FTLL", True,
-                      fine_tune_last_layer(owner, z_att, target, epochs=3, lr=0.01, loss="mse", seed=seed), 0),
+            ZooMember(
+                "FTAL", "FTAL", True, fine_tune(owner, z_att, target, epochs=3, lr=0.01, loss="mse", seed=seed), 0
+            ),
+            ZooMember(
+                "FTLL",
+                "FTLL",
+                True,
+                fine_tune_last_layer(owner, z_att, target, epochs=3, lr=0.01, loss="mse", seed=seed),
+                0,
+            ),
         ]
-        for rate, m, _ in prune_sweep(owner, lambda m: 1 + quality(m), global_prune,
-                                      [round(0.1 * i, 1) for i in range(1, 10)]):
+        for rate, m, _ in prune_sweep(
+            owner, lambda m: 1 + quality(m), global_prune, [round(0.1 * i, 1) for i in range(1, 10)]
+        ):
             members.append(ZooMember(f"WP p={rate}", "WP", True, m, 0))
         noisy = copy.deepcopy(owner)
         with torch.no_grad():
@@ -384,8 +252,15 @@ def generator_zoo(owner: nn.Module, images: torch.Tensor, *, quick: bool = False
                 p.add_(0.01 * p.std() * torch.randn_like(p))
         members.append(ZooMember("weight noise 1%", "noise", True, noisy, 0))
         for s in range(seed + 1, seed + 6):
-            members.append(ZooMember(f"generator seed {s}", "same-arch", False,
-                                     train_generator(images, latent_dim=latent, epochs=epochs, seed=s), 0))
+            members.append(
+                ZooMember(
+                    f"generator seed {s}",
+                    "same-arch",
+                    False,
+                    train_generator(images, latent_dim=latent, epochs=epochs, seed=s),
+                    0,
+                )
+            )
         torch.manual_seed(seed + 11)
         other = FCGenerator(latent, images[0].numel(), (256, 256))
         enc = nn.Sequential(nn.Linear(images[0].numel(), 256), nn.ReLU(), nn.Linear(256, latent))

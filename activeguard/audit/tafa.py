@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from activeguard.audit import decisions
+from activeguard.audit.base import AuditMethod, Owner, Params, Score, Suspect, param
 
 STATISTICS = ("distance", "bending")
 DEFAULT_STATISTIC = "distance"  # mean ARUC over the three tasks: distance 0.47 vs bending 0.40 (quick evaluation)
@@ -46,14 +47,15 @@ DECISION_THRESHOLD = decisions.TAFA_THRESHOLD  # see decisions.py
 
 @dataclass
 class TafaFingerprint:
-    points: torch.Tensor        # (n, *input_shape) on region boundaries
-    directions: torch.Tensor    # (n, *input_shape) unit probe directions across the boundary
+    points: torch.Tensor  # (n, *input_shape) on region boundaries
+    directions: torch.Tensor  # (n, *input_shape) unit probe directions across the boundary
     delta: float
-    outputs: torch.Tensor       # owner's outputs at points, (n, m)
-    bends: torch.Tensor         # owner's second differences, (n, m)
-    scale: float                # owner's output scale at the points
+    outputs: torch.Tensor  # owner's outputs at points, (n, m)
+    bends: torch.Tensor  # owner's second differences, (n, m)
+    scale: float  # owner's output scale at the points
     solver: str
     seconds: float = 0.0
+    output: str = "raw"  # what was compared: "softmax" scores (classifiers) or the "raw" outputs
 
     def __post_init__(self) -> None:
         if len(self.points) == 0:
@@ -95,8 +97,14 @@ def _affine_maps(layers: list[nn.Linear], x0: torch.Tensor):
     return maps
 
 
-def lp_boundary_point(layers: list[nn.Linear], x0: torch.Tensor, layer: int, neuron: int,
-                      bounds: tuple[float, float], margin: float = 1e-6) -> torch.Tensor | None:
+def lp_boundary_point(
+    layers: list[nn.Linear],
+    x0: torch.Tensor,
+    layer: int,
+    neuron: int,
+    bounds: tuple[float, float],
+    margin: float = 1e-6,
+) -> torch.Tensor | None:
     """Closest point (L1) to x0 in x0's linear region where hidden neuron ``neuron`` of ``layer`` is 0.
 
     Solved with HiGHS: variables (x, t), minimize Σt with t ≥ |x − x0|, subject to keeping the
@@ -125,15 +133,24 @@ def lp_boundary_point(layers: list[nn.Linear], x0: torch.Tensor, layer: int, neu
     a_eq = np.hstack([a_t[neuron].numpy(), np.zeros(d)])[None, :]
     b_eq = np.array([-c_t[neuron].item()])
     cost = np.concatenate([np.zeros(d), np.ones(d)])
-    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq,
-                  bounds=[bounds] * d + [(0, None)] * d, method="highs")
+    res = linprog(
+        cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=[bounds] * d + [(0, None)] * d, method="highs"
+    )
     if res.status != 0:
         return None
     return torch.as_tensor(res.x[:d], dtype=torch.float32).reshape(x0.shape)
 
 
-def lp_boundary_points(model: nn.Module, n: int, input_shape: tuple[int, ...], *, bounds=(-3.0, 3.0),
-                       init: str = "normal", seed: int = 0, max_tries: int | None = None):
+def lp_boundary_points(
+    model: nn.Module,
+    n: int,
+    input_shape: tuple[int, ...],
+    *,
+    bounds=(-3.0, 3.0),
+    init: str = "normal",
+    seed: int = 0,
+    max_tries: int | None = None,
+):
     """n boundary points of a small ReLU MLP by LP from random starts (no training data)."""
     layers = relu_mlp_layers(model)
     if layers is None:
@@ -183,8 +200,17 @@ def _hidden_module(model: nn.Module) -> nn.Module:
     return linears[0]
 
 
-def gradient_boundary_points(model: nn.Module, n: int, input_shape: tuple[int, ...], *, bounds=(0.0, 1.0),
-                             init: str = "uniform", seed: int = 0, steps: int = 30, tol: float = 1e-4):
+def gradient_boundary_points(
+    model: nn.Module,
+    n: int,
+    input_shape: tuple[int, ...],
+    *,
+    bounds=(0.0, 1.0),
+    init: str = "uniform",
+    seed: int = 0,
+    steps: int = 30,
+    tol: float = 1e-4,
+):
     """Projected Newton path (batched): drive one hidden pre-activation per point to 0 within the box.
 
     For each random start, the neuron with the smallest |pre-activation| / ‖gradient‖ (the closest
@@ -235,9 +261,18 @@ def _second_difference(f: Callable, x: torch.Tensor, d: torch.Tensor, delta: flo
     return mid, plus - 2 * mid + minus
 
 
-def generate(model: nn.Module, n: int, input_shape: tuple[int, ...], *, output: Callable | None = None,
-             solver: str = "auto", bounds=(-3.0, 3.0), init: str = "normal", delta: float = 0.05,
-             seed: int = 0) -> TafaFingerprint:
+def generate(
+    model: nn.Module,
+    n: int,
+    input_shape: tuple[int, ...],
+    *,
+    output: Callable | None = None,
+    solver: str = "auto",
+    bounds=(-3.0, 3.0),
+    init: str = "normal",
+    delta: float = 0.05,
+    seed: int = 0,
+) -> TafaFingerprint:
     """Fingerprint ``model`` at ``n`` region-boundary points (no training data used).
 
     ``output`` maps the model to the black-box output compared at verification (default: the
@@ -269,7 +304,9 @@ def verify(fp: TafaFingerprint, suspect: Callable[[torch.Tensor], Any], statisti
     except RuntimeError as exc:
         raise ValueError(f"suspect cannot take inputs of shape {tuple(fp.points.shape[1:])}: {exc}") from exc
     if mid.shape != fp.outputs.shape:
-        raise ValueError(f"suspect outputs have shape {tuple(mid.shape[1:])}, the owner's {tuple(fp.outputs.shape[1:])}")
+        raise ValueError(
+            f"suspect outputs have shape {tuple(mid.shape[1:])}, the owner's {tuple(fp.outputs.shape[1:])}"
+        )
     if statistic == "distance":
         dist = (mid - fp.outputs).norm(dim=1) / fp.scale
         return float(torch.exp(-dist / RHO).mean())
@@ -279,3 +316,90 @@ def verify(fp: TafaFingerprint, suspect: Callable[[torch.Tensor], Any], statisti
         raise ValueError("the owner's model does not bend at any fingerprint point")
     err = (bend - fp.bends).norm(dim=1)[ok] / ref[ok]
     return float((1 - err).clamp_min(0).mean())
+
+
+@dataclass(frozen=True)
+class TafaParams(Params):
+    solver: str = param(
+        "auto",
+        "linear programming (small MLPs) or projected gradient (default {default})",
+        choices=["auto", "lp", "gradient"],
+    )
+
+
+class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
+    """Query sampler: region-boundary points; representation: outputs (classifiers: softmax); distance: a statistic."""
+
+    name = "tafa"
+    title = "TAFA (reconstruction)"
+    label = "TAFA"
+    score_name = "TAFA score"
+    help = "TAFA reconstruction: ReLU region-boundary points, no training data, any task"
+    needs_data = False
+    params_type = TafaParams
+    fingerprint_type = TafaFingerprint
+
+    def generate(
+        self,
+        owner: Owner,
+        params: TafaParams,
+        data: Any = None,
+        *,
+        seed: int = 0,
+        stage: Callable[[str], None] = lambda _msg: None,
+    ) -> TafaFingerprint:
+        model = owner.model
+        softmax = owner.task == "classification"  # compare score vectors, the scale every classifier answers in
+        image = len(owner.input_shape) == 3
+        stage(f"searching {params.points} region-boundary points (no training data)…")
+        fp = generate(
+            model,
+            params.points,
+            owner.input_shape,
+            solver=params.solver,
+            seed=seed,
+            output=(lambda x: torch.softmax(model(x), 1)) if softmax else None,
+            **({"bounds": (0.0, 1.0), "init": "uniform"} if image else {}),
+        )
+        fp.output = "softmax" if softmax else "raw"
+        return fp
+
+    def score(
+        self,
+        fingerprint: TafaFingerprint,
+        suspect: Suspect,
+        *,
+        num_classes: int | None = None,
+        statistic: str | None = None,
+        **options: Any,
+    ) -> Score:
+        from activeguard.audit.remote import probabilities
+
+        statistic = statistic or DEFAULT_STATISTIC
+        call = suspect
+        if fingerprint.output == "softmax":
+            call = lambda x: probabilities(suspect(x), getattr(suspect, "name", "suspect"))  # noqa: E731
+        return Score(verify(fingerprint, call, statistic), {"points": len(fingerprint.points), "statistic": statistic})
+
+    def describe(self, fingerprint: TafaFingerprint, params: TafaParams) -> dict[str, Any]:
+        return {"output": fingerprint.output, "solver": fingerprint.solver}
+
+    def explain(self, score: Score) -> str:
+        return f"{score.evidence['points']} boundary points, {score.evidence['statistic']} statistic"
+
+    def from_file(self, fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        return {"output": meta.get("output", "raw"), **fields}  # files before the field kept it in meta only
+
+    def add_score_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--statistic",
+            choices=list(STATISTICS),
+            default=None,
+            help="output distance or second difference at the points (default: the library's)",
+        )
+
+    def score_options(self, args: Any) -> dict[str, Any]:
+        return {"statistic": args.statistic}
+
+
+METHOD = Tafa()

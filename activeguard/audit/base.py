@@ -1,0 +1,193 @@
+"""One interface for the black-box ownership audits, and their registry.
+
+After QuRD (a fingerprint = query sampler + output representation + distance) and WRT (one
+abstract class per role, one file per method, a registry): each method is an :class:`AuditMethod`
+in its own module (the science stays there) with a frozen parameters dataclass that is the single
+source of its defaults (the CLI builds its flags from it).  ``generate`` makes a fingerprint of the
+owner's model; ``score`` compares a suspect with it and returns a :class:`Score` in [0, 1].
+Decision thresholds stay in :mod:`activeguard.audit.decisions`, keyed by the registry name.
+
+Adding a method: one module with an ``AuditMethod`` subclass, plus one line in :data:`_MODULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from activeguard.audit import decisions
+from activeguard.audit.metrics import matching_rate
+
+Suspect = Callable[[torch.Tensor], Any]  # inputs -> labels (n,) or scores (n, classes); a module or e.g. a forest
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The owner's model and what an audit must know about it."""
+
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    task: str  # "classification", "regression" or "generation"
+
+
+@dataclasses.dataclass
+class Score:
+    """A suspect's score against a fingerprint: ``value`` in [0, 1] (1 = behaves as the owner)."""
+
+    value: float
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def param(default: Any, help: str, **kwargs: Any) -> Any:
+    """A parameter field: ``help`` (with ``{default}``) and argparse extras (``choices``) for the CLI."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Parameters every method has; subclasses add theirs (frozen: one run, one set of values)."""
+
+    points: int = param(100, "fingerprint points (default {default})")
+
+    def __post_init__(self) -> None:
+        if self.points < 1:
+            raise ValueError(f"--points must be at least 1, got {self.points}")
+
+
+P = TypeVar("P", bound=Params)
+F = TypeVar("F")
+
+
+class AuditMethod(ABC, Generic[P, F]):
+    """A black-box audit: fingerprint the owner's model, then score suspects against it."""
+
+    name: ClassVar[str]  # registry name: CLI subcommand, file kind, threshold key
+    title: ClassVar[str]  # for people, e.g. "CEM (conferrable adversarial examples)"
+    label: ClassVar[str]  # short, for table columns, e.g. "CEM"
+    score_name: ClassVar[str]  # what the score is called, e.g. "matching rate"
+    help: ClassVar[str]  # one line for `audit fingerprint --help`
+    needs_data: ClassVar[bool]  # generate needs the owner's training data (a classifier's Split)
+    params_type: ClassVar[type[Params]]
+    fingerprint_type: ClassVar[type]
+
+    @property
+    def threshold(self) -> float:
+        """The default decision threshold on the score (measured; see decisions.py)."""
+        return decisions.THRESHOLDS[self.name]
+
+    @abstractmethod
+    def generate(
+        self,
+        owner: Owner,
+        params: P,
+        data: Any = None,
+        *,
+        seed: int = 0,
+        stage: Callable[[str], None] = lambda _msg: None,
+    ) -> F:
+        """Make a fingerprint of ``owner``; ``data`` is its training Split when ``needs_data``."""
+
+    @abstractmethod
+    def score(self, fingerprint: F, suspect: Suspect, *, num_classes: int | None = None, **options: Any) -> Score:
+        """Score a suspect (a callable inputs -> outputs) against the fingerprint."""
+
+    def describe(self, fingerprint: F, params: P) -> dict[str, Any]:
+        """How the fingerprint was made, stored in the file's meta and the CLI's JSON."""
+        return {}
+
+    def note(self, fingerprint: F) -> str:
+        """A caveat about a fresh fingerprint for people ('' when none)."""
+        return ""
+
+    def explain(self, score: Score) -> str:
+        """The evidence in words, e.g. '87/100 fingerprint points give the owner's label'."""
+        return ", ".join(f"{k} {v}" for k, v in score.evidence.items())
+
+    def from_file(self, fields: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        """Fill in fields an older file lacks (from its meta); the default keeps them as stored."""
+        return fields
+
+    def add_score_arguments(self, parser: Any) -> None:
+        """Flags of ``activeguard audit NAME`` beyond the common ones (none by default)."""
+
+    def score_options(self, args: Any) -> dict[str, Any]:
+        """The ``**options`` of :meth:`score` from those flags."""
+        return {}
+
+
+def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Labels a suspect assigns to ``x``; raises a clear error on a wrong input shape or output size."""
+    if isinstance(suspect, nn.Module):
+        suspect.eval()
+    try:
+        with torch.no_grad():
+            out = suspect(x)
+    except RuntimeError as exc:
+        raise ValueError(f"suspect cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from exc
+    out = torch.as_tensor(np.asarray(out.detach() if isinstance(out, torch.Tensor) else out))
+    if out.ndim == 2:
+        if num_classes is not None and out.shape[1] != num_classes:
+            raise ValueError(f"suspect has {out.shape[1]} outputs, the owner's model has {num_classes}")
+        out = out.argmax(1)
+    if out.ndim != 1 or len(out) != len(x):
+        raise ValueError(f"suspect returned shape {tuple(out.shape)} for {len(x)} queries")
+    return out.long()
+
+
+class LabelMatching:
+    """Output representation = top-1 label, distance = matching rate (shared by IPGuard and CEM).
+
+    The fingerprint needs ``points`` and the owner's ``labels`` on them.
+    """
+
+    def score(self, fingerprint: Any, suspect: Suspect, *, num_classes: int | None = None, **options: Any) -> Score:
+        labels = suspect_labels(suspect, fingerprint.points, num_classes)
+        value = matching_rate(fingerprint.labels.numpy(), labels.numpy())
+        total = len(fingerprint.labels)
+        return Score(value, {"matched": int(round(value * total)), "total": total})
+
+    def explain(self, score: Score) -> str:
+        return f"{score.evidence['matched']}/{score.evidence['total']} fingerprint points give the owner's label"
+
+
+# name -> module holding exactly one registered AuditMethod subclass (its science lives there too)
+_MODULES: dict[str, str] = {
+    "ipguard": "activeguard.audit.ipguard",
+    "cem": "activeguard.audit.conferrable",
+    "tafa": "activeguard.audit.tafa",
+}
+_LOADED: dict[str, AuditMethod] = {}
+
+
+def _load(name: str) -> AuditMethod:
+    if name not in _LOADED:
+        module = importlib.import_module(_MODULES[name])
+        _LOADED[name] = module.METHOD
+        if module.METHOD.name != name:
+            raise RuntimeError(f"{_MODULES[name]}.METHOD is named {module.METHOD.name!r}, registered as {name!r}")
+    return _LOADED[name]
+
+
+def names() -> list[str]:
+    """Registered method names, in registry order."""
+    return list(_MODULES)
+
+
+def get(name: str) -> AuditMethod:
+    """The method registered as ``name`` (KeyError names the known ones)."""
+    if name not in _MODULES:
+        raise KeyError(f"unknown audit method {name!r}; known: {', '.join(_MODULES)}")
+    return _load(name)
+
+
+def methods() -> dict[str, AuditMethod]:
+    """Every registered method, by name."""
+    return {name: _load(name) for name in _MODULES}

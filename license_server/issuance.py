@@ -1,0 +1,498 @@
+"""License issuance: allocation, fingerprint generation, signing, storage and revocation, without gRPC.
+
+Issuance, step by step (DESIGN §3 "License"):
+
+1. pick a free slot (model, class, confidence) that neither the store nor an in-flight call of
+   this process holds (pre-generated slots first);
+2. get its fingerprint on the generation worker (never on a gRPC thread): the pre-generated one,
+   or a fresh C&W example from :func:`activeguard.fingerprints.generate_fingerprints`;
+3. re-check the exact bytes that will be signed through the registered model (checked against its
+   model id when loaded) with the core control layer: it must authenticate as this slot's user;
+4. sign the canonical payload with the server's Ed25519 key;
+5. insert the whole license in one transaction; ``UNIQUE (model, class, confidence)`` refuses a
+   slot another process took meanwhile, and the call then retries with another slot.
+
+Nothing is written before step 5, so a crash leaves no slot taken without a license. Inputs and
+outputs are plain values and store records; refusals are :mod:`license_server.errors`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from activeguard import licenses as lic
+from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, ControlConfig
+from activeguard.fingerprints import authenticate, encode, generate_fingerprints
+from activeguard.models import input_shape as model_input_shape
+from activeguard.models import model_id as compute_model_id
+from license_server.checkpoints import checkpoint_classifier, fingerprint_from_bytes
+from license_server.config import ServerConfig
+from license_server.errors import (
+    ClientGone,
+    Conflict,
+    Exhausted,
+    GenerationFailed,
+    InvalidRequest,
+    IssuanceError,
+    NotFound,
+    PreconditionFailed,
+    TimedOut,
+    Unavailable,
+)
+from license_server.logs import log_event
+from license_server.metrics import Metrics
+from license_server.store import (
+    LicenseRecord,
+    ModelRecord,
+    RevocationRecord,
+    SigningKeyRecord,
+    SlotTaken,
+    Store,
+)
+from license_server.validation import (
+    MAX_ID,
+    check_issue,
+    check_list,
+    check_reason,
+    check_register,
+    check_text,
+    shown,
+)
+
+Slot = tuple[int, int]  # (FO class, confidence index)
+MAX_REVOCATION_PAGE = 10000
+
+
+@dataclass
+class LoadedModel:
+    row: ModelRecord
+    module: torch.nn.Module
+    config: ControlConfig
+    all_slots: list[Slot] = field(default_factory=list)
+
+    def user_index(self, slot: Slot) -> int:
+        return slot[0] * len(self.config.confidences) + slot[1]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A RegisterModel request in plain values (exactly one of ``model_path`` and ``checkpoint``)."""
+
+    model_path: str = ""
+    checkpoint: bytes = b""
+    name: str = ""
+    expected_model_id: str = ""
+    encoding: str = ""
+    num_classes: int = 0
+    confidences: tuple[float, ...] = ()
+    epsilon: float = 0.0
+    pregenerate: bool = False
+
+
+@dataclass(frozen=True)
+class Registered:
+    model: ModelRecord
+    created: bool
+    issued: int
+    pregenerated: int
+
+
+@dataclass(frozen=True)
+class LicensePage:
+    licenses: list[LicenseRecord]
+    next_page_token: str  # '' on the last page
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    key: SigningKeyRecord
+    current: bool
+
+
+def license_state(r: LicenseRecord, now: int | None = None) -> str:
+    """'revoked', 'expired' or 'active', as of ``now``."""
+    if r.revoked:
+        return "revoked"
+    return "expired" if r.expires_at <= (int(time.time()) if now is None else now) else "active"
+
+
+class Issuer:
+    """Every license operation of one server: owns the loaded models, slot reservations and the generation worker."""
+
+    def __init__(self, config: ServerConfig, store: Store, key, metrics: Metrics):
+        self.cfg = config
+        self.store = store
+        self.key = key
+        self.key_id = lic.key_id(key.public_key())
+        self.metrics = metrics
+        self._models: dict[str, LoadedModel] = {}
+        self._models_lock = threading.Lock()
+        self._reserved: dict[str, set[Slot]] = {}
+        self._reserve_lock = threading.Lock()
+        # One worker: torch already uses every core for one batch; requests queue, never block gRPC I/O.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint-gen")
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def model(self, model_id: str) -> LoadedModel:
+        """The registered model, loaded once and checked against its model id (the file may have changed)."""
+        with self._models_lock:
+            loaded = self._models.get(model_id)
+            if loaded is not None:
+                return loaded
+            row = self.store.get_model(model_id)
+            if row is None:
+                raise NotFound(f"model {shown(model_id)} is not registered (RegisterModel first)")
+            try:
+                module = checkpoint_classifier(Path(row.model_path), f"model file {row.model_path!r}")
+            except IssuanceError as exc:
+                raise PreconditionFailed(
+                    f"the registered checkpoint of model {row.model_id[:16]}… cannot be used any more: {exc}"
+                ) from None
+            actual = compute_model_id(module)
+            if actual != row.model_id:
+                raise PreconditionFailed(
+                    f"the checkpoint at the registered path now has model id {actual[:16]}…, "
+                    f"not the registered {row.model_id[:16]}…; refusing to issue for it"
+                )
+            loaded = self._loaded(row, module)
+            self._models[model_id] = loaded
+        self._refresh_free_slots(loaded)
+        return loaded
+
+    @staticmethod
+    def _loaded(row: ModelRecord, module: torch.nn.Module) -> LoadedModel:
+        config = ControlConfig(num_classes=row.num_classes, confidences=row.confidences, epsilon=row.epsilon)
+        slots = [(t, j) for t in range(row.num_classes) for j in range(len(row.confidences))]
+        return LoadedModel(row=row, module=module, config=config, all_slots=slots)
+
+    @staticmethod
+    def _named(model_path: str) -> tuple[Path, torch.nn.Module]:
+        """(resolved path, classifier) for a checkpoint path on the server's file system."""
+        try:
+            path = Path(model_path).resolve()
+        except (OSError, RuntimeError) as exc:  # symlink loops and the like
+            raise InvalidRequest(
+                f"model_path {shown(model_path, 200)} cannot be resolved ({type(exc).__name__})"
+            ) from None
+        return path, checkpoint_classifier(path, f"model file {shown(str(path), 200)}")
+
+    def _uploaded(self, checkpoint: bytes) -> tuple[Path, torch.nn.Module]:
+        """(stored path, classifier) for uploaded checkpoint bytes; nothing stays on disk when they are refused."""
+        models_dir = self.cfg.data_dir / "models"
+        models_dir.mkdir(parents=True, exist_ok=True)
+        tmp = models_dir / f"upload-{threading.get_ident()}-{time.time_ns()}.pt"
+        tmp.write_bytes(checkpoint)
+        try:
+            module = checkpoint_classifier(tmp, f"the uploaded checkpoint ({len(checkpoint)} bytes)")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        path = models_dir / f"{compute_model_id(module)}.pt"
+        tmp.replace(path)
+        return path, module
+
+    def register(self, req: Registration) -> Registered:
+        """Register (or find again) a classifier and its protection profile; optionally pre-generate every slot."""
+        encoding = check_register(req.model_path, req.checkpoint, req.name, req.expected_model_id, req.encoding)
+        path, module = self._uploaded(req.checkpoint) if req.checkpoint else self._named(req.model_path)
+        mid = compute_model_id(module)
+        if req.expected_model_id and req.expected_model_id != mid:
+            raise PreconditionFailed(
+                f"checkpoint has model id {mid[:16]}…, not the expected {req.expected_model_id[:16]}…"
+            )
+        shape = model_input_shape(module)
+        with torch.no_grad():
+            width = int(module(torch.zeros(1, *shape)).reshape(1, -1).shape[1])
+        k = req.num_classes or width
+        if k != width:
+            raise InvalidRequest(f"num_classes={k} but the model outputs {width} values")
+        try:
+            config = ControlConfig(
+                num_classes=k,
+                confidences=tuple(req.confidences) or PAPER_CONFIDENCES,
+                epsilon=req.epsilon or PAPER_EPSILON,
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        row = ModelRecord(
+            model_id=mid,
+            name=req.name or mid[:16],
+            num_classes=k,
+            confidences=config.confidences,
+            epsilon=config.epsilon,
+            input_shape=tuple(shape),
+            encoding=encoding,
+            model_path=str(path),
+            created_at=int(time.time()),
+        )
+        row, created = self.store.add_model(row)
+        m = self._loaded(row, module)
+        with self._models_lock:
+            self._models.setdefault(mid, m)
+            m = self._models[mid]
+        self._refresh_free_slots(m)
+        if req.pregenerate:
+            self._pregenerate(m)
+        log_event(
+            logging.INFO,
+            "model registered" if created else "model already registered",
+            model_id=mid[:16],
+            name=row.name,
+            capacity=row.capacity,
+        )
+        return Registered(
+            model=row,
+            created=created,
+            issued=self.store.count_licenses(mid),
+            pregenerated=len(self.store.pregenerated_slots(mid)),
+        )
+
+    def _pregenerate(self, m: LoadedModel) -> None:
+        mid = m.row.model_id
+        taken = self.store.taken_slots(mid)
+        todo = [s for s in m.all_slots if s not in taken and s not in self.store.pregenerated_slots(mid)]
+        if not todo:
+            return
+        start = time.perf_counter()
+        fut = self._submit(self._generate, m, todo, self._rng.randrange(2**31))
+        got = fut.result(timeout=self.cfg.generation_timeout)
+        self.store.save_pregenerated(mid, [(c, j, raw) for (c, j), raw in got.items()])
+        log_event(
+            logging.INFO,
+            "pregenerated fingerprints",
+            model_id=mid[:16],
+            slots=len(todo),
+            ok=len(got),
+            seconds=round(time.perf_counter() - start, 3),
+        )
+
+    # -- issuance ------------------------------------------------------------------------------
+
+    def issue(
+        self, model_id: str, user: str, validity_seconds: int, still_wanted: Callable[[], bool] = lambda: True
+    ) -> LicenseRecord:
+        """Allocate, generate, re-check, sign and store one license; ``still_wanted`` is asked before signing."""
+        start = time.perf_counter()
+        validity = check_issue(user, model_id, validity_seconds, self.cfg.default_validity)
+        m = self.model(model_id)
+        lost: set[Slot] = set()
+        for _attempt in range(len(m.all_slots) + 1):
+            slot = self._reserve(m, lost)
+            try:
+                fut = self._submit(self._fingerprint_for, m, slot)
+                try:
+                    raw, path = fut.result(timeout=self.cfg.generation_timeout)
+                except concurrent.futures.TimeoutError:
+                    fut.cancel()
+                    raise TimedOut("fingerprint generation timed out") from None
+                if not still_wanted():
+                    raise ClientGone("the client went away before the license was signed")
+                payload = lic.make_payload(
+                    model_id=m.row.model_id,
+                    user=user,
+                    user_index=m.user_index(slot),
+                    fo=(slot[0], m.row.confidences[slot[1]]),
+                    epsilon=m.row.epsilon,
+                    fingerprint=fingerprint_from_bytes(raw, m.row.input_shape),
+                    key=self.key,
+                    validity_seconds=validity,
+                    encoding=m.row.encoding,
+                )
+                signed = lic.sign_license(payload, self.key)
+                try:
+                    self.store.insert_license(
+                        dict(
+                            license_id=payload.license_id,
+                            model_id=payload.model_id,
+                            user_name=user,
+                            fo_class=slot[0],
+                            conf_index=slot[1],
+                            fo_confidence=payload.fo_confidence,
+                            user_index=payload.user_index,
+                            payload=signed.payload,
+                            signature=signed.signature,
+                            key_id=signed.key_id,
+                            issued_at=payload.issued_at,
+                            expires_at=payload.expires_at,
+                        )
+                    )
+                except SlotTaken:
+                    self.metrics.slot_conflicts.inc()
+                    lost.add(slot)
+                    log_event(
+                        logging.INFO,
+                        "slot taken by a concurrent issuer; retrying",
+                        model_id=m.row.model_id[:16],
+                        fo_class=slot[0],
+                        conf_index=slot[1],
+                    )
+                    continue
+            finally:
+                self._release(m.row.model_id, slot)
+            self._refresh_free_slots(m)
+            elapsed = time.perf_counter() - start
+            self.metrics.issued.labels(m.row.model_id[:16]).inc()
+            self.metrics.issue_latency.labels(path).observe(elapsed)
+            log_event(
+                logging.INFO,
+                "license issued",
+                license_id=payload.license_id,
+                model_id=m.row.model_id[:16],
+                user=user,
+                fo_class=slot[0],
+                fo_confidence=payload.fo_confidence,
+                path=path,
+                seconds=round(elapsed, 4),
+            )
+            return self.get(payload.license_id)
+        raise Conflict("lost every candidate slot to concurrent issuers; retry")
+
+    def _submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Queue work on the generation worker; a stopped worker means the server is going away."""
+        try:
+            return self.pool.submit(fn, *args)
+        except RuntimeError:  # submit after shutdown
+            raise Unavailable("the license server is shutting down; retry") from None
+
+    # -- generation (runs on the worker thread) -------------------------------------------------
+
+    def _generate(self, m: LoadedModel, slots: list[Slot], seed: int) -> dict[Slot, bytes]:
+        """Fingerprints for ``slots`` in one batch; only those that pass the re-check are returned."""
+        start = time.perf_counter()
+        users = [m.user_index(s) for s in slots]
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        fps = generate_fingerprints(
+            m.module,
+            m.config,
+            users,
+            input_shape=m.row.input_shape,
+            encoding=m.row.encoding,
+            seed=seed,
+            max_steps=self.cfg.max_steps,
+        )
+        self.metrics.generation.observe(time.perf_counter() - start)
+        out = {}
+        for i, slot in enumerate(slots):
+            if bool(fps.success[i]):
+                raw, _, _, _ = lic.fingerprint_bytes(fps.inputs[i : i + 1])
+                if self._recheck(m, slot, raw):
+                    out[slot] = raw
+        return out
+
+    def _recheck(self, m: LoadedModel, slot: Slot, raw: bytes) -> bool:
+        """The exact bytes to be signed, decoded as a verifier will, through the registered model."""
+        x = fingerprint_from_bytes(raw, m.row.input_shape)
+        if not torch.equal(encode(x, m.row.encoding), x):
+            return False
+        authorized, user = authenticate(m.module, x, m.config)
+        return bool(authorized[0]) and int(user[0]) == m.user_index(slot)
+
+    def _fingerprint_for(self, m: LoadedModel, slot: Slot) -> tuple[bytes, str]:
+        """(raw fingerprint, 'pregenerated'|'generated'), re-checked; runs on the worker."""
+        raw = self.store.pregenerated_for(m.row.model_id, slot)
+        if raw is not None and self._recheck(m, slot, raw):
+            return raw, "pregenerated"
+        for _ in range(3):
+            got = self._generate(m, [slot], seed=self._rng.randrange(2**31))
+            if slot in got:
+                return got[slot], "generated"
+        raise GenerationFailed(
+            f"no fingerprint reached class {slot[0]} at confidence {m.row.confidences[slot[1]]} ± {m.row.epsilon / 2} "
+            "after 3 attempts"
+        )
+
+    # -- slots ---------------------------------------------------------------------------------
+
+    def _reserve(self, m: LoadedModel, exclude: set[Slot]) -> Slot:
+        mid = m.row.model_id
+        with self._reserve_lock:
+            taken = self.store.taken_slots(mid)
+            reserved = self._reserved.setdefault(mid, set())
+            free = [s for s in m.all_slots if s not in taken and s not in reserved and s not in exclude]
+            self._set_free_slots(m, len(taken))
+            if not free:
+                cap = len(m.all_slots)
+                k, t = m.row.num_classes, len(m.row.confidences)
+                if len(taken) >= cap:
+                    raise Exhausted(
+                        f"all {cap} license slots of model {mid[:16]}… are issued ({k} classes × {t} "
+                        "confidences); no FO is ever reused"
+                    )
+                raise Exhausted(
+                    f"all {cap} license slots of model {mid[:16]}… ({k} classes × {t} confidences) are "
+                    f"issued or being issued ({len(taken)} issued, {len(reserved)} in flight)"
+                )
+            pre = self.store.pregenerated_slots(mid)
+            ready = [s for s in free if s in pre]
+            slot = self._rng.choice(ready or free)
+            reserved.add(slot)
+            return slot
+
+    def _set_free_slots(self, m: LoadedModel, issued: int) -> None:
+        """Set the free-slot gauge; the caller holds ``_reserve_lock`` so counts are published in order."""
+        self.metrics.free_slots.labels(m.row.model_id[:16]).set(len(m.all_slots) - issued)
+
+    def _refresh_free_slots(self, m: LoadedModel) -> None:
+        """Publish the free slots after registration, a model load or a committed license.
+
+        Setting the gauge only while reserving (as before) counted the slot being issued as free.
+        """
+        with self._reserve_lock:
+            self._set_free_slots(m, self.store.count_licenses(m.row.model_id))
+
+    def _release(self, model_id: str, slot: Slot) -> None:
+        with self._reserve_lock:
+            self._reserved.get(model_id, set()).discard(slot)
+
+    # -- reading and revoking ------------------------------------------------------------------
+
+    def get(self, license_id: str) -> LicenseRecord:
+        check_text("license_id", license_id, limit=MAX_ID, required=True)
+        r = self.store.get_license(license_id)
+        if r is None:
+            raise NotFound(f"no license {shown(license_id)}")
+        return r
+
+    def list(self, *, model_id: str, user: str, state: str, page_size: int, page_token: str) -> LicensePage:
+        """One page of licenses in issue order; ``state`` is '' (all), 'active', 'revoked' or 'expired'."""
+        size, after = check_list(page_size, page_token, model_id, user)
+        rows = self.store.list_licenses(model_id=model_id, user=user, state=state, after_seq=after, limit=size + 1)
+        more, rows = len(rows) > size, rows[:size]
+        return LicensePage(licenses=rows, next_page_token=str(rows[-1].seq) if more and rows else "")
+
+    def revoke(self, license_id: str, reason: str) -> LicenseRecord:
+        """Revoke a license (idempotent: revoking twice keeps the first reason and time)."""
+        check_text("license_id", license_id, limit=MAX_ID, required=True)
+        check_reason(reason)
+        r, new = self.store.revoke(license_id, reason or "unspecified")
+        if r is None:
+            raise NotFound(f"no license {shown(license_id)}")
+        if new:
+            self.metrics.revocations.inc()
+            log_event(logging.INFO, "license revoked", license_id=r.license_id, model_id=r.model_id[:16])
+        return r
+
+    def revocations(self, since: int, model_id: str, page_size: int) -> tuple[list[RevocationRecord], int]:
+        """(revocations after sequence ``since``, the cursor to pass next time)."""
+        if since < 0:
+            raise InvalidRequest(f"since must be >= 0, got {since}")
+        check_text("model_id", model_id, limit=MAX_ID)
+        rows = self.store.list_revocations(since, model_id, min(page_size or 1000, MAX_REVOCATION_PAGE))
+        return rows, rows[-1].seq if rows else since
+
+    def verification_keys(self) -> list[VerificationKey]:
+        return [VerificationKey(key=k, current=k.key_id == self.key_id) for k in self.store.keys()]

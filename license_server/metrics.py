@@ -1,0 +1,37 @@
+"""The license server's Prometheus metrics, in a registry of its own (several servers may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Every counter, histogram and gauge the server exports at /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.issued = Counter("activeguard_licenses_issued_total", "Licenses issued", ["model"], registry=r)
+        self.issue_failures = Counter(
+            "activeguard_license_issue_failures_total", "IssueLicense calls refused or failed", ["code"], registry=r
+        )
+        self.issue_latency = Histogram(
+            "activeguard_license_issue_seconds",
+            "IssueLicense latency",
+            ["path"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.generation = Histogram(
+            "activeguard_fingerprint_generation_seconds",
+            "Fingerprint generation (one batch)",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.revocations = Counter("activeguard_license_revocations_total", "Licenses revoked", registry=r)
+        self.store_errors = Counter("activeguard_store_errors_total", "Database errors", ["op"], registry=r)
+        self.slot_conflicts = Counter(
+            "activeguard_slot_conflicts_total", "Slots lost to a concurrent issuer (retried)", registry=r
+        )
+        self.auth_failures = Counter("activeguard_admin_auth_failures_total", "Admin calls refused", registry=r)
+        self.free_slots = Gauge("activeguard_free_slots", "Unissued slots per model", ["model"], registry=r)
