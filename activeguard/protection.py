@@ -318,14 +318,15 @@ class Guard:
     def _fingerprint(self, payload: licenses.LicensePayload) -> torch.Tensor:
         return payload.fingerprint_tensor().reshape(1, *self.profile.input_shape)
 
-    def _gateway_claims(self, token: Any) -> sessions.SessionClaims | None:
-        """Claims of a token the gateway signed (any purpose, even expired), else None."""
+    def _gateway_claims(self, token: Any) -> sessions.SessionClaims | sessions.SessionError | None:
+        """Claims of a token the gateway signed (any purpose, even expired), the error that says why
+        it is not one, or None when there is no token or no gateway key. One signature check per token."""
         if token is None or self.gateway_key is None:
             return None
         try:
             return sessions.signed_claims(_session_token(token), self.gateway_key)
-        except sessions.SessionError:
-            return None
+        except sessions.SessionError as exc:
+            return exc
 
     # -- the decision ----------------------------------------------------------------------
     def handle(self, requests: list[Request]) -> list[Outcome]:
@@ -354,7 +355,9 @@ class Guard:
 
     def _admit_request(self, i: int, request: Request, batch: _Batch) -> None:
         """Parse one request and check its credentials; the result lands in ``batch``."""
-        attested = self._gateway_claims(request.explain) or self._gateway_claims(request.session)
+        session = self._gateway_claims(request.session)
+        explain = self._gateway_claims(request.explain)
+        attested = next((c for c in (explain, session) if isinstance(c, sessions.SessionClaims)), None)
         if attested is not None:
             batch.explain[i] = attested
         try:
@@ -365,12 +368,11 @@ class Guard:
         batch.inputs[i] = x
         license_raw = request.license if _present(request.license) else extras.get("license")
         try:
-            if _present(request.session) and self.gateway_key is not None:
-                batch.sessions[i] = sessions.verify_session(
-                    _session_token(request.session),
-                    self.gateway_key,
-                    model_id=self.profile.model_id,
-                    revoked=batch.revoked,
+            if session is not None:  # a session was sent and a gateway key is trusted
+                if isinstance(session, sessions.SessionError):
+                    raise session
+                batch.sessions[i] = sessions.admit_claims(
+                    session, model_id=self.profile.model_id, revoked=batch.revoked
                 )
             elif _present(request.license) or "license" in extras:
                 payload = self._license(license_raw, batch.revoked)

@@ -135,7 +135,18 @@ def verify_session(
     purpose: str = SESSION,
 ) -> SessionClaims:
     """Return the claims or raise the :class:`SessionError` that says why not."""
-    claims = signed_claims(token, key)
+    return admit_claims(signed_claims(token, key), model_id=model_id, revoked=revoked, now=now, purpose=purpose)
+
+
+def admit_claims(
+    claims: SessionClaims,
+    *,
+    model_id: str | None = None,
+    revoked: Container[str] = (),
+    now: float | None = None,
+    purpose: str = SESSION,
+) -> SessionClaims:
+    """The checks after the signature (:func:`signed_claims`): purpose, expiry, model, revocation."""
     if claims.purpose != purpose:
         raise SessionError(f"token is for {claims.purpose!r}, not {purpose!r}")
     if (time.time() if now is None else now) >= claims.expires_at:
