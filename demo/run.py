@@ -154,7 +154,9 @@ class Demo:
 
     def embed(self) -> dict:
         s = self.split
-        self.key = wm.generate_key(self.base, wm.WM1, layer="conv2.weight")  # a secret key, as an owner makes it
+        # --seed makes the whole demo repeatable, its key included; an owner's real key comes from
+        # `activeguard watermark embed`, which draws it from the OS CSPRNG
+        self.key = wm.generate_key(self.base, wm.WM1, layer="conv2.weight", experiment_seed=self.seed)
         self.owner = wm.embed(
             copy.deepcopy(self.base),
             self.key,
