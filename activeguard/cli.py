@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         "audit: a smaller zoo, 50 points)",
     )
     p.add_argument("--out", default=None, help="report directory (default reports/evaluate-SUITE)")
+    p.add_argument(
+        "--workload",
+        default="mnist-lenet5",
+        help="model and data to evaluate on (default mnist-lenet5: LeNet-5 on the 5,000 bundled MNIST digits)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
