@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from activeguard.cli_support import (
     EVALUATION_SUITES,
@@ -20,15 +21,22 @@ from activeguard.cli_support import (
     PASSPHRASE_ENV,
     UsageError,
     add_common,
+    add_data_argument,
     add_evaluation_suite,
+    add_model_arguments,
     add_passphrase,
     emit,
+    load_model_argument,
+    model_data,
     parse_digits,
     parse_floats,
     parse_users,
     progress_enabled,
     read_passphrase,
 )
+
+if TYPE_CHECKING:
+    from activeguard.sources import LoadedModel
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -46,32 +54,84 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_classifier(loaded: LoadedModel, command: str) -> None:
+    if loaded.task != "classification" or not loaded.num_classes:
+        raise UsageError(f"{command} needs a classifier; {loaded.path} is a {loaded.task} model")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = load_model_argument(args).describe()
+    emit(args, info, lambda: _describe_text(info))
+    return EXIT_OK
+
+
+def _describe_text(info: dict[str, Any]) -> str:
+    """``inspect`` for a person: what the model is, what it takes, where a watermark can go."""
+    spec = info["input"]
+    norm = spec["normalize"]
+    lines = [
+        f"{info['path']}: {info['source_title']}",
+        f"  model id      {info['model_id']}",
+        f"  task          {info['task']}" + (f", {info['num_classes']} classes" if info["num_classes"] else ""),
+        f"  parameters    {info['parameters']:,}",
+        f"  input         one row of shape {'x'.join(map(str, spec['shape']))}, values in "
+        f"[{spec['range'][0]:g}, {spec['range'][1]:g}]",
+        "  normalize     "
+        + ("none" if norm is None else f"mean {_numbers(norm['mean'])} / std {_numbers(norm['std'])}"),
+        f"  outputs       {spec['outputs']}",
+    ]
+    if "model_file" in info:
+        lines.append(f"  model file    {info['model_file']} (class {info['model_class']})")
+    layers = info["watermark_layers"]
+    if not layers:
+        lines.append("  watermark     no conv layer (4-D weight) to carry one")
+        return "\n".join(lines)
+    lines.append("  watermark layers (conv weights; * = default for --layer):")
+    width = max(len(layer["name"]) for layer in layers)
+    for layer in layers:
+        mark = "*" if layer["name"] == info["default_watermark_layer"] else " "
+        shape = "x".join(map(str, layer["shape"]))
+        lines.append(f"    {mark} {layer['name']:<{width}}  {shape:<14} {layer['parameters']:,} parameters")
+    lines.append(
+        "  embedding     "
+        + (
+            "yes: 'watermark embed' fine-tunes it and saves it in the same format"
+            if info["can_embed_watermark"]
+            else "no: embed in the eager or TorchScript model and export after ('watermark verify' works here)"
+        )
+    )
+    return "\n".join(lines)
+
+
+def _numbers(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     import numpy as np
 
     from activeguard.control import ControlConfig
-    from activeguard.data import load_dataset
     from activeguard.evaluation import seed_images
     from activeguard.fingerprints import generate_fingerprints
-    from activeguard.models import input_shape, load_model, model_id
 
-    model = load_model(args.model)
-    num_classes = model.config["num_classes"]
-    config = ControlConfig(num_classes=num_classes, confidences=parse_floats(args.confidences), epsilon=args.epsilon)
+    loaded = load_model_argument(args)
+    _require_classifier(loaded, "fingerprint")
+    config = ControlConfig(
+        num_classes=loaded.num_classes, confidences=parse_floats(args.confidences), epsilon=args.epsilon
+    )
     users = parse_users(args.users, config.num_users)
     count = len(users) * args.per_user
     seeds = (
-        None
-        if args.seeds == "noise"
-        else seed_images(load_dataset(args.seeds, seed=args.seed).x_test, count, args.seed)
+        None if args.data is None else seed_images(model_data(args.data, loaded, args.seed).x_test, count, args.seed)
     )
     fps = generate_fingerprints(
-        model,
+        loaded.model,
         config,
         users,
         seeds,
         per_user=args.per_user,
-        input_shape=input_shape(model),
+        input_shape=loaded.spec.shape,
+        bounds=loaded.spec.bounds,
         encoding=args.encoding,
         seed=args.seed,
         progress=progress_enabled(args),
@@ -95,8 +155,12 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
             }
         )
     manifest = {
-        "model_id": model_id(model),
+        "model_id": loaded.model_id,
+        "source": loaded.record(),
+        "input": loaded.spec.to_dict(),  # the .npy rows are client inputs in this range and encoding
         "encoding": args.encoding,
+        "seeds": args.data or "noise",
+        "num_classes": loaded.num_classes,
         "epsilon": args.epsilon,
         "confidences": list(config.confidences),
         "fingerprints": entries,
@@ -116,20 +180,28 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def cmd_watermark_embed(args: argparse.Namespace) -> int:
     from activeguard import watermark as wm
-    from activeguard.data import load_dataset
-    from activeguard.models import accuracy, load_model, save_model
+    from activeguard.models import accuracy
+    from activeguard.sources import default_watermark_layer
 
-    model = load_model(args.model)
-    split = load_dataset(args.dataset, seed=args.seed)
+    loaded = load_model_argument(args)
+    _require_classifier(loaded, "watermark embed")
+    if not loaded.source.trainable:
+        raise UsageError(
+            f"{loaded.path} is an {loaded.source.title}, which cannot be fine-tuned or re-saved: embed the "
+            "watermark in the eager or TorchScript model and export it after"
+        )
+    layer = args.layer or default_watermark_layer(loaded.network)
+    # the key first: a layer or digits that do not fit fail before any data is read
+    key = wm.generate_key(loaded.model, parse_digits(args.digits), layer=layer, experiment_seed=args.experiment_seed)
+    split = model_data(args.data, loaded, args.seed)
     passphrase = read_passphrase(args, confirm=True)
     if args.experiment_seed is not None:
         print(
             "warning: --experiment-seed makes the watermark key guessable; use it only for experiments", file=sys.stderr
         )
-    key = wm.generate_key(model, parse_digits(args.digits), layer=args.layer, experiment_seed=args.experiment_seed)
-    before = accuracy(model, split.x_test, split.y_test)
-    marked = wm.embed(
-        model,
+    before = accuracy(loaded.model, split.x_test, split.y_test)
+    wm.embed(
+        loaded.model,
         key,
         split.x_train,
         split.y_train,
@@ -138,13 +210,15 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=progress_enabled(args),
     )
-    result = wm.verify(marked, key)
-    after = accuracy(marked, split.x_test, split.y_test)
-    mid = save_model(marked, args.out, {"watermarked": True})
+    result = wm.verify(loaded.model, key)
+    after = accuracy(loaded.model, split.x_test, split.y_test)
+    mid = loaded.save(args.out, {"watermarked": True})
     wm.save_key(key, args.key_out, passphrase)
     payload = {
         "model": str(args.out),
         "model_id": mid,
+        "source": {**loaded.record(), "path": str(args.out)},
+        "layer": layer,
         "key": str(args.key_out),
         "verified": result.success,
         "digits_matched": result.matched,
@@ -153,12 +227,19 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
         "accuracy_after": after,
         "key_source": "os-entropy" if args.experiment_seed is None else "experiment-seed",
     }
+    model_file = (
+        f"\n  load it with the same --model-file {loaded.model_file}"
+        + (f" --model-class {loaded.model_class}" if loaded.model_class else "")
+        if loaded.model_file is not None
+        else ""
+    )
     emit(
         args,
         payload,
         lambda: (
-            f"embedded {result.total} digits in {args.layer}: extracted {result.matched}/{result.total}\n"
-            f"  test accuracy {before:.2%} -> {after:.2%}\n  model {args.out} (id {mid})\n"
+            f"embedded {result.total} digits in {layer}: extracted {result.matched}/{result.total}\n"
+            f"  test accuracy {before:.2%} -> {after:.2%}\n"
+            f"  model {args.out} (id {mid}), saved as {loaded.source.title}{model_file}\n"
             f"  encrypted key {args.key_out} (mode 0600)"
         ),
     )
@@ -167,12 +248,14 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
 
 def cmd_watermark_verify(args: argparse.Namespace) -> int:
     from activeguard import watermark as wm
-    from activeguard.models import load_model
 
+    loaded = load_model_argument(args)
     key = wm.load_key(args.key, read_passphrase(args))
-    result = wm.verify(load_model(args.model), key)
+    result = wm.verify(loaded.model, key)
     payload = {
         "model": str(args.model),
+        "model_id": loaded.model_id,
+        "source": loaded.record(),
         "verified": result.success,
         "digits_matched": result.matched,
         "digits": result.total,
@@ -204,6 +287,7 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
         log=log,
         progress=progress_enabled(args),
         passphrase=os.environ.get(PASSPHRASE_ENV),
+        workload=args.workload,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -214,8 +298,12 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from activeguard import workloads
+
+    workloads.get(args.workload).check_available()  # unknown or missing data: one line, exit 2, before any work
     if args.out is None:
-        args.out = f"reports/evaluate-{args.suite}"
+        suffix = "" if args.workload == workloads.DEFAULT_WORKLOAD else f"-{args.workload}"
+        args.out = f"reports/evaluate-{args.suite}{suffix}"
     return EVALUATION_SUITES[args.suite].run(args)
 
 
@@ -238,13 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="a smaller run for a first look or CI (core: 5 instead of 20 fingerprints per user; "
-        "audit: a smaller zoo, 50 points)",
+        "audit: a smaller zoo, 50 points; fashion-resnet: a subset of the data and fewer epochs)",
     )
-    p.add_argument("--out", default=None, help="report directory (default reports/evaluate-SUITE)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="report directory (default reports/evaluate-SUITE, plus -WORKLOAD if not the default)",
+    )
     p.add_argument(
         "--workload",
         default="mnist-lenet5",
-        help="model and data to evaluate on (default mnist-lenet5: LeNet-5 on the 5,000 bundled MNIST digits)",
+        metavar="NAME",
+        help="model and data to evaluate on: mnist-lenet5 (default: LeNet-5 on the 5,000 bundled MNIST digits) "
+        "or fashion-resnet (a BatchNorm ResNet, 15 conv layers, on the full Fashion-MNIST 60,000/10,000 from "
+        "Debian's dataset-fashion-mnist). The trained owner is cached under $ACTIVEGUARD_CACHE "
+        "(default .activeguard-cache)/workloads in all four model sources",
     )
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
@@ -256,10 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("inspect", help="what a model file is: format, model id, input spec, classes, watermark layers")
+    add_model_arguments(p, flag="model")
+    add_common(p, seed=False)
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser(
         "fingerprint", help="generate users' fingerprints (C&W examples with fixed class and confidence)"
     )
-    p.add_argument("--model", required=True, type=Path, help="checkpoint written by 'activeguard train'")
+    add_model_arguments(p)
     p.add_argument("--users", default="all", help="'all', '7', '0-9' or '1,4,7-9' (user = class*T + j)")
     p.add_argument("--per-user", type=int, default=1, help="fingerprints per user (default 1)")
     p.add_argument("--confidences", default="0.2,0.3,0.4", help="the confidence set C_fp (default 0.2,0.3,0.4)")
@@ -268,20 +369,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding",
         default="float32",
         choices=["float32", "uint8"],
-        help="the exact encoding clients will send; uint8 quantizes pixels to 8 bits",
+        help="the exact encoding clients will send; uint8 = 256 levels over the input range",
     )
-    p.add_argument("--seeds", default="mnist", help="dataset whose test images seed the search, or 'noise'")
+    add_data_argument(
+        p,
+        note="optional, fingerprints need no data: without --data the search starts from uniform noise in the "
+        "model's input range, with it from test rows of that data",
+    )
     p.add_argument("--out", required=True, help="directory for .npy fingerprints and fingerprints.json")
     add_common(p)
     p.set_defaults(func=cmd_fingerprint)
 
     wm_parser = sub.add_parser("watermark", help="embed or verify a digit watermark in conv weights")
     wm_sub = wm_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = wm_sub.add_parser("embed", help="fine-tune a model with the watermark regularizer (Eq. 4)")
-    p.add_argument("--model", required=True, type=Path)
+    p = wm_sub.add_parser(
+        "embed",
+        help="fine-tune a model with the watermark regularizer (Eq. 4) and save it in its own format "
+        "(checkpoint, TorchScript, or state dict + model file)",
+    )
+    add_model_arguments(p)
     p.add_argument("--digits", default="1234567890210", help="the watermark, digits 0-9 (default: the paper's wm1)")
-    p.add_argument("--layer", default="conv2.weight", help="conv weight to carry the watermark")
-    p.add_argument("--dataset", default="mnist", help="training data for the fine-tuning")
+    p.add_argument(
+        "--layer",
+        default=None,
+        metavar="NAME",
+        help="conv weight to carry the watermark, by the network's own parameter name, e.g. conv2.weight or "
+        "layer1.0.conv1.weight (default: the conv weight with the most parameters; 'activeguard inspect' lists them)",
+    )
+    add_data_argument(p, default="mnist", note="the fine-tuning data, in the model's input range")
     p.add_argument(
         "--epochs",
         type=int,
@@ -289,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning epochs (default 15: with lambda=0.01 fewer may leave a digit unextracted)",
     )
     p.add_argument("--lam", type=float, default=0.01, help="regularizer weight lambda (default 0.01, as the paper)")
-    p.add_argument("--out", required=True, type=Path, help="watermarked checkpoint to write")
+    p.add_argument("--out", required=True, type=Path, help="watermarked model to write, in the same format as --model")
     p.add_argument("--key-out", required=True, type=Path, help="encrypted key file to write (mode 0600)")
     p.add_argument(
         "--experiment-seed",
@@ -307,8 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         "it does not choose the key (see --experiment-seed)",
     )
     p.set_defaults(func=cmd_watermark_embed)
-    p = wm_sub.add_parser("verify", help="extract the watermark from a suspect model (exit 0 = verified)")
-    p.add_argument("--model", required=True, type=Path)
+    p = wm_sub.add_parser(
+        "verify",
+        help="extract the watermark from a suspect model of any format, .pt2 included (exit 0 = verified)",
+    )
+    add_model_arguments(p)
     p.add_argument("--key", required=True, type=Path)
     add_passphrase(p)
     add_common(p, seed=False)

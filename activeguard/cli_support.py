@@ -15,7 +15,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from activeguard.data import Split
+    from activeguard.sources import LoadedModel
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
 PASSPHRASE_ENV = "ACTIVEGUARD_WM_PASSPHRASE"
@@ -109,8 +113,12 @@ MODEL_HELP = (
 
 
 def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help: str = MODEL_HELP) -> None:
-    """The model file and, where the file does not say, its network code and input spec."""
-    p.add_argument(flag, required=True, type=Path, metavar="MODEL", help=help)
+    """The model file and, where the file does not say, its network code and input spec.
+
+    ``flag`` is an option (``--model``, required) or a positional name (``model``, as ``inspect MODEL``).
+    """
+    required = {"required": True} if flag.startswith("-") else {}
+    p.add_argument(flag, type=Path, metavar="MODEL", help=help, **required)
     g = p.add_argument_group("model source and input (only where the model file does not say)")
     g.add_argument(
         "--model-file",
@@ -142,6 +150,23 @@ def load_model_argument(args: argparse.Namespace, attr: str = "model"):
     overrides = sources.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
     options = sources.SourceOptions(args.model_file, args.model_class, overrides)
     return sources.load(getattr(args, attr), options)
+
+
+def model_data(name: str, loaded: LoadedModel, seed: int) -> Split:
+    """``--data`` for this model: its row shape, its classes, and values in the client's input range
+    (fingerprints and fine-tuning work on inputs exactly as clients send them)."""
+    from activeguard.data import load_data
+
+    split = load_data(name, seed, shape=loaded.spec.shape, num_classes=loaded.num_classes)
+    low, high = loaded.spec.bounds
+    seen_low = float(min(split.x_train.min(), split.x_test.min()))
+    seen_high = float(max(split.x_train.max(), split.x_test.max()))
+    if seen_low < low or seen_high > high:
+        raise UsageError(
+            f"--data {name} holds values in [{seen_low:g}, {seen_high:g}], outside the model's input range "
+            f"[{low:g}, {high:g}]: give data as clients send it, or the model's real --input-range"
+        )
+    return split
 
 
 def add_data_argument(p: argparse.ArgumentParser, default: str | None = None, note: str = "") -> None:

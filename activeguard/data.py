@@ -46,10 +46,23 @@ class Split:
         return int(self.y_train.max().item()) + 1
 
 
+def _can_stratify(y: np.ndarray, test_fraction: float) -> bool:
+    """A stratified split needs two rows per class and a test part with room for every class
+    (an owner's small .npz may have neither: then the split is plain random)."""
+    _, counts = np.unique(y, return_counts=True)
+    return (
+        counts.min() >= 2
+        and int(np.ceil(test_fraction * len(y))) >= len(counts)
+        and len(y) - int(np.ceil(test_fraction * len(y))) >= len(counts)
+    )
+
+
 def _split(name: str, task: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float) -> Split:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    stratify = y if task == "classification" else None
+    if len(x) < 2:
+        raise ValueError(f"{name} has {len(x)} rows; a train/test split needs at least 2")
+    stratify = y if task == "classification" and _can_stratify(y, test_fraction) else None
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=stratify)
     y_dtype = torch.int64 if task == "classification" else torch.float32
     return Split(

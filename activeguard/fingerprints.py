@@ -1,7 +1,10 @@
 """User fingerprints: C&W adversarial examples with a fixed class and confidence (ActiveGuard §2.3).
 
-Eq. 1 in tanh space, x' = (tanh(δ) + 1) / 2, minimizing ||x' - x||² + α·g(x') with Eq. 3
-g(x') = max(max_{k≠t} Z_k - Z_t, 0) + |p_t(x') - c|.
+Eq. 1 in tanh space, x' = low + (high − low)·(tanh(δ) + 1) / 2, minimizing ||x' - x||² + α·g(x')
+with Eq. 3 g(x') = max(max_{k≠t} Z_k - Z_t, 0) + |p_t(x') - c|. ``[low, high]`` is the *client's*
+input range (``InputSpec.bounds``; the paper's [0, 1] image box by default): fingerprints are
+optimized and stored exactly as a client sends them, so the served model sees them like any input.
+The distance term is measured in units of that range, so the same α works for [0, 1] and [0, 255].
 
 Deviation from the paper, on purpose: Eq. 3 writes the confidence term on the logit Z_t, but the
 control layer compares *softmax probabilities* with c ∈ C_fp, so the term here is on p_t (a logit
@@ -9,7 +12,7 @@ of 0.3 says nothing about a confidence of 0.3). The margin term g0 stays on logi
 
 All requested fingerprints (e.g. all K×T users × several seeds) are solved in **one batched
 optimization**; each row stops on its own once its *encoded* form (what a client actually
-sends: float32, or optionally 8-bit pixels) satisfies |p_t - c| < ε/2 with t top-1. A final,
+sends: float32, or optionally 8 bits = 256 levels over the range) satisfies |p_t - c| < ε/2 with t top-1. A final,
 separate forward pass re-checks every result through the control layer; rows that fail are
 re-optimized once from where they stopped and otherwise reported as failures, never returned
 as valid.
@@ -17,6 +20,7 @@ as valid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,18 +34,20 @@ from activeguard.control import ControlConfig, decide
 _DECAY, _FLOOR = 0.5, 1 / 64
 _KL_WEIGHT = 1.0
 ENCODINGS = ("float32", "uint8")
+UNIT_BOX: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass
 class FingerprintSet:
     """Generated fingerprints, one row per (user, seed)."""
 
-    inputs: torch.Tensor  # (N, *input_shape), float32 in [0, 1], already in the wire encoding
+    inputs: torch.Tensor  # (N, *input_shape), float32 in ``bounds``, already in the wire encoding
     users: torch.Tensor  # (N,) intended user index
     success: torch.Tensor  # (N,) bool: passed the final control-layer re-check as its own user
     confidence: torch.Tensor  # (N,) p_t measured in the re-check
     steps: torch.Tensor  # (N,) optimizer steps used
     encoding: str = "float32"
+    bounds: tuple[float, float] = UNIT_BOX
 
     def for_user(self, user: int) -> torch.Tensor:
         """The valid fingerprints of one user (possibly none)."""
@@ -51,30 +57,50 @@ class FingerprintSet:
         return {int(u): float(self.success[self.users == u].float().mean()) for u in torch.unique(self.users)}
 
 
-def encode(x: torch.Tensor, encoding: str) -> torch.Tensor:
-    """The exact tensor a client sends: float32 as is, or pixels rounded to 8 bits."""
+def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in bounds)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"bounds must be two finite numbers low < high, got {tuple(bounds)}")
+    return low, high
+
+
+def encode(x: torch.Tensor, encoding: str, bounds: tuple[float, float] = UNIT_BOX) -> torch.Tensor:
+    """The exact tensor a client sends: float32 as is, or 8 bits (256 levels over ``bounds``).
+
+    For the [0, 1] box uint8 means pixels k/255; for [0, 255] it means the integers 0..255.
+    """
     if encoding == "float32":
         return x.to(torch.float32)
     if encoding == "uint8":
-        return torch.round(x * 255.0) / 255.0
+        low, high = _check_bounds(bounds)
+        # levels in float32 (for [0, 1] bit-identical to round(x * 255), as stored fingerprints were),
+        # values in float64 so that each level lands on the float32 a client's value parses to
+        levels = torch.round((x.to(torch.float32) - low) / (high - low) * 255.0).clamp(0, 255)
+        return (low + levels.to(torch.float64) / 255.0 * (high - low)).to(torch.float32)
     raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
 
 
-def _to_tanh_space(x: torch.Tensor) -> torch.Tensor:
-    return torch.atanh(x.clamp(1e-4, 1 - 1e-4) * 2 - 1)
+def _to_tanh_space(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    low, high = bounds
+    return torch.atanh(((x - low) / (high - low)).clamp(1e-4, 1 - 1e-4) * 2 - 1)
 
 
-def _from_tanh_space(w: torch.Tensor) -> torch.Tensor:
-    return (torch.tanh(w) + 1) / 2
+def _from_tanh_space(w: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    low, high = bounds
+    return low + (high - low) * (torch.tanh(w) + 1) / 2
 
 
-def _validate_seeds(seeds: torch.Tensor, count: int) -> torch.Tensor:
+def _validate_seeds(seeds: torch.Tensor, count: int, bounds: tuple[float, float]) -> torch.Tensor:
     if seeds.ndim < 2 or seeds.shape[0] != count:
         raise ValueError(f"need {count} seed inputs shaped (N, ...), got {tuple(seeds.shape)}")
     if not torch.isfinite(seeds).all():
         raise ValueError("seed inputs contain NaN or inf")
-    if seeds.min() < 0 or seeds.max() > 1:
-        raise ValueError("seed inputs must lie in [0, 1] (the image box the optimizer works in)")
+    low, high = bounds
+    if seeds.min() < low or seeds.max() > high:
+        raise ValueError(
+            f"seed inputs must lie in [{low:g}, {high:g}] (the client's input range the optimizer works in), "
+            f"got values in [{float(seeds.min()):g}, {float(seeds.max()):g}]"
+        )
     return seeds.detach().to(torch.float32)
 
 
@@ -96,6 +122,7 @@ def _optimize(
     lr: float,
     max_steps: int,
     encoding: str,
+    bounds: tuple[float, float],
     progress: bool,
     margin: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,12 +134,13 @@ def _optimize(
     """
     n = len(x0)
     view = (-1,) + (1,) * (x0.ndim - 1)
-    w = _to_tanh_space(start)
+    w = _to_tanh_space(start, bounds)
+    span = bounds[1] - bounds[0]
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
     row_lr = torch.full((n,), lr)
     last_side = torch.zeros(n)
-    best = encode(start, encoding).clone()
+    best = encode(start, encoding, bounds).clone()
     done = torch.zeros(n, dtype=torch.bool)
     steps = torch.zeros(n, dtype=torch.int64)
     beta1, beta2 = 0.9, 0.999
@@ -124,13 +152,13 @@ def _optimize(
         t, c = targets[active], confs[active]
         rows = torch.arange(len(active))
         wa = w[active].requires_grad_(True)
-        x = _from_tanh_space(wa)
+        x = _from_tanh_space(wa, bounds)
         logits = model(x)
         if encoding == "float32":
             p_sent = torch.softmax(logits.detach(), dim=1)
             x_sent = x.detach()
         else:
-            x_sent = encode(x.detach(), encoding)
+            x_sent = encode(x.detach(), encoding, bounds)
             with torch.no_grad():
                 p_sent = torch.softmax(model(x_sent), dim=1)
         hit = ((p_sent[rows, t] - c).abs() < tolerance) & (p_sent.argmax(1) == t)
@@ -146,7 +174,7 @@ def _optimize(
         p_t = log_p[rows, t].exp()
         target_dist = _target_distribution(t, c, logits.shape[1])
         kl = (target_dist * (target_dist.log() - log_p)).sum(1)
-        distance = ((x - x0[active]) ** 2).flatten(1).sum(1)
+        distance = (((x - x0[active]) / span) ** 2).flatten(1).sum(1)
         loss = ((distance + alpha * (g0 + (p_t - c).abs() + _KL_WEIGHT * kl)) * (~hit)).sum()
         (grad,) = torch.autograd.grad(loss, wa)
         side = torch.sign(p_t.detach() - c)
@@ -160,7 +188,7 @@ def _optimize(
         w[active] = wa.detach() - row_lr[active].view(view) * m_hat / (v_hat.sqrt() + 1e-8)
     bar.close()
     rest = ~done
-    best[rest] = encode(_from_tanh_space(w[rest]), encoding)
+    best[rest] = encode(_from_tanh_space(w[rest], bounds), encoding, bounds)
     return best, done, steps
 
 
@@ -172,6 +200,7 @@ def generate_fingerprints(
     *,
     per_user: int = 1,
     input_shape: tuple[int, ...] | None = None,
+    bounds: tuple[float, float] = UNIT_BOX,
     alpha: float = 20.0,
     lr: float = 0.2,
     max_steps: int = 1000,
@@ -181,11 +210,15 @@ def generate_fingerprints(
 ) -> FingerprintSet:
     """Fingerprints for ``users`` (``per_user`` each), all solved in one batched optimization.
 
-    ``seeds`` holds len(users) * per_user starting inputs in [0, 1] (row r belongs to user
-    users[r // per_user]); with no data pass ``input_shape`` and uniform noise is used.
+    ``bounds`` is the client's input range ``[low, high]`` (``InputSpec.bounds``): fingerprints are
+    searched in it and returned in it, encoded as a client sends them, so ``model`` must be the model
+    as a client reaches it (for a loaded source, ``LoadedModel.model``). ``seeds`` holds
+    len(users) * per_user starting inputs in that range (row r belongs to user users[r // per_user]);
+    with no data pass ``input_shape`` and uniform noise over the range is used.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    bounds = _check_bounds(bounds)
     users_t = torch.as_tensor(list(users), dtype=torch.int64)
     if users_t.numel() == 0:
         raise ValueError("no users given")
@@ -198,8 +231,9 @@ def generate_fingerprints(
     if seeds is None:
         if input_shape is None:
             raise ValueError("give seed inputs or an input_shape for random-noise seeds")
-        seeds = torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(seed))
-    x0 = _validate_seeds(seeds, n)
+        noise = torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(seed))
+        seeds = bounds[0] + (bounds[1] - bounds[0]) * noise
+    x0 = _validate_seeds(seeds, n, bounds)
     fos = [config.fo_of_user(u) for u in users_t.tolist()]
     targets = torch.tensor([t for t, _ in fos])
     confs = torch.tensor([c for _, c in fos])
@@ -210,14 +244,19 @@ def generate_fingerprints(
     try:
         torch.manual_seed(seed)
         opts = dict(
-            tolerance=config.epsilon / 2, alpha=alpha, max_steps=max_steps, encoding=encoding, progress=progress
+            tolerance=config.epsilon / 2,
+            alpha=alpha,
+            max_steps=max_steps,
+            encoding=encoding,
+            bounds=bounds,
+            progress=progress,
         )
         x, _, steps = _optimize(model, x0, x0, targets, confs, lr=lr, **opts)
         ok, p_t = _recheck(model, x, users_t, targets, config)
         if not ok.all():  # re-optimize the failures once, gently, from where they stopped
             redo = ~ok
             x_redo, _, more = _optimize(
-                model, x0[redo], x[redo].clamp(0, 1), targets[redo], confs[redo], lr=lr / 5, **opts
+                model, x0[redo], x[redo].clamp(*bounds), targets[redo], confs[redo], lr=lr / 5, **opts
             )
             x[redo] = x_redo
             steps[redo] += more
@@ -225,7 +264,9 @@ def generate_fingerprints(
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
-    return FingerprintSet(inputs=x, users=users_t, success=ok, confidence=p_t, steps=steps, encoding=encoding)
+    return FingerprintSet(
+        inputs=x, users=users_t, success=ok, confidence=p_t, steps=steps, encoding=encoding, bounds=bounds
+    )
 
 
 @torch.no_grad()

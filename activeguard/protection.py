@@ -34,12 +34,14 @@ from torch import nn
 
 from activeguard import licenses, sessions
 from activeguard.control import ControlConfig, decide, random_outputs
+from activeguard.sources import SOURCES, InputSpec, SourceOptions, SpecOverrides
 
 logger = logging.getLogger(__name__)
 
 PROFILE_FORMAT = "activeguard-profile/1"
 MAX_LICENSE_BYTES = 1024 * 1024
 PROFILE_FILE = "activeguard-profile.json"
+MODEL_CODE_FILE = "model.py"  # the eager convention's network code inside an archive (--model-file)
 
 # Outcome reasons: also the label values of the handler's metrics and the keys of the gateway's
 # reason → gRPC code table (gateway/errors.py), which a test keeps complete.
@@ -87,7 +89,12 @@ _LICENSE_REASONS = {
 
 @dataclass(frozen=True)
 class Profile:
-    """What the archive tells the handler about protecting its model."""
+    """What the archive tells the handler about protecting its model.
+
+    ``source``, ``input_spec`` and ``model_class`` say how to load the archived model exactly as it
+    was packaged (:mod:`activeguard.sources`); a profile written before they existed means a
+    project checkpoint whose input is ``input_shape`` in [0, 1].
+    """
 
     model_id: str
     input_shape: tuple[int, ...]
@@ -101,11 +108,33 @@ class Profile:
     revocation_file: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_rows: int = 256
+    source: str = "checkpoint"
+    input_spec: dict[str, Any] | None = None  # InputSpec.to_dict()
+    model_class: str | None = None  # the network class in MODEL_CODE_FILE (eager convention only)
 
     def validated(self) -> Profile:
-        """This profile, once its control settings (K, C_fp, ε, policy) are known to be usable."""
+        """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
         _ = self.control  # building the ControlConfig raises ValueError on bad settings
+        if self.source not in SOURCES:
+            raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too
+            raise ValueError(
+                f"profile input_shape {tuple(self.input_shape)} differs from its input spec's {self.spec.shape}"
+            )
         return self
+
+    @property
+    def spec(self) -> InputSpec:
+        return (
+            InputSpec.from_dict(self.input_spec) if self.input_spec is not None else InputSpec(tuple(self.input_shape))
+        )
+
+    def source_options(self, model_dir: Path) -> SourceOptions:
+        """How to load the archived model as packaged: its own input spec, and its code for the eager convention."""
+        eager = self.source == "eager"
+        return SourceOptions(
+            model_dir / MODEL_CODE_FILE if eager else None, self.model_class, SpecOverrides.pinned(self.spec)
+        )
 
     @property
     def control(self) -> ControlConfig:

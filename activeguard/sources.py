@@ -138,6 +138,11 @@ class SpecOverrides:
     std: tuple[float, ...] | None = None
     outputs: str | None = None
 
+    @classmethod
+    def pinned(cls, spec: InputSpec) -> SpecOverrides:
+        """Overrides that settle a load on exactly ``spec`` (a profile or a database row recorded it)."""
+        return cls(shape=spec.shape, bounds=spec.bounds, mean=spec.mean, std=spec.std, outputs=spec.outputs)
+
     def apply(self, carried: InputSpec | None, what: str) -> InputSpec:
         shape = self.shape or (carried.shape if carried else None)
         if shape is None:
@@ -259,6 +264,13 @@ class LoadedModel:
         self.source.save(self, path, metadata or {})
         return model_id(self.network)
 
+    def record(self) -> dict[str, Any]:
+        """Which file and format a result came from (for manifests and reports)."""
+        record: dict[str, Any] = {"path": str(self.path), "format": self.source.name, "title": self.source.title}
+        if self.model_file is not None:
+            record.update(model_file=str(self.model_file), model_class=self.model_class)
+        return record
+
     def describe(self) -> dict[str, Any]:
         """What ``activeguard inspect`` reports."""
         layers = self.conv_layers()
@@ -300,6 +312,8 @@ class SourceOptions:
     model_file: Path | None = None
     model_class: str | None = None
     overrides: SpecOverrides = SpecOverrides()
+    # Used where the file says nothing, or only its row shape (an audit queries a bare suspect as the owner).
+    fallback: InputSpec | None = None
 
 
 @dataclass
@@ -308,6 +322,7 @@ class RawModel:
 
     network: nn.Module
     spec: InputSpec | None  # what the file itself says about its input, if anything
+    spec_complete: bool = True  # False: ``spec`` is only the row shape (e.g. a .pt2's example inputs)
     task: str = "classification"
     batch_limit: int | None = None
     fixed_mode: bool = False
@@ -363,7 +378,7 @@ class CheckpointSource(ModelSource):
         arch = ckpt["arch"]
         task = {"mlp-regressor": "regression", "fc-generator": "generation"}.get(arch, "classification")
         spec = InputSpec.from_dict(carried) if carried else InputSpec(input_shape(network))
-        return RawModel(network.eval(), spec, task, extras={"arch": arch, "metadata": metadata})
+        return RawModel(network.eval(), spec, carried is not None, task, extras={"arch": arch, "metadata": metadata})
 
     def save(self, loaded: LoadedModel, path: Path, metadata: dict[str, Any]) -> None:
         from activeguard.models import save_model
@@ -392,7 +407,8 @@ class ExportedProgramSource(ModelSource):
     def load(self, path: Path, options: SourceOptions) -> RawModel:
         extra = {SPEC_FILE: ""}
         try:
-            program = torch.export.load(str(path), extra_files=extra)
+            with open(path, "rb") as handle:  # a file object: torch.export.load wants a .pt2 suffix on paths
+                program = torch.export.load(handle, extra_files=extra)
         except Exception as exc:
             raise SourceError(f"{path}: not a readable torch.export program ({_first_line(exc)})") from None
         args, kwargs = program.example_inputs or ((), {})
@@ -550,7 +566,10 @@ def load(path: str | Path, options: SourceOptions = SourceOptions()) -> LoadedMo
     path = Path(path)
     source = detect(path, options)
     raw = source.load(path, options)
-    spec = options.overrides.apply(raw.spec, str(path))
+    carried = raw.spec
+    if options.fallback is not None and (carried is None or not raw.spec_complete):
+        carried = replace(options.fallback, shape=carried.shape) if carried else options.fallback
+    spec = options.overrides.apply(carried, str(path))
     view = ClientView(raw.network, spec, raw.batch_limit, raw.fixed_mode).eval()
     num_classes = _probe(view, raw.task, path)
     extras = dict(raw.extras)

@@ -11,6 +11,13 @@ range is taken from the positive magnitudes, lo = median |W| and hi = max |W|. D
 therefore sit on large weights that survive magnitude pruning, while digits 0-2 sit near the
 pruning threshold (the paper's wm2 vs. wm1 observation).
 
+Any 4-D conv weight can carry the mark; the default is the one with the most parameters
+(:func:`activeguard.sources.default_watermark_layer`, ``conv2.weight`` for LeNet-5). Every function
+here takes either a plain network or a :class:`activeguard.sources.ClientView` (what
+``sources.load`` returns as ``.model``): weights are looked up on the owner's own network
+(``network_of``), so layer names are the owner's (``layer1.0.conv1.weight``) whatever the source,
+while training runs through the view (the client's inputs, normalization included).
+
 Extraction deliberately does **not** clamp to 0-9: a pruned (zeroed) or foreign weight reads as
 whatever the map gives (often negative) and never matches a digit by accident.
 
@@ -40,6 +47,7 @@ import torch
 from torch import nn
 
 from activeguard.models import train
+from activeguard.sources import default_watermark_layer, network_of
 
 WM1: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 1, 0)
 WM2: tuple[int, ...] = (3, 8, 7, 6, 8, 7, 6, 9, 9, 4, 8, 6, 5)
@@ -148,7 +156,8 @@ def _check_digits(digits: Sequence[int]) -> list[int]:
 
 
 def _conv_weight(model: nn.Module, layer: str) -> torch.Tensor:
-    params = dict(model.named_parameters())
+    """The named 4-D weight of the owner's network (through a ClientView), as a live parameter."""
+    params = dict(network_of(model).named_parameters())
     if layer not in params:
         conv = [n for n, p in params.items() if p.dim() == 4]
         raise ValueError(f"model has no parameter {layer!r}; conv weights: {', '.join(conv) or 'none'}")
@@ -201,17 +210,22 @@ def _assign_by_rank(positions: Sequence[int], values: torch.Tensor, digits: Sequ
 def generate_key(
     model: nn.Module,
     digits: Sequence[int],
-    layer: str = "conv2.weight",
+    layer: str | None = None,
     *,
     experiment_seed: int | None = None,
 ) -> WatermarkKey:
     """Draw a large-norm filter and n positions, and map [median|W|, max|W|] → [0, 9].
+
+    ``layer`` names a conv weight of the owner's network; None takes the one with the most
+    parameters (``sources.default_watermark_layer``).
 
     Filter and positions come from the OS CSPRNG, so nobody can recompute them. Pass
     ``experiment_seed`` only for reproducible experiments: anyone who knows or guesses it can
     recompute the key.
     """
     digits = _check_digits(digits)
+    if layer is None:
+        layer = default_watermark_layer(network_of(model))
     with torch.no_grad():
         weight = _conv_weight(model, layer).detach().float().cpu()
         size = int(np.prod(weight.shape[1:]))
@@ -260,6 +274,10 @@ def embed(
     progress: bool = False,
 ) -> nn.Module:
     """Train ``model`` in place on task loss + Eq. 4 (fine-tune a trained model, or a fresh one).
+
+    ``x`` are client rows: pass a loaded source's ``.model`` (the ClientView) so the task loss sees
+    the inputs as served (normalization, probabilities → logits), while the regularizer reaches the
+    owner's weights. Any network with trainable parameters works, TorchScript included.
 
     ``seed`` drives only the training's randomness (batch order); the key's secrecy does not depend on it.
     """

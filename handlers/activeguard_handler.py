@@ -17,7 +17,7 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from activeguard.models import load_model, model_id
+from activeguard import sources
 from activeguard.protection import INTERNAL_ERROR, PROFILE_FILE, Guard, Outcome, Profile, Request
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 LICENSE_HEADER = "x-activeguard-license"
 REQUESTS_METRIC = "ActiveGuardRequests"
 AUTH_LATENCY_METRIC = "ActiveGuardAuthLatencyMs"
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.pt"  # the serialized file when the manifest does not name one
 
 
 def _request(row: dict, headers: dict[str, str]) -> Request:
@@ -62,25 +62,59 @@ def serving_device(gpu_id: object) -> torch.device:
     return torch.device("cpu")
 
 
+def place(model: sources.ClientView, device: torch.device) -> torch.device:
+    """Move ``model`` to ``device`` and run a probe there; where it cannot run there (an exported
+    program may hold CPU-only constants), keep it on the CPU and log why: slower, but serving."""
+    if device.type == "cpu":
+        return device
+    try:
+        model.to(device)
+        with torch.no_grad():
+            model(model.spec.random_rows(1).to(device))
+        return device
+    except Exception as exc:  # torch raises RuntimeError, NotImplementedError, ... for unmovable graphs
+        model.to("cpu")
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        logger.warning("the model cannot run on %s (%s); serving it on the CPU", device, reason)
+        return torch.device("cpu")
+
+
+def load_archived(model_dir: Path, manifest: dict, profile: Profile) -> sources.LoadedModel:
+    """The archived model, loaded as the profile says; refused (RuntimeError) unless it is the profiled one."""
+    serialized = (manifest.get("model") or {}).get("serializedFile") or MODEL_FILE
+    loaded = sources.load(model_dir / serialized, profile.source_options(model_dir))
+    if loaded.model_id != profile.model_id:
+        raise RuntimeError("the archive's weights do not match the profile's model id; repackage the model")
+    if (loaded.source.name, loaded.spec) != (profile.source, profile.spec):
+        raise RuntimeError(
+            f"the archived model is a {loaded.source.name} with input {loaded.spec.to_dict()}, but the profile "
+            f"says {profile.source} with {profile.spec.to_dict()}; repackage the model"
+        )
+    return loaded
+
+
 class ActiveGuardHandler(BaseHandler):
-    """Replaces ``initialize`` (our archive holds a project checkpoint plus a protection profile)
-    and ``handle`` (one guarded forward pass per batch); keeps BaseHandler's attributes."""
+    """Replaces ``initialize`` (our archive holds a model of any source plus a protection profile)
+    and ``handle`` (one guarded forward pass per batch); keeps BaseHandler's attributes.
+
+    The guard runs the model as a client reaches it (``LoadedModel.model``): normalization and
+    probability outputs are the model's own business, the control layer always sees logits.
+    """
 
     def initialize(self, context) -> None:
         properties = context.system_properties
         self.context, self.manifest = context, context.manifest
-        self.device = serving_device(properties.get("gpu_id"))
-        self.map_location = self.device.type
         model_dir = Path(properties["model_dir"])
         profile = Profile.from_json((model_dir / PROFILE_FILE).read_text())
-        model = load_model(model_dir / MODEL_FILE)
-        if model_id(model) != profile.model_id:
-            raise RuntimeError("the archive's weights do not match the profile's model id; repackage the model")
-        self.guard = Guard(model, profile, device=self.device)
+        loaded = load_archived(model_dir, self.manifest, profile)
+        self.device = place(loaded.model, serving_device(properties.get("gpu_id")))
+        self.map_location = self.device.type
+        self.guard = Guard(loaded.model, profile, device=self.device)
         self.model = self.guard.model
         self.initialized = True
         logger.info(
-            "ActiveGuard ready: model %s on %s, policy %s, paper mode %s",
+            "ActiveGuard ready: %s model %s on %s, policy %s, paper mode %s",
+            profile.source,
             profile.model_id[:16],
             self.device,
             profile.policy,

@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
+from activeguard.cli_support import add_model_arguments, load_model_argument
 from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, POLICIES
 from activeguard.licenses import key_id, load_public_key, public_key_pem
-from activeguard.models import input_shape, load_model, model_id
 from activeguard.protection import Profile
-from handlers.packaging import package
+from handlers.packaging import classes_of, package_model
 from handlers.server import ManagedTorchServe, Ports
 
 DEFAULT_STORE = Path("model_store")
@@ -26,7 +26,7 @@ def _pem(path: str) -> tuple[str, str]:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
+    loaded = load_model_argument(args)
     keys = dict(_pem(p) for p in args.license_key)
     if not keys and not args.paper_mode:
         print(
@@ -34,9 +34,9 @@ def cmd_package(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     profile = Profile(
-        model_id=model_id(model),
-        input_shape=input_shape(model),
-        num_classes=model.config["num_classes"],
+        model_id=loaded.model_id,
+        input_shape=loaded.spec.shape,
+        num_classes=classes_of(loaded),
         confidences=tuple(float(c) for c in args.confidences.split(",")),
         epsilon=args.epsilon,
         policy=args.policy,
@@ -44,17 +44,26 @@ def cmd_package(args: argparse.Namespace) -> int:
         license_public_keys=keys,
         gateway_public_key=_pem(args.gateway_key)[1] if args.gateway_key else None,
         revocation_file=str(Path(args.revocation_file).resolve()) if args.revocation_file else None,
+        source=loaded.source.name,
+        input_spec=loaded.spec.to_dict(),
+        model_class=loaded.model_class,
     )
     profile.validated()  # before building anything
-    mar = package(Path(args.model), profile, args.name, Path(args.store))
+    mar = package_model(loaded, profile, args.name, Path(args.store))
     payload = {
         "mar": str(mar),
         "model_id": profile.model_id,
+        "source": profile.source,
+        "input": profile.input_spec,
         "policy": profile.policy,
         "paper_mode": profile.paper_mode,
         "license_keys": sorted(keys),
     }
-    print(json.dumps(payload, indent=2) if args.json else f"wrote {mar} (model id {profile.model_id[:16]}…)")
+    print(
+        json.dumps(payload, indent=2)
+        if args.json
+        else f"wrote {mar} ({profile.source} model {profile.model_id[:16]}…, input {list(profile.input_shape)})"
+    )
     return 0
 
 
@@ -102,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("package", help="build a TorchServe .mar with the ActiveGuard handler and a protection profile")
-    p.add_argument("--model", required=True, help="weights-only checkpoint (activeguard train / watermark embed)")
+    add_model_arguments(p)
     p.add_argument("--name", required=True, help="model name in TorchServe (and of the .mar file)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help="output folder (default model_store/)")
     p.add_argument("--policy", default="random", choices=POLICIES, help="answer for unauthorized requests")

@@ -1,4 +1,9 @@
-"""`activeguard package`: build a `.mar` with torch-model-archiver from weights and a profile."""
+"""`activeguard package`: build a `.mar` with torch-model-archiver from any model source and a profile.
+
+The archive keeps the model in its own format (a checkpoint, a TorchScript archive, an exported
+program, or a state dict plus its model file, as TorchServe's eager convention archives them), so
+what TorchServe serves is byte for byte what the owner gave; the profile says how to load it.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,88 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from activeguard.models import load_model, model_id
-from activeguard.protection import PROFILE_FILE, Profile
+from activeguard import sources
+from activeguard.protection import MODEL_CODE_FILE, PROFILE_FILE, Profile
 
 HANDLER_FILE = Path(__file__).with_name("activeguard_handler.py")
+# The serialized file's name inside the archive: TorchServe's own "model.pt" (also its name for
+# TorchScript), ".pt2" for exported programs. The handler reads it from the manifest.
+SERIALIZED_NAMES = {"export": "model.pt2"}
+DEFAULT_SERIALIZED_NAME = "model.pt"
+
+
+def serialized_name(source: str) -> str:
+    return SERIALIZED_NAMES.get(source, DEFAULT_SERIALIZED_NAME)
+
+
+def classes_of(loaded: sources.LoadedModel) -> int:
+    """The number of classes of a classifier; ValueError for a regression or generative model."""
+    if loaded.num_classes is None:
+        raise ValueError(f"{loaded.path} is a {loaded.task} model; the control layer protects classifiers")
+    return loaded.num_classes
+
+
+def profile_for(loaded: sources.LoadedModel, profile: Profile) -> Profile:
+    """``profile`` completed with how to load ``loaded`` (source, input spec, model class), once it fits.
+
+    A profile that names another model id, another input or another number of classes is refused
+    (ValueError): the handler would then protect a model the profile does not describe.
+    """
+    path = loaded.path
+    if loaded.model_id != profile.model_id:
+        raise ValueError(f"profile is for model {profile.model_id[:16]}…, but {path} is {loaded.model_id[:16]}…")
+    if profile.input_spec is not None and profile.spec != loaded.spec:
+        raise ValueError(f"profile input spec {profile.spec.to_dict()} differs from {path}'s {loaded.spec.to_dict()}")
+    if tuple(profile.input_shape) != loaded.spec.shape:
+        raise ValueError(f"profile input shape {tuple(profile.input_shape)} differs from {path}'s {loaded.spec.shape}")
+    if profile.num_classes != classes_of(loaded):
+        raise ValueError(f"profile says {profile.num_classes} classes, but {path} answers {loaded.num_classes}")
+    return replace(
+        profile, source=loaded.source.name, input_spec=loaded.spec.to_dict(), model_class=loaded.model_class
+    ).validated()
 
 
 def package(
-    model_path: Path, profile: Profile, name: str, store: Path, version: str = "1.0", handler: Path = HANDLER_FILE
+    model_path: Path,
+    profile: Profile,
+    name: str,
+    store: Path,
+    version: str = "1.0",
+    handler: Path = HANDLER_FILE,
+    *,
+    options: sources.SourceOptions | None = None,
 ) -> Path:
-    """Write ``store/name.mar``; refuse a profile whose model id does not match the weights.
+    """Load ``model_path`` (any source; ``options`` for the eager convention or the input spec) and
+    write ``store/name.mar``; see :func:`package_model`. A profile that states its input spec settles
+    what the file does not say, unless ``options`` has spec overrides of its own."""
+    options = options or sources.SourceOptions()
+    if profile.input_spec is not None and options.overrides == sources.SpecOverrides():
+        options = replace(options, overrides=sources.SpecOverrides.pinned(profile.spec))
+    loaded = sources.load(model_path, options)
+    return package_model(loaded, profile, name, store, version, handler)
+
+
+def package_model(
+    loaded: sources.LoadedModel,
+    profile: Profile,
+    name: str,
+    store: Path,
+    version: str = "1.0",
+    handler: Path = HANDLER_FILE,
+) -> Path:
+    """Write ``store/name.mar`` holding the model file as given; refuse a profile that does not fit it.
 
     ``handler`` is swappable only so benchmarks can package a plain handler beside ours.
     """
-    actual = model_id(load_model(model_path))
-    if actual != profile.model_id:
-        raise ValueError(f"profile is for model {profile.model_id[:16]}…, but {model_path} is {actual[:16]}…")
+    profile = profile_for(loaded, profile)
     store.mkdir(parents=True, exist_ok=True)
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
     with tempfile.TemporaryDirectory() as tmp:
-        staged_model = Path(tmp) / "model.pt"
-        shutil.copyfile(model_path, staged_model)
+        staged_model = Path(tmp) / serialized_name(profile.source)
+        shutil.copyfile(loaded.path, staged_model)
         profile_file = Path(tmp) / PROFILE_FILE
         profile_file.write_text(profile.to_json())
         cmd = [
@@ -47,6 +111,10 @@ def package(
             str(store),
             "--force",
         ]
+        if loaded.model_file is not None:  # TorchServe's eager convention: the network's code beside its weights
+            staged_code = Path(tmp) / MODEL_CODE_FILE
+            shutil.copyfile(loaded.model_file, staged_code)
+            cmd += ["--model-file", str(staged_code)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed: {proc.stderr.strip()[-2000:]}")

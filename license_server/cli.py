@@ -2,7 +2,7 @@
 
     activeguard-license-server serve --data-dir DIR [--database-url URL] [--port 50061] [--metrics-port 9461]
     activeguard-license-server create-token --hash-file DIR/admin_token.sha256 --token-out admin.token
-    activeguard-license-server register --model model.pt [--upload] [--pregenerate]
+    activeguard-license-server register --model MODEL [--model-file F.py] [--input-shape S] [--upload] [--pregenerate]
     activeguard-license-server issue --model-id ID --user NAME [--validity-days 365] --out alice.aglicense
     activeguard-license-server revoke LICENSE_ID [--reason TEXT]
     activeguard-license-server list [--model-id ID] [--user NAME] [--state active|revoked|expired]
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from activeguard.cli_support import add_model_arguments, load_model_argument
 from activeguard.processes import write_ready_file
 
 DB_ENV = "ACTIVEGUARD_LICENSE_DB"
@@ -227,18 +228,25 @@ def _save_license(msg, out: str) -> Path:
 
 
 def cmd_register(args) -> int:
+    """Load the model here first (any source; one-line errors, exit 2), then register exactly that:
+    its id, its input spec and, for a state dict, its network's code go with the request."""
+    loaded = load_model_argument(args)
+    where = {"checkpoint": loaded.path.read_bytes()} if args.upload else {"model_path": str(loaded.path.resolve())}
     with _client(args) as c:
-        if args.upload:
-            resp = c.register_model(
-                checkpoint=Path(args.model).read_bytes(), name=args.name or "", pregenerate=args.pregenerate
-            )
-        else:
-            resp = c.register_model(
-                model_path=str(Path(args.model).resolve()), name=args.name or "", pregenerate=args.pregenerate
-            )
+        resp = c.register_model(
+            **where,
+            name=args.name or "",
+            pregenerate=args.pregenerate,
+            expected_model_id=loaded.model_id,
+            model_file_text=loaded.model_file.read_text() if loaded.model_file else "",
+            model_class=loaded.model_class or "",
+            input_spec=json.dumps(loaded.spec.to_dict()),
+        )
     d = {
         "model_id": resp.profile.model_id,
         "name": resp.profile.name,
+        "source": resp.source,
+        "input": json.loads(resp.input_spec) if resp.input_spec else None,
         "created": resp.created,
         "capacity": resp.capacity,
         "issued": resp.issued,
@@ -247,7 +255,7 @@ def cmd_register(args) -> int:
     _emit(
         args,
         d,
-        f"model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
+        f"{d['source']} model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
         f"{d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated",
     )
     return 0
@@ -337,10 +345,10 @@ def cmd_create_token(args) -> int:
 
 def add_license_commands(sub) -> None:
     """Add issue|revoke|list|show|verify|register (and create-token) to an argparse subparsers object."""
-    p = sub.add_parser("register", help="register a model (checkpoint) with the license server")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("register", help="register a classifier (any model source) with the license server")
+    add_model_arguments(p)
     p.add_argument("--name", default=None)
-    p.add_argument("--upload", action="store_true", help="send the checkpoint bytes instead of a server-side path")
+    p.add_argument("--upload", action="store_true", help="send the model file's bytes instead of a server-side path")
     p.add_argument("--pregenerate", action="store_true", help="generate every slot's fingerprint now")
     _add_client(p)
     p.set_defaults(func=cmd_register)

@@ -122,7 +122,11 @@ class LicenseClient:
         epsilon: float = 0.0,
         encoding: str = "",
         expected_model_id: str = "",
+        model_file_text: str = "",
+        model_class: str = "",
+        input_spec: str = "",
     ):
+        """``model_path`` or ``checkpoint`` may hold any model source; a state dict needs ``model_file_text``."""
         return self._admin(
             "RegisterModel",
             license_pb2.RegisterModelRequest(
@@ -134,6 +138,9 @@ class LicenseClient:
                 epsilon=epsilon,
                 encoding=encoding,
                 expected_model_id=expected_model_id,
+                model_file_text=model_file_text,
+                model_class=model_class,
+                input_spec=input_spec,
             ),
         )
 

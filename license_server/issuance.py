@@ -19,6 +19,7 @@ outputs are plain values and store records; refusals are :mod:`license_server.er
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import random
 import threading
@@ -30,11 +31,17 @@ from pathlib import Path
 import torch
 
 from activeguard import licenses as lic
+from activeguard import sources
 from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, ControlConfig
 from activeguard.fingerprints import authenticate, encode, generate_fingerprints
-from activeguard.models import input_shape as model_input_shape
-from activeguard.models import model_id as compute_model_id
-from license_server.checkpoints import checkpoint_classifier, fingerprint_from_bytes
+from license_server.checkpoints import (
+    STORED_SUFFIXES,
+    fingerprint_from_bytes,
+    model_code_file,
+    registered_classifier,
+    staged_model_code,
+    stored_suffix,
+)
 from license_server.config import ServerConfig
 from license_server.errors import (
     ClientGone,
@@ -62,9 +69,11 @@ from license_server.validation import (
     MAX_ID,
     check_issue,
     check_list,
+    check_model_code,
     check_reason,
     check_register,
     check_text,
+    parse_input_spec,
     shown,
 )
 
@@ -74,8 +83,11 @@ MAX_REVOCATION_PAGE = 10000
 
 @dataclass
 class LoadedModel:
+    """A registered model in memory: ``module`` is the model as a client reaches it (``sources.ClientView``)."""
+
     row: ModelRecord
     module: torch.nn.Module
+    spec: sources.InputSpec
     config: ControlConfig
     all_slots: list[Slot] = field(default_factory=list)
 
@@ -85,10 +97,18 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class Registration:
-    """A RegisterModel request in plain values (exactly one of ``model_path`` and ``checkpoint``)."""
+    """A RegisterModel request in plain values (exactly one of ``model_path`` and ``checkpoint``).
+
+    ``model_path``/``checkpoint`` may hold any model source; a state dict comes with its network's
+    code (``model_file_text``, ``model_class``), and ``input_spec`` (JSON) settles what a file does
+    not say about its input.
+    """
 
     model_path: str = ""
     checkpoint: bytes = b""
+    model_file_text: str = ""
+    model_class: str = ""
+    input_spec: str = ""
     name: str = ""
     expected_model_id: str = ""
     encoding: str = ""
@@ -157,66 +177,86 @@ class Issuer:
             if row is None:
                 raise NotFound(f"model {shown(model_id)} is not registered (RegisterModel first)")
             try:
-                module = checkpoint_classifier(Path(row.model_path), f"model file {row.model_path!r}")
+                model = registered_classifier(
+                    Path(row.model_path), f"model file {row.model_path!r}", self._options(row)
+                )
             except IssuanceError as exc:
                 raise PreconditionFailed(
-                    f"the registered checkpoint of model {row.model_id[:16]}… cannot be used any more: {exc}"
+                    f"the registered model file of model {row.model_id[:16]}… cannot be used any more: {exc}"
                 ) from None
-            actual = compute_model_id(module)
-            if actual != row.model_id:
+            if model.model_id != row.model_id:
                 raise PreconditionFailed(
-                    f"the checkpoint at the registered path now has model id {actual[:16]}…, "
+                    f"the model file at the registered path now has model id {model.model_id[:16]}…, "
                     f"not the registered {row.model_id[:16]}…; refusing to issue for it"
                 )
-            loaded = self._loaded(row, module)
+            loaded = self._loaded(row, model)
             self._models[model_id] = loaded
         self._refresh_free_slots(loaded)
         return loaded
 
     @staticmethod
-    def _loaded(row: ModelRecord, module: torch.nn.Module) -> LoadedModel:
+    def _loaded(row: ModelRecord, model: sources.LoadedModel) -> LoadedModel:
         config = ControlConfig(num_classes=row.num_classes, confidences=row.confidences, epsilon=row.epsilon)
         slots = [(t, j) for t in range(row.num_classes) for j in range(len(row.confidences))]
-        return LoadedModel(row=row, module=module, config=config, all_slots=slots)
+        return LoadedModel(row=row, module=model.model, spec=model.spec, config=config, all_slots=slots)
+
+    @property
+    def _models_dir(self) -> Path:
+        return self.cfg.data_dir / "models"
+
+    def _options(self, row: ModelRecord) -> sources.SourceOptions:
+        """How to load a registered model again: its recorded code (eager convention) and input spec."""
+        code = model_code_file(self._models_dir, row.model_file_text) if row.model_file_text else None
+        spec = sources.InputSpec.from_dict(json.loads(row.input_spec)) if row.input_spec else None
+        return sources.SourceOptions(
+            code, row.model_class, sources.SpecOverrides.pinned(spec) if spec else sources.SpecOverrides()
+        )
 
     @staticmethod
-    def _named(model_path: str) -> tuple[Path, torch.nn.Module]:
-        """(resolved path, classifier) for a checkpoint path on the server's file system."""
+    def _named(model_path: str, options: sources.SourceOptions) -> tuple[Path, sources.LoadedModel]:
+        """(resolved path, classifier) for a model path on the server's file system."""
         try:
             path = Path(model_path).resolve()
         except (OSError, RuntimeError) as exc:  # symlink loops and the like
             raise InvalidRequest(
                 f"model_path {shown(model_path, 200)} cannot be resolved ({type(exc).__name__})"
             ) from None
-        return path, checkpoint_classifier(path, f"model file {shown(str(path), 200)}")
+        return path, registered_classifier(path, f"model file {shown(str(path), 200)}", options)
 
-    def _uploaded(self, checkpoint: bytes) -> tuple[Path, torch.nn.Module]:
-        """(stored path, classifier) for uploaded checkpoint bytes; nothing stays on disk when they are refused."""
-        models_dir = self.cfg.data_dir / "models"
-        models_dir.mkdir(parents=True, exist_ok=True)
-        tmp = models_dir / f"upload-{threading.get_ident()}-{time.time_ns()}.pt"
-        tmp.write_bytes(checkpoint)
+    def _uploaded(self, data: bytes, options: sources.SourceOptions) -> tuple[Path, sources.LoadedModel]:
+        """(stored path, classifier) for uploaded model bytes, stored in their own format; nothing stays
+        on disk when they are refused."""
+        self._models_dir.mkdir(parents=True, exist_ok=True)
+        unnamed = self._models_dir / f"upload-{threading.get_ident()}-{time.time_ns()}"
+        unnamed.write_bytes(data)
+        tmp = unnamed.rename(unnamed.with_name(unnamed.name + stored_suffix(unnamed, options)))
         try:
-            module = checkpoint_classifier(tmp, f"the uploaded checkpoint ({len(checkpoint)} bytes)")
+            model = registered_classifier(tmp, f"the uploaded checkpoint ({len(data)} bytes)", options)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        path = models_dir / f"{compute_model_id(module)}.pt"
+        path = self._models_dir / f"{model.model_id}{STORED_SUFFIXES[model.source.name]}"
         tmp.replace(path)
-        return path, module
+        return path, model
 
     def register(self, req: Registration) -> Registered:
-        """Register (or find again) a classifier and its protection profile; optionally pre-generate every slot."""
+        """Register (or find again) a classifier of any source and its protection profile; optionally
+        pre-generate every slot."""
         encoding = check_register(req.model_path, req.checkpoint, req.name, req.expected_model_id, req.encoding)
-        path, module = self._uploaded(req.checkpoint) if req.checkpoint else self._named(req.model_path)
-        mid = compute_model_id(module)
+        check_model_code(req.model_file_text, req.model_class)
+        spec = parse_input_spec(req.input_spec)
+        overrides = sources.SpecOverrides.pinned(spec) if spec else sources.SpecOverrides()
+        with staged_model_code(self._models_dir, req.model_file_text) as code:
+            options = sources.SourceOptions(code, req.model_class or None, overrides)
+            path, model = (
+                self._uploaded(req.checkpoint, options) if req.checkpoint else self._named(req.model_path, options)
+            )
+        mid = model.model_id
         if req.expected_model_id and req.expected_model_id != mid:
             raise PreconditionFailed(
-                f"checkpoint has model id {mid[:16]}…, not the expected {req.expected_model_id[:16]}…"
+                f"the model has model id {mid[:16]}…, not the expected {req.expected_model_id[:16]}…"
             )
-        shape = model_input_shape(module)
-        with torch.no_grad():
-            width = int(module(torch.zeros(1, *shape)).reshape(1, -1).shape[1])
+        width = model.num_classes
         k = req.num_classes or width
         if k != width:
             raise InvalidRequest(f"num_classes={k} but the model outputs {width} values")
@@ -234,13 +274,17 @@ class Issuer:
             num_classes=k,
             confidences=config.confidences,
             epsilon=config.epsilon,
-            input_shape=tuple(shape),
+            input_shape=model.spec.shape,
             encoding=encoding,
             model_path=str(path),
             created_at=int(time.time()),
+            source=model.source.name,
+            model_class=model.model_class,
+            model_file_text=req.model_file_text if model.source.name == "eager" else None,
+            input_spec=json.dumps(model.spec.to_dict(), sort_keys=True),
         )
         row, created = self.store.add_model(row)
-        m = self._loaded(row, module)
+        m = self._loaded(row, model)
         with self._models_lock:
             self._models.setdefault(mid, m)
             m = self._models[mid]
@@ -252,6 +296,7 @@ class Issuer:
             "model registered" if created else "model already registered",
             model_id=mid[:16],
             name=row.name,
+            source=row.source,
             capacity=row.capacity,
         )
         return Registered(
@@ -380,6 +425,7 @@ class Issuer:
             m.config,
             users,
             input_shape=m.row.input_shape,
+            bounds=m.spec.bounds,
             encoding=m.row.encoding,
             seed=seed,
             max_steps=self.cfg.max_steps,
@@ -396,7 +442,7 @@ class Issuer:
     def _recheck(self, m: LoadedModel, slot: Slot, raw: bytes) -> bool:
         """The exact bytes to be signed, decoded as a verifier will, through the registered model."""
         x = fingerprint_from_bytes(raw, m.row.input_shape)
-        if not torch.equal(encode(x, m.row.encoding), x):
+        if not torch.equal(encode(x, m.row.encoding, m.spec.bounds), x):
             return False
         authorized, user = authenticate(m.module, x, m.config)
         return bool(authorized[0]) and int(user[0]) == m.user_index(slot)

@@ -104,6 +104,9 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
                     confidences=tuple(request.confidences),
                     epsilon=request.epsilon,
                     pregenerate=request.pregenerate,
+                    model_file_text=request.model_file_text,
+                    model_class=request.model_class,
+                    input_spec=request.input_spec,
                 )
             )
             return license_pb2.RegisterModelResponse(
@@ -112,6 +115,8 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
                 capacity=done.model.capacity,
                 issued=done.issued,
                 pregenerated=done.pregenerated,
+                source=done.model.source,
+                input_spec=done.model.input_spec or "",
             )
 
         return self._errors.run("RegisterModel", context, run)

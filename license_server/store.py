@@ -7,7 +7,7 @@ Invariants the schema itself enforces (not just the code):
 - a license row is inserted whole (payload, signature, FO) in one transaction, together with the
   removal of the slot's pre-generated fingerprint, so a crash leaves the license or nothing;
 - ``schema_version`` holds the schema's version; a newer database is refused, an older one is
-  migrated step by step by :data:`MIGRATIONS` (empty so far: version 1 is the first).
+  migrated step by step by :data:`MIGRATIONS`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,17 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # version -> list of SQL statements that migrate from version-1 to version.
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    # 2: any model source (activeguard.sources), not only project checkpoints: how to load each model
+    2: [
+        "ALTER TABLE ag_models ADD COLUMN source VARCHAR(32) NOT NULL DEFAULT 'checkpoint'",
+        "ALTER TABLE ag_models ADD COLUMN model_class TEXT",
+        "ALTER TABLE ag_models ADD COLUMN model_file_text TEXT",
+        "ALTER TABLE ag_models ADD COLUMN input_spec TEXT",
+    ],
+}
 
 metadata = MetaData()
 
@@ -71,6 +79,11 @@ models = Table(
     Column("encoding", String(16), nullable=False),
     Column("model_path", Text, nullable=False),
     Column("created_at", Integer, nullable=False),
+    # How to load the model (schema 2): its source, the eager convention's code, the settled input spec.
+    Column("source", String(32), nullable=False, server_default="checkpoint"),
+    Column("model_class", Text, nullable=True),
+    Column("model_file_text", Text, nullable=True),
+    Column("input_spec", Text, nullable=True),  # JSON InputSpec.to_dict(); NULL: registered before schema 2
 )
 
 licenses = Table(
@@ -155,6 +168,10 @@ class ModelRecord:
     encoding: str
     model_path: str
     created_at: int
+    source: str = "checkpoint"
+    model_class: str | None = None
+    model_file_text: str | None = None  # the eager convention's network code (the server imports it)
+    input_spec: str | None = None  # JSON InputSpec.to_dict(); None for models registered before schema 2
 
     @property
     def capacity(self) -> int:
@@ -219,7 +236,16 @@ def _model_row(r: Any) -> ModelRecord:
         encoding=r.encoding,
         model_path=r.model_path,
         created_at=r.created_at,
+        source=r.source,
+        model_class=r.model_class,
+        model_file_text=r.model_file_text,
+        input_spec=r.input_spec,
     )
+
+
+def _same_spec(old: str | None, new: str | None) -> bool:
+    """Input specs agree (a model registered before schema 2 has none recorded: its shape decides)."""
+    return old is None or new is None or json.loads(old) == json.loads(new)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -371,12 +397,13 @@ class Store:
                     row.epsilon,
                     row.input_shape,
                     row.encoding,
-                )
+                ) and _same_spec(old.input_spec, row.input_spec)
                 if not same:
                     raise AlreadyExists(
                         f"model {row.model_id[:16]}… is already registered with another profile "
                         f"(K={old.num_classes}, C_fp={list(old.confidences)}, epsilon={old.epsilon}, "
-                        f"encoding={old.encoding}); a profile cannot change once licenses may exist"
+                        f"encoding={old.encoding}, input {old.input_spec or list(old.input_shape)}); "
+                        "a profile cannot change once licenses may exist"
                     )
                 return old, False
             conn.execute(
@@ -390,6 +417,10 @@ class Store:
                     encoding=row.encoding,
                     model_path=row.model_path,
                     created_at=row.created_at,
+                    source=row.source,
+                    model_class=row.model_class,
+                    model_file_text=row.model_file_text,
+                    input_spec=row.input_spec,
                 )
             )
         return row, True

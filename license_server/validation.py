@@ -6,10 +6,12 @@ servicer cheaply; each failure is an :class:`~license_server.errors.InvalidReque
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from activeguard.fingerprints import ENCODINGS
+from activeguard.sources import InputSpec, SourceError
 from license_server.errors import InvalidRequest
 
 MAX_VALIDITY = 20 * 365 * 24 * 3600
@@ -17,6 +19,8 @@ MAX_NAME = 256
 MAX_ID = 128  # model ids are 64 hex digits, license ids 32; longer can only be garbage
 MAX_REASON = 1024
 MAX_PATH = 4096
+MAX_MODEL_FILE = 1024 * 1024  # characters of an eager model's Python source
+MAX_SPEC = 4096  # characters of an input spec's JSON
 MAX_PAGE = 1000
 MAX_SEQUENCE = 2**63 - 1  # sequence numbers (page tokens, revocation cursors) are signed 64-bit in every store
 
@@ -106,3 +110,34 @@ def check_register(model_path: str, checkpoint: bytes, name: str, expected_model
     if encoding not in ENCODINGS:
         raise InvalidRequest(f"encoding must be one of {ENCODINGS}, got {shown(encoding)}")
     return encoding
+
+
+def check_model_code(model_file_text: str, model_class: str) -> None:
+    """The eager convention's network code and class name, as sent (imported later, when loading)."""
+    if model_class and not model_file_text:
+        raise InvalidRequest("model_class names a class in model_file_text; send the model file's text too")
+    if len(model_file_text) > MAX_MODEL_FILE:
+        raise InvalidRequest(
+            f"model_file_text is {len(model_file_text)} characters; at most {MAX_MODEL_FILE} are allowed"
+        )
+    if "\x00" in model_file_text:
+        raise InvalidRequest("model_file_text must not contain NUL characters (it is Python source)")
+    check_text("model_class", model_class, limit=MAX_NAME)
+    if model_class and not model_class.isidentifier():
+        raise InvalidRequest(f"model_class {shown(model_class)} is not a Python class name")
+
+
+def parse_input_spec(text: str) -> InputSpec | None:
+    """The input spec a registration states (JSON of ``InputSpec.to_dict``), or None when it states none."""
+    if not text:
+        return None
+    if len(text) > MAX_SPEC:
+        raise InvalidRequest(f"input_spec is {len(text)} characters; at most {MAX_SPEC} are allowed")
+    try:
+        return InputSpec.from_dict(json.loads(text))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and SourceError are ValueErrors
+        detail = str(exc) if isinstance(exc, SourceError) else "not JSON"
+        raise InvalidRequest(
+            f'input_spec: {detail} (expected {{"shape": [1, 28, 28], "range": [0, 1], "normalize": null, '
+            f'"outputs": "logits"}})'
+        ) from None

@@ -16,7 +16,7 @@ import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -25,17 +25,31 @@ from torch import nn
 from activeguard.audit import decisions
 from activeguard.audit.metrics import matching_rate
 
+if TYPE_CHECKING:
+    from activeguard.sources import LoadedModel
+
 Suspect = Callable[[torch.Tensor], Any]  # inputs -> labels (n,) or scores (n, classes); a module or e.g. a forest
 
 
 @dataclasses.dataclass(frozen=True)
 class Owner:
-    """The owner's model and what an audit must know about it."""
+    """The owner's model and what an audit must know about it.
+
+    ``model`` takes rows as clients send them (a :class:`activeguard.sources.ClientView` when built
+    by :meth:`from_loaded`): fingerprint points are searched, clipped and stored in that space,
+    inside ``bounds``, so a suspect is queried exactly as a client would query it.
+    """
 
     model: nn.Module
     input_shape: tuple[int, ...]
     num_classes: int | None
     task: str  # "classification", "regression" or "generation"
+    bounds: tuple[float, float] = (0.0, 1.0)  # the range of input values a client sends
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> Owner:
+        """The owner as any model source loads it (checkpoint, TorchScript, .pt2, state dict + model file)."""
+        return cls(loaded.model, tuple(loaded.spec.shape), loaded.num_classes, loaded.task, loaded.spec.bounds)
 
 
 @dataclasses.dataclass
@@ -74,7 +88,8 @@ class AuditMethod(ABC, Generic[P, F]):
     label: ClassVar[str]  # short, for table columns, e.g. "CEM"
     score_name: ClassVar[str]  # what the score is called, e.g. "matching rate"
     help: ClassVar[str]  # one line for `audit fingerprint --help`
-    needs_data: ClassVar[bool]  # generate needs the owner's training data (a classifier's Split)
+    needs_data: ClassVar[bool]  # generate can use the owner's training data (a classifier's Split)
+    data_note: ClassVar[str] = ""  # when the data is optional or what it is used for, for --data's help
     params_type: ClassVar[type[Params]]
     fingerprint_type: ClassVar[type]
 
@@ -98,6 +113,10 @@ class AuditMethod(ABC, Generic[P, F]):
     @abstractmethod
     def score(self, fingerprint: F, suspect: Suspect, *, num_classes: int | None = None, **options: Any) -> Score:
         """Score a suspect (a callable inputs -> outputs) against the fingerprint."""
+
+    def requires_data(self, params: P) -> bool:
+        """Whether ``generate`` needs the owner's data with these parameters (IPGuard-R* starts from noise)."""
+        return self.needs_data
 
     def describe(self, fingerprint: F, params: P) -> dict[str, Any]:
         """How the fingerprint was made, stored in the file's meta and the CLI's JSON."""
@@ -123,6 +142,17 @@ class AuditMethod(ABC, Generic[P, F]):
         return {}
 
 
+# What a model raises on inputs it cannot take: eager and exported-program shape errors are
+# RuntimeError/AssertionError (a failed shape guard), TorchScript's torch.jit.Error is neither.
+MODEL_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, AssertionError, torch.jit.Error)
+
+
+def error_reason(exc: BaseException) -> str:
+    """One line from a model's error (TorchScript puts its traceback first and the reason last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
 def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """Labels a suspect assigns to ``x``; raises a clear error on a wrong input shape or output size."""
     if isinstance(suspect, nn.Module):
@@ -130,8 +160,8 @@ def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = 
     try:
         with torch.no_grad():
             out = suspect(x)
-    except RuntimeError as exc:
-        raise ValueError(f"suspect cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from exc
+    except MODEL_ERRORS as exc:
+        raise ValueError(f"suspect cannot take inputs of shape {tuple(x.shape[1:])}: {error_reason(exc)}") from exc
     out = torch.as_tensor(np.asarray(out.detach() if isinstance(out, torch.Tensor) else out))
     if out.ndim == 2:
         if num_classes is not None and out.shape[1] != num_classes:

@@ -1,15 +1,20 @@
-"""Content-hash on-disk cache of trained suspect zoos and owners (``ACTIVEGUARD_CACHE``)."""
+"""Content-hash on-disk cache of trained suspect zoos and ensembles (``ACTIVEGUARD_CACHE``).
+
+Workload owners live in the same root, under ``workloads/`` (:mod:`activeguard.workloads`), saved in
+every model source rather than pickled.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from activeguard.workloads import cache_root
 
 ZOO_FORMAT = "activeguard-zoo/1"
 
@@ -29,7 +34,8 @@ def _tensor_digest(*tensors: torch.Tensor) -> bytes:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ACTIVEGUARD_CACHE", ".activeguard-cache"))
+    """The one cache root (``ACTIVEGUARD_CACHE``): zoos here, workload owners under ``workloads/``."""
+    return cache_root()
 
 
 def cached(key: str, build: Callable[[], Any], cache_dir: str | Path | None) -> Any:

@@ -1,11 +1,14 @@
 """``activeguard audit``: ownership audits of suspect models.
 
-    activeguard audit fingerprint METHOD --model owner.pt --out owner.agfp [--points N]
+    activeguard audit fingerprint METHOD --model MODEL [model flags] --out owner.agfp [--data D] [--points N]
     activeguard audit METHOD --fingerprint owner.agfp --suspect PATH_OR_URL [--threshold T]
     activeguard audit watermark --model suspect.pt --key owner.agkey
 
-A suspect is a local checkpoint or a TorchServe-style endpoint
-(``http://host:8080/predictions/<name>``, see :mod:`activeguard.audit.remote`). Exit codes, as
+The owner's model is any source :mod:`activeguard.sources` loads (checkpoint, TorchScript,
+exported program, state dict + ``--model-file``); the fingerprint file records its input spec.
+A suspect is a local model file of any source (fed with its own spec, else the owner's) or a
+TorchServe-style endpoint (``http://host:8080/predictions/<name>``, see
+:mod:`activeguard.audit.remote`). Exit codes, as
 the rest of the CLI: 0 the suspect is judged a copy of the owner's model (ownership verified),
 1 it is not, 2 a usage or input error (missing or empty file, unreachable or garbled endpoint,
 a suspect with another input shape or output size).
@@ -27,47 +30,33 @@ from activeguard.cli_support import (
     EXIT_OK,
     UsageError,
     add_common,
+    add_data_argument,
     add_evaluation_suite,
+    add_model_arguments,
     add_passphrase,
     emit,
+    load_model_argument,
+    model_data,
     progress_enabled,
     stage,
 )
 
-DATASETS = ["mnist", "fashion-mnist", "digits8x8"]
+DEFAULT_DATA = "mnist"
+MODEL_HELP_TAIL = "checkpoint, TorchScript, exported program .pt2, or a state dict with --model-file"
 
 
 # --- activeguard audit fingerprint METHOD --------------------------------------------------------
 
 
-def _owner(args: argparse.Namespace) -> base.Owner:
-    from activeguard.models import arch_name, input_shape, load_model
-
-    model = load_model(args.model)
-    num_classes = model.config.get("num_classes")
-    task = {"fc-generator": "generation", "mlp-regressor": "regression"}.get(arch_name(model), "classification")
-    if num_classes is None and task == "classification":
-        raise UsageError(f"{args.model}: cannot tell the number of classes of this model")
-    return base.Owner(model, tuple(input_shape(model)), num_classes, task)
-
-
-def _training_data(args: argparse.Namespace, owner: base.Owner):
-    from activeguard.data import load_dataset
-
-    shape, num_classes = owner.input_shape, owner.num_classes
-    if num_classes is None:
+def _training_data(args: argparse.Namespace, loaded: Any):
+    """``--data`` for the owner's model: rows of its shape, labels within its classes, values in its range."""
+    if loaded.num_classes is None:
         data_free = [name for name, m in base.methods().items() if not m.needs_data]
         raise UsageError(
-            f"{args.model} is not a classifier: {args.kind} fingerprints need one "
+            f"{args.model} is not a classifier ({loaded.task}): {args.kind} fingerprints need one "
             f"(use 'activeguard audit fingerprint {'|'.join(data_free)}' for regressors and generators)"
         )
-    split = load_dataset(args.dataset, seed=args.seed)
-    if tuple(split.input_shape) != shape or split.num_classes != num_classes:
-        raise UsageError(
-            f"--dataset {args.dataset} has inputs {tuple(split.input_shape)} and "
-            f"{split.num_classes} classes, but {args.model} takes {shape} and has {num_classes}"
-        )
-    return split
+    return model_data(args.data, loaded, args.seed)
 
 
 def _params(method: base.AuditMethod, args: argparse.Namespace) -> base.Params:
@@ -79,26 +68,29 @@ def _params(method: base.AuditMethod, args: argparse.Namespace) -> base.Params:
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     from activeguard.audit import files
-    from activeguard.models import model_id
 
     method = base.get(args.kind)
     params = _params(method, args)
-    owner = _owner(args)
+    loaded = load_model_argument(args)
+    owner = base.Owner.from_loaded(loaded)
     meta: dict[str, Any] = {
         "owner_model": str(args.model),
-        "owner_model_id": model_id(owner.model),
+        "owner_model_id": loaded.model_id,
+        "owner_source": loaded.record(),
+        "input_spec": loaded.spec.to_dict(),
         "input_shape": list(owner.input_shape),
         "num_classes": owner.num_classes,
         "task": owner.task,
         "seed": args.seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    data = _training_data(args, owner) if method.needs_data else None
+    needs_data = method.requires_data(params)
+    data = _training_data(args, loaded) if needs_data else None
     start = time.perf_counter()
     fp = method.generate(owner, params, data, seed=args.seed, stage=lambda msg: stage(args, msg))
     seconds = time.perf_counter() - start
-    if method.needs_data:
-        meta["dataset"] = args.dataset
+    if needs_data:
+        meta["data"] = args.data
     meta.update(method.describe(fp, params))
     try:
         files.save(fp, args.out, meta)
@@ -138,7 +130,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be at least 1 and --timeout positive")
     loaded = files.load(args.fingerprint, kind=method.name)
     start = time.perf_counter()
-    with open_suspect(args.suspect, timeout_s=args.timeout, batch_size=args.batch_size) as suspect:
+    with open_suspect(
+        args.suspect,
+        timeout_s=args.timeout,
+        batch_size=args.batch_size,
+        model_file=args.suspect_model_file,
+        model_class=args.suspect_model_class,
+        owner_spec=loaded.input_spec,
+    ) as suspect:
         score = method.score(
             loaded.fingerprint, suspect, num_classes=loaded.meta.get("num_classes"), **method.score_options(args)
         )
@@ -175,7 +174,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from activeguard.audit.evaluate import run_audit_evaluation
 
-    result = run_audit_evaluation(args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args))
+    result = run_audit_evaluation(
+        args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args), workload=args.workload
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     else:
@@ -223,16 +224,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     fp_sub = fp_parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     for name, method in methods.items():
-        p = fp_sub.add_parser(name, help=method.help, description=method.help + ".")
-        p.add_argument("--model", required=True, type=Path, help="the owner's checkpoint")
+        data_note = (
+            "Uses the owner's data (--data), checked against the model's input shape, classes and range."
+            if method.needs_data
+            else "No --data: points are searched from random inputs in the model's input range."
+        )
+        p = fp_sub.add_parser(name, help=method.help, description=f"{method.help}. {data_note}")
+        add_model_arguments(
+            p, help="the owner's model (" + MODEL_HELP_TAIL + "); its input spec is stored in the fingerprint"
+        )
         p.add_argument("--out", required=True, type=Path, help="fingerprint file to write (e.g. owner.agfp)")
         if method.needs_data:
-            p.add_argument(
-                "--dataset",
-                default=DATASETS[0],
-                choices=DATASETS,
-                help=f"the owner's training data (default {DATASETS[0]})",
-            )
+            add_data_argument(p, default=DEFAULT_DATA, note=method.data_note)
+            p.add_argument("--dataset", dest="data", help=argparse.SUPPRESS)  # the flag's old name
         _add_params(p, method.params_type)
         add_common(p)
         p.set_defaults(func=cmd_fingerprint)
@@ -253,7 +257,20 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--suspect",
             required=True,
             metavar="PATH_OR_URL",
-            help="a checkpoint, or an endpoint such as http://127.0.0.1:8080/predictions/mnist",
+            help="a model file (checkpoint, TorchScript, .pt2, or a state dict with --suspect-model-file), or an "
+            "endpoint such as http://127.0.0.1:8080/predictions/mnist; a file that does not carry its input "
+            "spec is fed as the fingerprint records the owner's",
+        )
+        p.add_argument(
+            "--suspect-model-file",
+            type=Path,
+            metavar="FILE.py",
+            help="Python file defining the suspect's network, for a state dict suspect",
+        )
+        p.add_argument(
+            "--suspect-model-class",
+            metavar="NAME",
+            help="the network class in --suspect-model-file (default: its only nn.Module class)",
         )
         p.add_argument(
             "--threshold",
@@ -275,7 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(the same check as 'activeguard watermark verify').",
         epilog="Exit codes: 0 ownership verified, 1 not verified, 2 usage or input error.",
     )
-    p.add_argument("--model", required=True, type=Path, help="the suspect's checkpoint")
+    add_model_arguments(p, help="the suspect's model (" + MODEL_HELP_TAIL + ")")
     p.add_argument("--key", required=True, type=Path, help="the encrypted watermark key (.agkey)")
     add_passphrase(p)
     add_common(p, seed=False)

@@ -15,14 +15,19 @@ the paper's three terms (weights α, β, γ):
 
 (maximize the ensemble's conferrability for a target class t ≠ the source's label of x0; move the
 source model's prediction away from its initial label; keep the source in agreement with its
-surrogates).  Adam, L∞ clipping around x0 and to the pixel box, as PGD.  Examples whose
+surrogates).  Adam, L∞ clipping around x0 and to the input range, as PGD.  Examples whose
 conferrability on the training ensemble at the source's label is ≥ ``threshold`` are kept.
 Verification: CAEAcc = fraction of fingerprints where the suspect predicts the source's label,
 compared with a decision threshold.
+
+The ensemble members are generic, so any owner model can be audited: a small CNN (adaptive
+pooling, any height and width) for image-like rows (C, H, W), alternating with an MLP, and MLPs
+for rows of any other shape.  Every member first maps the owner's input range to [0, 1].
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +58,59 @@ class CemFingerprint:
             raise ValueError("the fingerprint is empty: it holds no points")
 
 
+class _Rescale(nn.Module):
+    """Maps the owner's input range [low, high] to [0, 1], so members train alike on any encoding."""
+
+    def __init__(self, bounds: tuple[float, float]):
+        super().__init__()
+        self.low, self.width = float(bounds[0]), float(bounds[1] - bounds[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.low) / self.width
+
+
+def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Two 3x3 conv layers and adaptive pooling: takes (C, H, W) rows of any height and width."""
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d((max(1, h // 2), max(1, w // 2))),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A two-hidden-layer ReLU MLP on flattened rows of any shape."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 256),
+        nn.ReLU(),
+        nn.Linear(256, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def ensemble_member(
+    index: int, input_shape: tuple[int, ...], num_classes: int, bounds: tuple[float, float] = (0.0, 1.0)
+) -> nn.Module:
+    """Member ``index`` of the local ensemble: CNN and MLP alternate for image-like rows, MLPs otherwise.
+
+    Two architectures keep the ensemble's conferrability from being specific to one architecture,
+    as the paper's ensemble of several architectures does.
+    """
+    image_like = len(input_shape) == 3
+    body = small_cnn(input_shape, num_classes) if image_like and index % 2 == 0 else mlp(input_shape, num_classes)
+    return nn.Sequential(_Rescale(bounds), body)
+
+
 def train_ensemble(
     owner: nn.Module,
     x: torch.Tensor,
@@ -62,18 +120,21 @@ def train_ensemble(
     n_references: int = 3,
     epochs: int = 3,
     seed: int = 100,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[list[nn.Module], list[nn.Module]]:
-    """Surrogates on the owner's (soft) labels and references on the ground truth (LeNet-5 and MLP, alternating)."""
-    from activeguard.models import LeNet5, MLPClassifier, predict, train
+    """Surrogates on the owner's (soft) labels and references on the ground truth.
+
+    ``x`` holds rows as the owner takes them (values in ``bounds``); members: :func:`ensemble_member`.
+    """
+    from activeguard.models import predict, train
 
     owner_probs = F.softmax(predict(owner, x), 1)  # the source's labels, as soft labels (distillation)
     c = owner_probs.shape[1]
+    shape = tuple(x.shape[1:])
 
     def make(a: int) -> nn.Module:
         torch.manual_seed(seed + a)
-        if a % 2 == 0:
-            return LeNet5(c, x.shape[1], x.shape[-1])
-        return MLPClassifier(c, int(x[0].numel()))
+        return ensemble_member(a, shape, c, bounds)
 
     surrogates = [train(make(a), x, owner_probs, epochs=epochs, seed=seed + a) for a in range(n_surrogates)]
     references = [train(make(a), x, y, epochs=epochs, seed=seed + 50 + a) for a in range(n_references)]
@@ -116,15 +177,19 @@ def generate(
     dropout: float = 0.3,
     threshold: float = CONFERRABILITY_THRESHOLD,
     seed: int = 0,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> CemFingerprint:
     """Run CEM from the benign inputs x0 (one batch) and keep up to n examples with σ ≥ threshold.
 
-    If fewer than n pass the threshold the best-scoring remaining ones fill the fingerprint and
-    ``passed`` records how many truly passed.
+    ``bounds`` is the input range (the box every example is clipped to); ``eps`` (the L∞ radius)
+    and ``lr`` are fractions of its width. If fewer than n pass the threshold the best-scoring
+    remaining ones fill the fingerprint and ``passed`` records how many truly passed.
     """
     if not surrogates or not references:
         raise ValueError("CEM needs at least one surrogate and one reference model")
     gen = torch.Generator().manual_seed(seed)
+    low, high = bounds
+    eps, lr = eps * (high - low), lr * (high - low)
     models = [owner, *surrogates, *references]
     flags = [(p, p.requires_grad) for m in models for p in m.parameters()]
     for m in models:
@@ -138,7 +203,7 @@ def generate(
         delta = torch.zeros_like(x0, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=lr)
         for _ in range(steps):
-            x = (x0 + delta).clamp(0, 1)
+            x = (x0 + delta).clamp(low, high)
             s = _mean_softmax(surrogates, x, _keep_mask(len(surrogates), dropout, gen))
             r = _mean_softmax(references, x, _keep_mask(len(references), dropout, gen))
             sigma = s * (1 - r)
@@ -156,7 +221,7 @@ def generate(
             opt.step()
             with torch.no_grad():
                 delta.clamp_(-eps, eps)
-        x = (x0 + delta.detach()).clamp(0, 1)
+        x = (x0 + delta.detach()).clamp(low, high)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -193,11 +258,19 @@ class CemParams(Params):
         "images the examples start from: the owner's 'train' or held-out 'test' images (default {default})",
         choices=("train", "test"),
     )
+    eps: float = param(
+        0.25,
+        "L-infinity radius of the perturbation, as a fraction of the input range (default {default:g}, "
+        "measured on 28x28 MNIST; low-resolution inputs need less, e.g. 0.1 for 8x8 digits, or the "
+        "examples become other digits that every model reads alike)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.surrogates < 1 or self.references < 1:
             raise ValueError("CEM needs at least one surrogate and one reference model")
+        if not 0.0 < self.eps <= 1.0:
+            raise ValueError(f"--eps must be in (0, 1], a fraction of the input range, got {self.eps}")
 
 
 class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
@@ -209,6 +282,7 @@ class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
     score_name = "CAEAcc"
     help = "conferrable adversarial examples: trains a local surrogate/reference ensemble first"
     needs_data = True
+    data_note = "the ensemble trains on it and the examples start from it"
     params_type = CemParams
     fingerprint_type = CemFingerprint
 
@@ -235,16 +309,28 @@ class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
             n_references=params.references,
             epochs=params.epochs,
             seed=seed + 100,
+            bounds=owner.bounds,
         )
         stage(f"searching conferrable examples ({params.steps} steps)…")
         images = data.x_train if params.start == "train" else data.x_test
         x0 = images[: min(len(images), 4 * params.points)]
-        return generate(owner.model, surrogates, references, x0, n=params.points, steps=params.steps, seed=seed)
+        return generate(
+            owner.model,
+            surrogates,
+            references,
+            x0,
+            n=params.points,
+            eps=params.eps,
+            steps=params.steps,
+            seed=seed,
+            bounds=owner.bounds,
+        )
 
     def describe(self, fingerprint: CemFingerprint, params: CemParams) -> dict[str, Any]:
         return {
             "surrogates": params.surrogates,
             "references": params.references,
+            "eps": params.eps,
             "passed_threshold": fingerprint.passed,
         }
 

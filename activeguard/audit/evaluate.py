@@ -1,10 +1,12 @@
 """Paper-shaped evaluation of the black-box audits (IPGuard Tables 4, 5, 8; CEM ROC; TAFA ARUC per task).
 
-``run_audit_evaluation(out_dir, quick, seed)`` builds (or loads from the content-hash cache) the
-suspect zoos, runs IPGuard, CEM and the TAFA reconstruction, and writes ``audit.json`` and
-``audit.md`` into ``out_dir``.  ARUC is computed, as in IPGuard, over the post-processing positives
-(FTLL, FTAL, RTLL, RTAL, WP, FP) against all negatives; retrained surrogates are scored separately
-in the CEM comparison (surrogates vs independently trained references), as in the CEM paper.
+``run_audit_evaluation(out_dir, quick, seed, workload=...)`` builds (or loads from the content-hash
+cache) the workload's owner and suspect zoo (:mod:`activeguard.workloads`: MNIST LeNet-5 by default,
+or the Fashion-MNIST ResNet), runs IPGuard, CEM and the TAFA reconstruction, and writes
+``audit.json`` and ``audit.md`` into ``out_dir``.  ARUC is computed, as in IPGuard, over the
+post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) against all negatives; retrained
+surrogates are scored separately in the CEM comparison (surrogates vs independently trained
+references), as in the CEM paper.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from activeguard.audit.suspects import (
     generator_zoo,
     regressor_zoo,
 )
+from activeguard.models import accuracy
+from activeguard.workloads import DEFAULT_WORKLOAD, Workload
+from activeguard.workloads import get as get_workload
 
 POST_PROCESSING = {"FTLL", "FTAL", "RTLL", "RTAL", "WP", "FP", "noise"}
-LENET_EPOCHS = 15
 
 
 def _compose(outer, inner):
@@ -62,8 +66,9 @@ def _zoo_scores(method: str, fingerprint: Any, suspects: list[base.Suspect]) -> 
 
 @dataclass
 class _Classifiers:
-    """The MNIST LeNet-5 owner and its suspect zoo, shared by the IPGuard and CEM tables."""
+    """The workload's owner and its suspect zoo, shared by the IPGuard, CEM and TAFA tables."""
 
+    workload: Workload
     owner: torch.nn.Module
     data: Any
     zoo: list[ZooMember]
@@ -73,18 +78,12 @@ class _Classifiers:
         return [a for a, z in enumerate(self.zoo) if z.kind in kinds]
 
 
-def _classifiers(quick: bool, seed: int, cache_dir, progress: bool) -> _Classifiers:
-    from activeguard.data import load_mnist
-    from activeguard.models import train_lenet5
-
-    mnist = load_mnist(seed=seed)
-    owner = cached(
-        f"owner-lenet5-{seed}-{LENET_EPOCHS}",
-        lambda: train_lenet5(mnist, epochs=LENET_EPOCHS, seed=seed, progress=progress),
-        cache_dir,
-    )
-    zoo = classifier_zoo(owner, mnist, quick=quick, seed=seed, cache_dir=cache_dir, progress=progress)
-    return _Classifiers(owner, mnist, zoo, [as_callable(z.model) for z in zoo])
+def _classifiers(work: Workload, quick: bool, seed: int, cache_dir, progress: bool) -> _Classifiers:
+    size = work.size(quick)
+    data = work.data(seed, size)
+    owner = work.owner(seed, size, cache_dir=cache_dir, progress=progress, split=data).network
+    zoo = classifier_zoo(owner, data, quick=quick, seed=seed, cache_dir=cache_dir, progress=progress, workload=work)
+    return _Classifiers(work, owner, data, zoo, [as_callable(z.model) for z in zoo])
 
 
 def _zoo_table(c: _Classifiers) -> list[dict[str, Any]]:
@@ -214,7 +213,7 @@ def _tafa_table(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_di
     softmax = lambda z: torch.softmax(torch.as_tensor(z, dtype=torch.float32), 1)  # noqa: E731
     cls_zoo = [z for z in c.zoo if isinstance(z.model, torch.nn.Module)]  # forests have no scores to compare
     rows = {
-        "classification (MNIST LeNet-5)": _tafa_row(
+        f"classification ({c.workload.title})": _tafa_row(
             c.owner,
             cls_zoo,
             n_points,
@@ -222,7 +221,7 @@ def _tafa_table(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_di
             {
                 "input_shape": tuple(c.data.input_shape),
                 "solver": "gradient",
-                "bounds": (0.0, 1.0),
+                "bounds": c.workload.input_spec(c.data).bounds,
                 "init": "uniform",
                 "delta": 0.05,
             },
@@ -267,16 +266,30 @@ def run_audit_evaluation(
     *,
     cache_dir: str | Path | None = "default",
     progress: bool = False,
+    workload: str | Workload = DEFAULT_WORKLOAD,
 ) -> dict[str, Any]:
     """Build (or load) the zoos, run every table, write audit.json, audit.md and the plots."""
+    work = workload if isinstance(workload, Workload) else get_workload(workload)
+    work.check_available()  # before the report directory exists
     if cache_dir == "default":
         cache_dir = default_cache_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     n_points = 50 if quick else 100
-    c = _classifiers(quick, seed, cache_dir, progress)
-    result: dict[str, Any] = {"quick": quick, "seed": seed, "classifier_zoo": _zoo_table(c)}
+    c = _classifiers(work, quick, seed, cache_dir, progress)
+    result: dict[str, Any] = {
+        "quick": quick,
+        "seed": seed,
+        "workload": work.name,
+        "workload_title": work.title,
+        "data_title": work.data_title,
+        "architecture": work.owner_arch.title,
+        "dataset": work.dataset,
+        "data_rows": {"train": len(c.data.x_train), "test": len(c.data.x_test)},
+        "owner_accuracy": accuracy(c.owner, c.data.x_test, c.data.y_test),
+        "classifier_zoo": _zoo_table(c),
+    }
     result["ipguard"] = _ipguard_table(c, quick, seed, n_points)
     result["ipguard_benchmark"] = _ipguard_benchmark(c, result["ipguard"]["TL"]["best_k"], quick, seed)
     cem_fp = _cem_fingerprint(c, quick, seed, n_points, cache_dir)
@@ -292,15 +305,19 @@ def run_audit_evaluation(
 
 
 def _markdown(r: dict[str, Any]) -> str:
+    rows = r["data_rows"]
     lines = [
         "# Audit evaluation (IPGuard, CEM, TAFA reconstruction)",
+        "",
+        f"Workload: {r['workload']} ({r['workload_title']}, owner test accuracy {r['owner_accuracy']:.2%}). "
+        f"Data: {r['dataset']}; {rows['train']:,} training / {rows['test']:,} test rows.",
         "",
         f"quick = {r['quick']}, seed = {r['seed']}, total {r['seconds']:.0f} s.",
         "",
         "ARUC (IPGuard Eq. 7, r = 100) over the post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) "
         "against all negatives (other seeds, other architectures, random forests).",
         "",
-        "## Table 4 analog: best ARUC per method (MNIST, LeNet-5)",
+        f"## Table 4 analog: best ARUC per method ({r['data_title']}, {r['architecture']})",
         "",
         "| method | best k | ARUC | ARUC by k | generation time (s) |",
         "|---|---|---|---|---|",

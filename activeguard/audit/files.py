@@ -9,8 +9,9 @@ A fingerprint file is a ``torch.save`` of a plain dict, read back with
 The fields are taken from :func:`dataclasses.fields`, so a field added to or removed from a
 fingerprint class keeps working: unknown stored fields are ignored on load, and a field missing
 from an old file falls back to the class default (or the load fails with a message naming it).
-``meta`` holds what the audit needs besides the fingerprint: the owner's model id, the input
-shape, the number of classes, the task, how the fingerprint was made.
+``meta`` holds what the audit needs besides the fingerprint: the owner's model id and source
+(file, format), its input spec (shape, range, normalization, outputs: a suspect without its own
+spec is queried as the owner is), the number of classes, the task, how the fingerprint was made.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from activeguard.audit import base
+from activeguard.sources import InputSpec
 
 FORMAT = "activeguard-audit-fingerprint/1"
 _LEGACY_IPGUARD = "activeguard-ipguard/1"  # written by ipguard.Fingerprint.save
@@ -36,6 +38,15 @@ class FingerprintFile:
     kind: str
     fingerprint: Any
     meta: dict[str, Any]
+
+    @property
+    def input_spec(self) -> InputSpec | None:
+        """The owner's input spec as recorded (older files: the input shape alone; None if neither)."""
+        recorded = self.meta.get("input_spec")
+        if recorded:
+            return InputSpec.from_dict(recorded)
+        shape = self.meta.get("input_shape")
+        return InputSpec(tuple(int(d) for d in shape)) if shape else None
 
 
 def kinds() -> dict[str, type]:

@@ -6,9 +6,11 @@ Each fingerprinting point x is found by minimizing IPGuard's Eq. 5 on the logits
 
 with Adam for at most 1,000 iterations: x ends up labelled j with a margin of about k over the
 runner-up i.  ``init`` is "train" (start from training examples, suffix T) or "random" (uniform
-noise, suffix R); ``target`` is "random" (R) or "least-likely" (L) - IPGuard-TL, -TR, -RL, -RR.
-All n points are optimized in **one batch** with a per-sample Adam state and per-sample stopping:
-a point stops (and leaves the batch) as soon as its loss reaches 0.
+noise in the input range, suffix R); ``target`` is "random" (R) or "least-likely" (L) - IPGuard-TL,
+-TR, -RL, -RR.  All n points are optimized in **one batch** with a per-sample Adam state and
+per-sample stopping: a point stops (and leaves the batch) as soon as its loss reaches 0.  Every
+step is projected into the input range ``bounds`` (the values a client can send), so a point is a
+query any client, and any endpoint that validates its inputs, can take.
 
 The fingerprint is the points with the owner's labels; verification is the matching rate of a
 suspect's labels on the points.  A suspect is any callable mapping a float tensor (n, *shape) to
@@ -118,8 +120,13 @@ def generate(
     lr: float = 0.01,
     max_iter: int = 1000,
     seed: int = 0,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> Fingerprint:
-    """Find ``n`` fingerprinting points in one batched Adam optimization of Eq. 5."""
+    """Find ``n`` fingerprinting points in one batched Adam optimization of Eq. 5.
+
+    ``bounds`` is the input range: noise starts are drawn in it and every step is clipped to it;
+    ``lr`` is a fraction of its width (so a model fed 0..255 moves as far per step as one fed 0..1).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     init, target = METHODS[method]
@@ -134,24 +141,27 @@ def generate(
         shape = input_shape or (tuple(x_train.shape[1:]) if x_train is not None else None)
         if shape is None:
             raise ValueError("random initialization needs input_shape or x_train")
-        x0 = torch.rand((n, *shape), generator=gen)
+        low, high = bounds
+        x0 = low + (high - low) * torch.rand((n, *shape), generator=gen)
     model.eval()
-    for p in model.parameters():
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
         p.requires_grad_(False)
     start = time.perf_counter()
     try:
-        points, iters, _, _ = _optimize(model, x0, k, target, lr, max_iter, gen)
+        points, iters, _, _ = _optimize(model, x0, k, target, lr * (bounds[1] - bounds[0]), max_iter, gen, bounds)
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         labels = model(points).argmax(1)
     return Fingerprint(points, labels, float(k), method, iters, seconds)
 
 
-def _optimize(model, x0, k, target, lr, max_iter, gen, beta1=0.9, beta2=0.999, eps=1e-8):
-    x = x0.clone()
+def _optimize(model, x0, k, target, lr, max_iter, gen, bounds, beta1=0.9, beta2=0.999, eps=1e-8):
+    low, high = bounds
+    x = x0.clamp(low, high)
     with torch.no_grad():
         i, j = _choose_labels(model(x), target, gen)
     m = torch.zeros_like(x)
@@ -176,7 +186,7 @@ def _optimize(model, x0, k, target, lr, max_iter, gen, beta1=0.9, beta2=0.999, e
         # every active sample has taken the same number of steps, so one bias correction fits all
         mhat = m[idx] / (1 - beta1**step)
         vhat = v[idx] / (1 - beta2**step)
-        x[idx] = xa.detach()[keep] - lr * mhat / (vhat.sqrt() + eps)
+        x[idx] = (xa.detach()[keep] - lr * mhat / (vhat.sqrt() + eps)).clamp(low, high)
         active = idx
     return x.detach(), iters, i, j
 
@@ -242,8 +252,12 @@ class IPGuard(LabelMatching, AuditMethod[IPGuardParams, Fingerprint]):
     title = "IPGuard"
     label = "IPGuard"
     score_name = "matching rate"
-    help = "IPGuard: points near the classification boundary (needs training data)"
+    help = (
+        "IPGuard: points near the classification boundary (TL/TR start from the owner's data; "
+        "RL/RR start from noise and need no data)"
+    )
     needs_data = True
+    data_note = "only TL/TR use it: --method RL or RR starts from noise in the input range and needs no data"
     params_type = IPGuardParams
     fingerprint_type = Fingerprint
 
@@ -265,7 +279,11 @@ class IPGuard(LabelMatching, AuditMethod[IPGuardParams, Fingerprint]):
             x_train=None if data is None else data.x_train,
             input_shape=owner.input_shape,
             seed=seed,
+            bounds=owner.bounds,
         )
+
+    def requires_data(self, params: IPGuardParams) -> bool:
+        return METHODS[params.method][0] == "train"
 
     def describe(self, fingerprint: Fingerprint, params: IPGuardParams) -> dict[str, Any]:
         return {"method": fingerprint.method, "k": fingerprint.k}

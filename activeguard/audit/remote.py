@@ -1,10 +1,12 @@
-"""Suspects for the black-box audits: a local checkpoint or a model behind a TorchServe-style endpoint.
+"""Suspects for the black-box audits: a local model file or a model behind a TorchServe-style endpoint.
 
 :func:`open_suspect` turns either into one callable ``x (n, *shape) -> outputs`` that the audit
 methods (``ipguard.verify``, ``conferrable.caeacc``, ``tafa.verify``) accept:
 
-* a path: an ActiveGuard weights-only checkpoint, loaded with :func:`activeguard.models.load_model`
-  (no arbitrary unpickling); outputs are the model's raw outputs (logits for classifiers);
+* a path: any model source :func:`activeguard.sources.load` reads (ActiveGuard checkpoint,
+  TorchScript, exported program, state dict with ``model_file``/``model_class``; no arbitrary
+  unpickling), queried as a client queries it: its own input spec where the file carries one,
+  else the owner's (recorded in the fingerprint file). Outputs are logits for classifiers;
 * an ``http://`` or ``https://`` URL, e.g. ``http://host:8080/predictions/mnist``: every batch of
   at most ``batch_size`` rows is sent as ``POST {"inputs": [...]}`` (the body our handlers and the
   plain TorchServe handler accept) on one kept-alive connection; the answer is
@@ -29,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from activeguard import sources
+from activeguard.audit.base import MODEL_ERRORS, error_reason
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BATCH_SIZE = 64  # 64 MNIST rows are ~1 MB of JSON, far below TorchServe's 6.5 MB default request limit
@@ -63,6 +68,8 @@ class Suspect:
                 f"suspect {self.name} takes inputs of shape {self.input_shape}, "
                 f"but the queries have shape {tuple(x.shape[1:])}"
             )
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            x = x.reshape(len(x), *self.input_shape)  # a flat-input model takes the same values flattened
         parts = [self._query(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         if not parts:
             raise SuspectError("no queries to send: the fingerprint holds no points")
@@ -88,27 +95,44 @@ class Suspect:
 
 
 class LocalSuspect(Suspect):
-    """A weights-only checkpoint on disk."""
+    """A model file on disk, in any source :func:`activeguard.sources.load` reads.
 
-    def __init__(self, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE):
-        from activeguard.models import input_shape, load_model
+    Its input spec is the one its file carries (files ActiveGuard wrote), else ``owner_spec`` with
+    the file's own row shape where it has one (a bare state dict, TorchScript or .pt2 file is queried
+    as the owner is).
+    """
 
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        *,
+        model_file: str | Path | None = None,
+        model_class: str | None = None,
+        owner_spec: sources.InputSpec | None = None,
+    ):
         super().__init__(str(path), batch_size)
+        options = sources.SourceOptions(
+            Path(model_file) if model_file is not None else None, model_class, fallback=owner_spec
+        )
         try:
-            self.model = load_model(path)
+            self.loaded = sources.load(path, options)
         except FileNotFoundError as exc:
             raise SuspectError(f"suspect model file {path} does not exist") from exc
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise SuspectError(f"suspect {path} is not a loadable ActiveGuard checkpoint: {exc}") from exc
-        self.input_shape = input_shape(self.model)
-        self.output_size = self.model.config.get("num_classes")
+        except ValueError as exc:  # SourceError: one line that says why
+            raise SuspectError(f"suspect {path} is not a loadable model: {exc}") from exc
+        self.model = self.loaded.model
+        self.input_shape = tuple(self.loaded.spec.shape)
+        self.output_size = self.loaded.num_classes
 
     @torch.no_grad()
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         try:
             return self.model(x).float()
-        except RuntimeError as exc:  # shape mismatches inside the network
-            raise SuspectError(f"suspect {self.name} cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from exc
+        except MODEL_ERRORS as exc:  # shape mismatches inside the network
+            raise SuspectError(
+                f"suspect {self.name} cannot take inputs of shape {tuple(x.shape[1:])}: {error_reason(exc)}"
+            ) from exc
 
 
 class RemoteSuspect(Suspect):
@@ -239,17 +263,26 @@ def open_suspect(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     batch_size: int = DEFAULT_BATCH_SIZE,
     headers: dict[str, str] | None = None,
+    model_file: str | Path | None = None,
+    model_class: str | None = None,
+    owner_spec: sources.InputSpec | None = None,
 ) -> Suspect:
-    """A callable suspect from a checkpoint path or an ``http(s)://host:port/predictions/<name>`` URL.
+    """A callable suspect from a model file or an ``http(s)://host:port/predictions/<name>`` URL.
 
     ``timeout_s`` bounds each HTTP request (connect and answer); ``headers`` are sent with every
-    request (e.g. an ``Authorization`` header). Raises :class:`SuspectError` on bad input.
+    request (e.g. an ``Authorization`` header). A local file may be a state dict with its
+    ``model_file`` (and ``model_class``); ``owner_spec`` is how to feed a file that does not say
+    (the fingerprint's recorded spec). Raises :class:`SuspectError` on bad input.
     """
     if is_url(path_or_url):
+        if model_file is not None or model_class is not None:
+            raise SuspectError(f"{path_or_url}: a suspect model file or class applies to a local file, not an endpoint")
         return RemoteSuspect(str(path_or_url), timeout_s=timeout_s, batch_size=batch_size, headers=headers)
     if isinstance(path_or_url, str) and "://" in path_or_url:
         raise SuspectError(f"{path_or_url!r}: only http:// and https:// endpoints are supported")
-    return LocalSuspect(path_or_url, batch_size=batch_size)
+    return LocalSuspect(
+        path_or_url, batch_size=batch_size, model_file=model_file, model_class=model_class, owner_spec=owner_spec
+    )
 
 
 def probabilities(out: torch.Tensor, name: str = "suspect") -> torch.Tensor:

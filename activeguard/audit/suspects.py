@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +31,8 @@ from activeguard.audit.cache import (
     default_cache_dir,
 )
 from activeguard.models import predict, train
+from activeguard.workloads import DEFAULT_WORKLOAD, Workload
+from activeguard.workloads import get as get_workload
 
 
 @dataclass
@@ -53,23 +54,29 @@ def classifier_zoo(
     seed: int = 0,
     cache_dir: str | Path | None = "default",
     progress: bool = False,
+    workload: str | Workload = DEFAULT_WORKLOAD,
 ) -> list[ZooMember]:
-    """The classifier suspect zoo for ``owner`` (a LeNet-5 trained on ``split``).
+    """The classifier suspect zoo for ``owner`` (the ``workload``'s architecture, trained on ``split``).
 
     The attacker's data is the first half of the test set (IPGuard lets the attacker fine-tune on
     part of the test data); quality is accuracy on the second half.  Positives: FTLL, FTAL, RTLL,
     RTAL, weight pruning p = 0.1, 0.2, … and filter pruning c = 1/16, 2/16, … until accuracy drops
     by more than 3 points, and surrogates retrained on the owner's output labels (soft labels, as in a
-    distillation-style model extraction; LeNet-5 and MLP).
-    Negatives: LeNet-5 with ≥ 5 other seeds, two MLP architectures, two random forests.
+    distillation-style model extraction) with the owner's architecture and the workload's first other
+    architecture.  Negatives: the owner's architecture with other seeds, the workload's other
+    architectures and two random forests.  The workload's run size sets epochs, rows and seeds
+    (MNIST LeNet-5: 5 LeNet-5 seeds, two MLPs; quick: independent models see a quarter of the data).
     """
-    from activeguard.models import LeNet5, MLPClassifier, accuracy, model_id
+    from activeguard.models import accuracy, model_id
 
+    work = workload if isinstance(workload, Workload) else get_workload(workload)
     if cache_dir == "default":
         cache_dir = default_cache_dir()
-    epochs = 3 if quick else 8
-    n_train = 1000 if quick else len(split.x_train)  # quick: independent models see a quarter of the data
-    config = {"quick": quick, "seed": seed, "epochs": epochs, "n_train": n_train, "v": 2}
+    size = work.size(quick)
+    epochs = size.zoo_epochs
+    n_train = size.zoo_rows or len(split.x_train)
+    archs = {"owner": work.owner_arch.describe(), "others": [a.describe() for a in work.other_archs]}
+    config = {"quick": quick, "seed": seed, "size": asdict(size), "archs": archs, "n_train": n_train, "v": 3}
     key = "zoo-cls-" + _hash(config, model_id(owner), _tensor_digest(split.x_train, split.x_test))
 
     def build() -> list[ZooMember]:
@@ -83,10 +90,10 @@ def classifier_zoo(
         xt, yt = split.x_train[:n_train], split.y_train[:n_train]
         # the surrogate's training labels: the owner's output distribution (a distillation-style extraction)
         owner_labels = torch.softmax(predict(owner, xt), 1)
-        c, side = split.num_classes, split.input_shape[-1]
-        feats = int(np.prod(split.input_shape))
+        fit = dict(num_classes=split.num_classes)
+        same = [seed + 1 + i for i in range(size.same_arch_models)]
         members: list[ZooMember] = []
-        steps = ["ft", "prune", "surrogate"] + [f"lenet{s}" for s in range(5)] + ["mlp", "rf"]
+        steps = ["ft", "prune", "surrogate", *(f"same {s}" for s in same), "other", "rf"]
         bar = tqdm(steps, desc="suspect zoo", disable=not progress, leave=False)
         for step in bar:
             if step == "ft":
@@ -104,22 +111,18 @@ def classifier_zoo(
                 for rate, m, q in prune_sweep(owner, acc, filter_prune, [i / 16 for i in range(1, 16)]):
                     members.append(ZooMember(f"FP c={round(rate * 16)}/16", "FP", True, m, q))
             elif step == "surrogate":
-                torch.manual_seed(seed + 50)
-                m = train(LeNet5(c, split.input_shape[0], side), xt, owner_labels, epochs=epochs, seed=seed + 50)
-                members.append(ZooMember("surrogate LeNet-5", "surrogate", True, m, acc(m)))
-                torch.manual_seed(seed + 51)
-                m = train(MLPClassifier(c, feats), xt, owner_labels, epochs=2 * epochs, seed=seed + 51)
-                members.append(ZooMember("surrogate MLP", "surrogate", True, m, acc(m)))
-            elif step.startswith("lenet"):
-                s = seed + 1 + int(step[5:])
-                torch.manual_seed(s)
-                m = train(LeNet5(c, split.input_shape[0], side), xt, yt, epochs=epochs, seed=s)
-                members.append(ZooMember(f"LeNet-5 seed {s}", "same-arch", False, m, acc(m)))
-            elif step == "mlp":
-                for s, hidden in ((seed + 11, (256, 128)), (seed + 12, (512,))):
-                    torch.manual_seed(s)
-                    m = train(MLPClassifier(c, feats, hidden), xt, yt, epochs=2 * epochs, seed=s)
-                    members.append(ZooMember(f"MLP {hidden}", "other-arch", False, m, acc(m)))
+                for i, arch in enumerate((work.owner_arch, *work.other_archs[:1])):
+                    s = seed + 50 + i
+                    m = arch.fit(xt, owner_labels, epochs=arch.epochs_factor * epochs, seed=s, **fit)
+                    members.append(ZooMember(f"surrogate {arch.title}", "surrogate", True, m, acc(m)))
+            elif step.startswith("same "):
+                s = int(step.split()[1])
+                m = work.owner_arch.fit(xt, yt, epochs=work.owner_arch.epochs_factor * epochs, seed=s, **fit)
+                members.append(ZooMember(f"{work.owner_arch.name} seed {s}", "same-arch", False, m, acc(m)))
+            elif step == "other":
+                for i, arch in enumerate(work.other_archs):
+                    m = arch.fit(xt, yt, epochs=arch.epochs_factor * epochs, seed=seed + 11 + i, **fit)
+                    members.append(ZooMember(arch.name, "other-arch", False, m, acc(m)))
             elif step == "rf":
                 for s in (seed + 21, seed + 22):
                     rf = RandomForestClassifier(n_estimators=100, random_state=s, n_jobs=1)

@@ -5,12 +5,15 @@ appendix and references survive.  This module is a reconstruction from its state
 (``DESIGN.md`` §4.4), not the published algorithm:
 
 * ReLU networks are piecewise linear.  A fingerprint point is an input on the boundary of a linear
-  region: one chosen hidden neuron's pre-activation is 0 while the rest of the activation pattern
-  of the starting point is kept.  Points are found **without training data**, from random starts:
+  region.  Points are found **without training data**, from random starts in the input range:
   by linear programming over the region's constraints (SciPy HiGHS, ``scipy.optimize.linprog``)
-  for small fully-connected ReLU networks (:func:`lp_boundary_points`), or by projected Newton
-  steps on the neuron's pre-activation for larger ones or ones with other layers, e.g. LeNet-5's
-  max-pooling (:func:`gradient_boundary_points`).
+  where the owner's network is a small fully-connected ReLU stack that clients reach as is
+  (:func:`lp_boundary_points`: one chosen hidden neuron's pre-activation is 0 while the rest of the
+  activation pattern of the start is kept), and elsewhere - convolutions, BatchNorm, residual
+  blocks, max-pooling, TorchScript and exported programs, whose layers cannot be read - by
+  bisection on the input gradient along random segments of the input box
+  (:func:`gradient_boundary_points`: the gradient is constant inside a linear region and jumps
+  across its boundary, the line search of the reverse-engineering work TAFA cites).
 * Verification is black-box and task-agnostic (classifiers: softmax scores; regressors: the
   prediction; generators: the image): the suspect's outputs at the points and at ±δ along a probe
   direction across the boundary are compared with the owner's, by one of two statistics:
@@ -37,7 +40,8 @@ import torch
 from torch import nn
 
 from activeguard.audit import decisions
-from activeguard.audit.base import AuditMethod, Owner, Params, Score, Suspect, param
+from activeguard.audit.base import MODEL_ERRORS, AuditMethod, Owner, Params, Score, Suspect, error_reason, param
+from activeguard.sources import ClientView, network_of
 
 STATISTICS = ("distance", "bending")
 DEFAULT_STATISTIC = "distance"  # mean ARUC over the three tasks: distance 0.47 vs bending 0.40 (quick evaluation)
@@ -70,6 +74,8 @@ def _flat_out(out: Any) -> torch.Tensor:
 def relu_mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
     """The Linear layers of a Linear-ReLU-…-Linear stack (MLPClassifier/Regressor, FCGenerator), else None."""
     seq = getattr(model, "net", model)
+    if isinstance(seq, nn.Sequential) and seq and isinstance(seq[0], nn.Flatten):
+        seq = seq[1:]  # a flattening front is no layer: an MLP on (C, H, W) rows
     if not isinstance(seq, nn.Sequential):
         return None
     mods = list(seq)
@@ -152,7 +158,7 @@ def lp_boundary_points(
     max_tries: int | None = None,
 ):
     """n boundary points of a small ReLU MLP by LP from random starts (no training data)."""
-    layers = relu_mlp_layers(model)
+    layers = relu_mlp_layers(network_of(model))
     if layers is None:
         raise ValueError(f"{type(model).__name__} is not a fully-connected ReLU stack; use the gradient path")
     gen = torch.Generator().manual_seed(seed)
@@ -184,20 +190,17 @@ def _random_inputs(n, shape, init, bounds, gen):
     return torch.randn((n, *shape), generator=gen).clamp(*bounds)
 
 
-def _hidden_module(model: nn.Module) -> nn.Module:
-    """First hidden Linear layer followed by a ReLU (LeNet-5: fc1; MLPs: first Linear)."""
-    layers = relu_mlp_layers(model)
-    if layers is not None:
-        if len(layers) < 2:
-            raise ValueError(f"{type(model).__name__} has no hidden ReLU layer to fingerprint")
-        return layers[0]
-    for name in ("fc1",):
-        if hasattr(model, name):
-            return getattr(model, name)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if len(linears) < 2:
-        raise ValueError(f"{type(model).__name__} has no hidden ReLU layer to fingerprint")
-    return linears[0]
+def _input_gradients(model: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Gradient of a fixed random projection of the outputs, w·f(x), per row (constant in a linear region)."""
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((model(xg).reshape(len(x), -1) * weights).sum(), xg)
+    return g.flatten(1)
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor, tol: float) -> torch.Tensor:
+    """Rows whose gradients differ by more than float noise: the two inputs lie in different regions."""
+    scale = torch.maximum(a.norm(dim=1), b.norm(dim=1)).clamp_min(1e-12)
+    return (a - b).norm(dim=1) > tol * scale
 
 
 def gradient_boundary_points(
@@ -208,49 +211,72 @@ def gradient_boundary_points(
     bounds=(0.0, 1.0),
     init: str = "uniform",
     seed: int = 0,
-    steps: int = 30,
+    steps: int = 24,
     tol: float = 1e-4,
+    redraws: int = 3,
 ):
-    """Projected Newton path (batched): drive one hidden pre-activation per point to 0 within the box.
+    """Region-boundary points of any piecewise-linear model by bisection on its input gradient (batched).
 
-    For each random start, the neuron with the smallest |pre-activation| / ‖gradient‖ (the closest
-    region boundary) of the first hidden layer is chosen; then x ← Π_box(x − h(x) ∇h / ‖∇h‖²),
-    which is exact in one step when the step stays inside the linear region.
+    Each point starts from a segment a → b between two random inputs in the box (so it stays in the
+    box).  Along it the model is piecewise linear, so the gradient g of a random projection of its
+    outputs is constant inside a linear region and jumps across a region boundary.  Bisection keeps
+    the ends of [lo, hi] in different regions; after ``steps`` halvings the point lies within
+    |b − a|·2^−steps of a boundary.  Its probe direction is the jump g(hi) − g(lo), the boundary's
+    normal when one neuron flips there (the LP path's neuron gradient).  Only forward passes and
+    input gradients are used, so it works on TorchScript and exported programs as on eager modules.
+    Segments along which the gradient never changes are redrawn ``redraws`` times, then dropped.
     """
     gen = torch.Generator().manual_seed(seed)
-    x = _random_inputs(n, input_shape, init, bounds, gen)
-    module = _hidden_module(model)
-    store: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("pre", o))
     model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
     try:
-        xg = x.clone().requires_grad_(True)
-        model(xg)
-        pre = store["pre"]
-        jac = []
-        for q in range(pre.shape[1]):  # |h| / ‖∇h‖ for every neuron, to pick the closest boundary
-            (g,) = torch.autograd.grad(pre[:, q].sum(), xg, retain_graph=q < pre.shape[1] - 1)
-            jac.append(g.flatten(1).norm(dim=1))
-        dist = pre.detach().abs() / torch.stack(jac, 1).clamp_min(1e-12)
-        neuron = dist.argmin(1)
-        rows = torch.arange(n)
-        for _ in range(steps):
-            xg = x.clone().requires_grad_(True)
-            model(xg)
-            h = store["pre"][rows, neuron]
-            (g,) = torch.autograd.grad(h.sum(), xg)
-            gn = g.flatten(1).pow(2).sum(1).clamp_min(1e-12)
-            step = (h.detach() / gn).reshape(n, *([1] * len(input_shape))) * g
-            x = (x - step).clamp(*bounds)
-            if h.detach().abs().max() < tol:
+        a = _random_inputs(n, input_shape, init, bounds, gen)
+        b = _random_inputs(n, input_shape, init, bounds, gen)
+        with torch.no_grad():
+            width = int(model(a[:1]).reshape(1, -1).shape[1])
+        weights = torch.randn(width, generator=gen)
+        g_lo = _input_gradients(model, a, weights)
+        g_hi = _input_gradients(model, b, weights)
+        for _ in range(redraws):
+            flat = ~_differ(g_lo, g_hi, tol)
+            if not flat.any():
                 break
-        xg = x.clone().requires_grad_(True)
-        model(xg)
-        (g,) = torch.autograd.grad(store["pre"][rows, neuron].sum(), xg)
+            b[flat] = _random_inputs(int(flat.sum()), input_shape, init, bounds, gen)
+            g_hi[flat] = _input_gradients(model, b[flat], weights)
+        bends = _differ(g_lo, g_hi, tol)
+        if not bends.any():
+            raise ValueError(
+                "the model's output does not bend anywhere along random segments of its input range: "
+                "TAFA fingerprints piecewise-linear (ReLU) networks"
+            )
+        a, b, g_lo, g_hi = a[bends], b[bends], g_lo[bends], g_hi[bends]
+        m = len(a)
+        lo, hi = torch.zeros(m), torch.ones(m)
+        expand = (m, *([1] * len(input_shape)))
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            g_mid = _input_gradients(model, a + mid.reshape(expand) * (b - a), weights)
+            left = ~_differ(g_mid, g_lo, tol)  # mid is still in lo's region: the boundary lies right of it
+            lo, hi = torch.where(left, mid, lo), torch.where(left, hi, mid)
+            g_lo = torch.where(left[:, None], g_mid, g_lo)
+            g_hi = torch.where(left[:, None], g_hi, g_mid)
     finally:
-        handle.remove()
-    dirs = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(n, *([1] * len(input_shape)))
-    return x.detach(), dirs.detach()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    points = a + ((lo + hi) / 2).reshape(expand) * (b - a)
+    jump = g_hi - g_lo
+    lost = jump.norm(dim=1, keepdim=True) == 0  # a jump lost to rounding: cross along the segment instead
+    jump = torch.where(lost, (b - a).flatten(1), jump)
+    dirs = jump / jump.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return points.detach(), dirs.reshape(m, *input_shape).detach()
+
+
+def lp_applies(model: nn.Module) -> bool:
+    """Whether the LP path can read the model: a Linear-ReLU stack that clients reach unchanged."""
+    plain = not isinstance(model, ClientView) or model.is_plain
+    return plain and relu_mlp_layers(network_of(model)) is not None
 
 
 def _second_difference(f: Callable, x: torch.Tensor, d: torch.Tensor, delta: float):
@@ -276,14 +302,19 @@ def generate(
     """Fingerprint ``model`` at ``n`` region-boundary points (no training data used).
 
     ``output`` maps the model to the black-box output compared at verification (default: the
-    model itself; classifiers use softmax scores).  ``solver``: "lp", "gradient" or "auto" (LP for
-    fully-connected ReLU stacks with input dimension ≤ 64, else gradient).
+    model itself; classifiers use softmax scores).  ``solver``: "lp", "gradient" or "auto" (LP where
+    :func:`lp_applies` and the input dimension is ≤ 64, else gradient).
     """
     start = time.perf_counter()
     d = int(np.prod(input_shape))
     if solver == "auto":
-        solver = "lp" if relu_mlp_layers(model) is not None and d <= 64 else "gradient"
+        solver = "lp" if lp_applies(model) and d <= 64 else "gradient"
     if solver == "lp":
+        if not lp_applies(model):
+            raise ValueError(
+                "the LP solver reads the network's layers: it needs a Linear/ReLU stack that clients reach "
+                "without normalization or a probabilities output; use --solver gradient"
+            )
         points, dirs = lp_boundary_points(model, n, input_shape, bounds=bounds, init=init, seed=seed)
     elif solver == "gradient":
         points, dirs = gradient_boundary_points(model, n, input_shape, bounds=bounds, init=init, seed=seed)
@@ -301,8 +332,10 @@ def verify(fp: TafaFingerprint, suspect: Callable[[torch.Tensor], Any], statisti
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     try:
         mid, bend = _second_difference(suspect, fp.points, fp.directions, fp.delta)
-    except RuntimeError as exc:
-        raise ValueError(f"suspect cannot take inputs of shape {tuple(fp.points.shape[1:])}: {exc}") from exc
+    except MODEL_ERRORS as exc:
+        raise ValueError(
+            f"suspect cannot take inputs of shape {tuple(fp.points.shape[1:])}: {error_reason(exc)}"
+        ) from exc
     if mid.shape != fp.outputs.shape:
         raise ValueError(
             f"suspect outputs have shape {tuple(mid.shape[1:])}, the owner's {tuple(fp.outputs.shape[1:])}"
@@ -322,7 +355,8 @@ def verify(fp: TafaFingerprint, suspect: Callable[[torch.Tensor], Any], statisti
 class TafaParams(Params):
     solver: str = param(
         "auto",
-        "linear programming (small MLPs) or projected gradient (default {default})",
+        "linear programming (plain ReLU MLPs with at most 64 inputs) or gradient bisection "
+        "(any model) (default {default})",
         choices=["auto", "lp", "gradient"],
     )
 
@@ -334,7 +368,7 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
     title = "TAFA (reconstruction)"
     label = "TAFA"
     score_name = "TAFA score"
-    help = "TAFA reconstruction: ReLU region-boundary points, no training data, any task"
+    help = "TAFA reconstruction: ReLU region-boundary points, needs no training data, any task"
     needs_data = False
     params_type = TafaParams
     fingerprint_type = TafaFingerprint
@@ -350,7 +384,6 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
     ) -> TafaFingerprint:
         model = owner.model
         softmax = owner.task == "classification"  # compare score vectors, the scale every classifier answers in
-        image = len(owner.input_shape) == 3
         stage(f"searching {params.points} region-boundary points (no training data)…")
         fp = generate(
             model,
@@ -359,7 +392,8 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
             solver=params.solver,
             seed=seed,
             output=(lambda x: torch.softmax(model(x), 1)) if softmax else None,
-            **({"bounds": (0.0, 1.0), "init": "uniform"} if image else {}),
+            bounds=owner.bounds,
+            init="uniform",
         )
         fp.output = "softmax" if softmax else "raw"
         return fp

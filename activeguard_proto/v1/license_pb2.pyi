@@ -21,7 +21,7 @@ LICENSE_STATE_REVOKED: LicenseState
 LICENSE_STATE_EXPIRED: LicenseState
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("name", "model_path", "checkpoint", "expected_model_id", "num_classes", "confidences", "epsilon", "encoding", "pregenerate")
+    __slots__ = ("name", "model_path", "checkpoint", "expected_model_id", "num_classes", "confidences", "epsilon", "encoding", "pregenerate", "model_file_text", "model_class", "input_spec")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,9 @@ class RegisterModelRequest(_message.Message):
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     PREGENERATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SPEC_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_path: str
     checkpoint: bytes
@@ -40,21 +43,28 @@ class RegisterModelRequest(_message.Message):
     epsilon: float
     encoding: str
     pregenerate: bool
-    def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., checkpoint: _Optional[bytes] = ..., expected_model_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., encoding: _Optional[str] = ..., pregenerate: _Optional[bool] = ...) -> None: ...
+    model_file_text: str
+    model_class: str
+    input_spec: str
+    def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., checkpoint: _Optional[bytes] = ..., expected_model_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., encoding: _Optional[str] = ..., pregenerate: _Optional[bool] = ..., model_file_text: _Optional[str] = ..., model_class: _Optional[str] = ..., input_spec: _Optional[str] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
-    __slots__ = ("profile", "created", "capacity", "issued", "pregenerated")
+    __slots__ = ("profile", "created", "capacity", "issued", "pregenerated", "source", "input_spec")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     ISSUED_FIELD_NUMBER: _ClassVar[int]
     PREGENERATED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SPEC_FIELD_NUMBER: _ClassVar[int]
     profile: _common_pb2.ModelProfile
     created: bool
     capacity: int
     issued: int
     pregenerated: int
-    def __init__(self, profile: _Optional[_Union[_common_pb2.ModelProfile, _Mapping]] = ..., created: _Optional[bool] = ..., capacity: _Optional[int] = ..., issued: _Optional[int] = ..., pregenerated: _Optional[int] = ...) -> None: ...
+    source: str
+    input_spec: str
+    def __init__(self, profile: _Optional[_Union[_common_pb2.ModelProfile, _Mapping]] = ..., created: _Optional[bool] = ..., capacity: _Optional[int] = ..., issued: _Optional[int] = ..., pregenerated: _Optional[int] = ..., source: _Optional[str] = ..., input_spec: _Optional[str] = ...) -> None: ...
 
 class IssueLicenseRequest(_message.Message):
     __slots__ = ("model_id", "user", "validity_seconds")

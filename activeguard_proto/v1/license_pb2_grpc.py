@@ -76,7 +76,9 @@ class LicenseServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RegisterModel(self, request, context):
-        """Admin. Register a model (from a checkpoint path on the server or uploaded bytes).
+        """Admin. Register a classifier (from a model path on the server or uploaded bytes) of any source:
+        an ActiveGuard checkpoint, TorchScript, an exported program (.pt2), or a state dict with its
+        network's code (model_file_text, which the server imports: only admins can send it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
