@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from activeguard import licenses
 from activeguard.control import ControlConfig
@@ -17,6 +18,7 @@ from activeguard.evaluation import seed_images
 from activeguard.fingerprints import generate_fingerprints
 from activeguard.models import save_model
 from activeguard.protection import Profile, encode_license_header
+from handlers.activeguard_handler import MODEL_FILE
 
 CONFIG = ControlConfig()
 
@@ -103,3 +105,20 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: 
 
 def json_body(x: torch.Tensor) -> bytes:
     return json.dumps({"inputs": x.tolist()}).encode()
+
+
+class BatchContext(MockContext):
+    """MockContext plus what ``handle`` uses: per-request headers and response statuses."""
+
+    def __init__(self, model_dir, headers: list[dict[str, str]] | None = None, gpu_id: str | None = None):
+        super().__init__(model_pt_file=MODEL_FILE, model_dir=str(model_dir), model_file=None, gpu_id=gpu_id)
+        if gpu_id is not None:
+            self.system_properties["gpu_id"] = gpu_id  # MockContext drops it without CUDA; TorchServe does not
+        self.headers = headers or []
+        self.statuses: dict[int, tuple[int, str]] = {}
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.headers[idx] if idx < len(self.headers) else {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)

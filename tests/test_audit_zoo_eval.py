@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from activeguard.audit import conferrable, ipguard, metrics
-from activeguard.audit.cache import cached
 from activeguard.audit.evaluate import POST_PROCESSING, run_audit_evaluation
 from activeguard.audit.suspects import as_callable, classifier_zoo
 from activeguard.models import accuracy
@@ -16,10 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, lenet):
-    path = tmp_path_factory.mktemp("audit-cache")
-    cached("owner-lenet5-0-15", lambda: lenet, path)  # the evaluation reuses the session's LeNet-5
-    return path
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("audit-cache")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from license_server.config import ServerConfig
 from license_server.process import in_process
 from license_server.store import SCHEMA_VERSION, Store
 from tests.processes import TOKEN
-from tests.serving_fixtures import header_value, json_body, post
+from tests.serving_fixtures import BatchContext, header_value, json_body, post
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -185,7 +185,6 @@ def test_a_model_that_does_not_match_the_profile_is_refused(byom, licensed, tmp_
     profile = Profile(model_id=mid, input_shape=SPEC.shape)
     with pytest.raises(ValueError, match="profile is for model"):
         package(byom["twin"], profile, "twin", tmp_path / "store")
-    from tests.test_handler_unit import BatchContext
 
     model_dir = tmp_path / "archive"
     model_dir.mkdir()

@@ -147,7 +147,7 @@ def test_core_evaluation_runs_end_to_end_and_reports(tmp_path):
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, **PASS_ENV},
+        env={**os.environ, **PASS_ENV, "ACTIVEGUARD_CACHE": str(tmp_path / "cache")},  # not the repo's cache
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

@@ -6,29 +6,11 @@ import json
 
 import pytest
 import torch
-from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
 from activeguard.models import save_model
 from activeguard.protection import PROFILE_FILE
 from handlers.activeguard_handler import LICENSE_HEADER, MODEL_FILE, ActiveGuardHandler, serving_device
-from tests.serving_fixtures import header_value, json_body
-
-
-class BatchContext(MockContext):
-    """MockContext plus what ``handle`` uses: per-request headers and response statuses."""
-
-    def __init__(self, model_dir, headers: list[dict[str, str]] | None = None, gpu_id: str | None = None):
-        super().__init__(model_pt_file=MODEL_FILE, model_dir=str(model_dir), model_file=None, gpu_id=gpu_id)
-        if gpu_id is not None:
-            self.system_properties["gpu_id"] = gpu_id  # MockContext drops it without CUDA; TorchServe does not
-        self.headers = headers or []
-        self.statuses: dict[int, tuple[int, str]] = {}
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return self.headers[idx] if idx < len(self.headers) else {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
+from tests.serving_fixtures import BatchContext, header_value, json_body
 
 
 @pytest.fixture()
