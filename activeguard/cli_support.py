@@ -145,9 +145,9 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help:
 
 def load_model_argument(args: argparse.Namespace, attr: str = "model"):
     """The :class:`activeguard.sources.LoadedModel` the model flags name (errors are one line, exit 2)."""
-    from activeguard import sources
+    from activeguard import inputs, sources
 
-    overrides = sources.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
+    overrides = inputs.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
     options = sources.SourceOptions(args.model_file, args.model_class, overrides)
     return sources.load(getattr(args, attr), options)
 

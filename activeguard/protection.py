@@ -34,7 +34,8 @@ from torch import nn
 
 from activeguard import licenses, sessions
 from activeguard.control import ControlConfig, decide, random_outputs
-from activeguard.sources import SOURCES, InputSpec, SourceOptions, SpecOverrides
+from activeguard.inputs import InputSpec, SpecOverrides
+from activeguard.sources import SOURCES, SourceOptions
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ pruning threshold (the paper's wm2 vs. wm1 observation).
 
 Any 4-D conv weight can carry the mark; the default is the one with the most parameters
 (:func:`activeguard.sources.default_watermark_layer`, ``conv2.weight`` for LeNet-5). Every function
-here takes either a plain network or a :class:`activeguard.sources.ClientView` (what
+here takes either a plain network or a :class:`activeguard.inputs.ClientView` (what
 ``sources.load`` returns as ``.model``): weights are looked up on the owner's own network
 (``network_of``), so layer names are the owner's (``layer1.0.conv1.weight``) whatever the source,
 while training runs through the view (the client's inputs, normalization included).
@@ -46,8 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from activeguard.inputs import network_of
 from activeguard.models import train
-from activeguard.sources import default_watermark_layer, network_of
+from activeguard.sources import default_watermark_layer
 
 WM1: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 1, 0)
 WM2: tuple[int, ...] = (3, 8, 7, 6, 8, 7, 6, 9, 9, 4, 8, 6, 5)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard.data import FASHION_MNIST_DIR, Split, fashion_mnist_available, load_fashion_mnist, load_mnist
 from activeguard.models import ARCHITECTURES, accuracy, build_model, model_id, train
 
@@ -192,9 +192,9 @@ class Workload:
             split.y_test[:test_rows],
         )
 
-    def input_spec(self, split: Split) -> sources.InputSpec:
+    def input_spec(self, split: Split) -> inputs.InputSpec:
         """Rows as clients send them: images in [0, 1], logits out."""
-        return sources.InputSpec(tuple(split.input_shape))
+        return inputs.InputSpec(tuple(split.input_shape))
 
     def watermark_layer(self, network: nn.Module) -> str:
         """The conv weight with the most parameters (LeNet-5: conv2, as in the paper)."""

@@ -17,7 +17,7 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard.protection import INTERNAL_ERROR, PROFILE_FILE, Guard, Outcome, Profile, Request
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def serving_device(gpu_id: object) -> torch.device:
     return torch.device("cpu")
 
 
-def place(model: sources.ClientView, device: torch.device) -> torch.device:
+def place(model: inputs.ClientView, device: torch.device) -> torch.device:
     """Move ``model`` to ``device`` and run a probe there; where it cannot run there (an exported
     program may hold CPU-only constants), keep it on the CPU and log why: slower, but serving."""
     if device.type == "cpu":

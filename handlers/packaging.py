@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard.protection import MODEL_CODE_FILE, PROFILE_FILE, Profile
 
 HANDLER_FILE = Path(__file__).with_name("activeguard_handler.py")
@@ -69,8 +69,8 @@ def package(
     write ``store/name.mar``; see :func:`package_model`. A profile that states its input spec settles
     what the file does not say, unless ``options`` has spec overrides of its own."""
     options = options or sources.SourceOptions()
-    if profile.input_spec is not None and options.overrides == sources.SpecOverrides():
-        options = replace(options, overrides=sources.SpecOverrides.pinned(profile.spec))
+    if profile.input_spec is not None and options.overrides == inputs.SpecOverrides():
+        options = replace(options, overrides=inputs.SpecOverrides.pinned(profile.spec))
     loaded = sources.load(model_path, options)
     return package_model(loaded, profile, name, store, version, handler)
 

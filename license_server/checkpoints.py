@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard.models import CHECKPOINT_FORMAT, build_model, load_checkpoint
 from license_server.errors import InvalidRequest, NotFound, PreconditionFailed
 from license_server.validation import shown
@@ -112,7 +112,7 @@ def registered_classifier(path: Path, what: str, options: sources.SourceOptions)
         _check_file(path, what)
         try:
             source = sources.detect(path, options)
-        except sources.SourceError:
+        except inputs.SourceError:
             raise InvalidRequest(
                 f"{what} is not a model file: neither torch.load(weights_only=True) nor torch.jit.load nor "
                 "torch.export.load can read it (a text file or a truncated copy?)"
@@ -125,7 +125,7 @@ def registered_classifier(path: Path, what: str, options: sources.SourceOptions)
     except OSError as exc:  # a name too long is the caller's; anything else is the server's file system
         error = InvalidRequest if exc.errno == errno.ENAMETOOLONG else PreconditionFailed
         raise error(f"{what} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    except sources.SourceError as exc:  # the loader's one-line reason, naming the file as the client knows it
+    except inputs.SourceError as exc:  # the loader's one-line reason, naming the file as the client knows it
         raise InvalidRequest(str(exc).replace(str(path), what)) from None
     if loaded.num_classes is None:
         raise InvalidRequest(f"{what} holds a {loaded.task} model; licenses need a classifier")
@@ -136,7 +136,7 @@ def stored_suffix(path: Path, options: sources.SourceOptions) -> str:
     """The file suffix of the model's format ('' when it is none): torch.export.load wants '.pt2'."""
     try:
         return STORED_SUFFIXES[sources.detect(path, options).name]
-    except (sources.SourceError, OSError):
+    except (inputs.SourceError, OSError):
         return ""
 
 

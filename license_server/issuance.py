@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from activeguard import inputs, sources
 from activeguard import licenses as lic
-from activeguard import sources
 from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, ControlConfig
 from activeguard.fingerprints import authenticate, encode, generate_fingerprints
 from license_server.checkpoints import (
@@ -83,11 +83,11 @@ MAX_REVOCATION_PAGE = 10000
 
 @dataclass
 class LoadedModel:
-    """A registered model in memory: ``module`` is the model as a client reaches it (``sources.ClientView``)."""
+    """A registered model in memory: ``module`` is the model as a client reaches it (``inputs.ClientView``)."""
 
     row: ModelRecord
     module: torch.nn.Module
-    spec: sources.InputSpec
+    spec: inputs.InputSpec
     config: ControlConfig
     all_slots: list[Slot] = field(default_factory=list)
 
@@ -207,9 +207,9 @@ class Issuer:
     def _options(self, row: ModelRecord) -> sources.SourceOptions:
         """How to load a registered model again: its recorded code (eager convention) and input spec."""
         code = model_code_file(self._models_dir, row.model_file_text) if row.model_file_text else None
-        spec = sources.InputSpec.from_dict(json.loads(row.input_spec)) if row.input_spec else None
+        spec = inputs.InputSpec.from_dict(json.loads(row.input_spec)) if row.input_spec else None
         return sources.SourceOptions(
-            code, row.model_class, sources.SpecOverrides.pinned(spec) if spec else sources.SpecOverrides()
+            code, row.model_class, inputs.SpecOverrides.pinned(spec) if spec else inputs.SpecOverrides()
         )
 
     @staticmethod
@@ -245,7 +245,7 @@ class Issuer:
         encoding = check_register(req.model_path, req.checkpoint, req.name, req.expected_model_id, req.encoding)
         check_model_code(req.model_file_text, req.model_class)
         spec = parse_input_spec(req.input_spec)
-        overrides = sources.SpecOverrides.pinned(spec) if spec else sources.SpecOverrides()
+        overrides = inputs.SpecOverrides.pinned(spec) if spec else inputs.SpecOverrides()
         with staged_model_code(self._models_dir, req.model_file_text) as code:
             options = sources.SourceOptions(code, req.model_class or None, overrides)
             path, model = (

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from activeguard.fingerprints import ENCODINGS
-from activeguard.sources import InputSpec, SourceError
+from activeguard.inputs import InputSpec, SourceError
 from license_server.errors import InvalidRequest
 
 MAX_VALIDITY = 20 * 365 * 24 * 3600

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard.audit import base, files
 from activeguard.audit.remote import SuspectError, open_suspect
 from activeguard.data import Split, load_data
@@ -45,7 +45,7 @@ class TinyBNNet(nn.Module):
         x = torch.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
         return self.fc(x.flatten(1))
 '''
-SPEC = sources.InputSpec((1, 8, 8))
+SPEC = inputs.InputSpec((1, 8, 8))
 FORMATS = ("torchscript", "export", "state_dict")
 EPOCHS = 8
 
@@ -55,7 +55,7 @@ class Models:
     data: Split
     files: dict[str, dict[str, Path]]  # "owner"/"twin" -> save_all_formats paths
 
-    def suspect(self, who: str, fmt: str, owner_spec: sources.InputSpec | None = None):
+    def suspect(self, who: str, fmt: str, owner_spec: inputs.InputSpec | None = None):
         """``who`` in format ``fmt`` as the audit CLI opens a suspect (a state dict gets its model file)."""
         paths = self.files[who]
         model_file = paths["model_file"] if fmt == "state_dict" else None
@@ -66,7 +66,7 @@ class Models:
         eager = fmt == "state_dict"
         options = sources.SourceOptions(
             paths["model_file"] if eager else None,
-            overrides=sources.SpecOverrides(shape=SPEC.shape) if eager else sources.SpecOverrides(),
+            overrides=inputs.SpecOverrides(shape=SPEC.shape) if eager else inputs.SpecOverrides(),
         )
         return sources.load(paths[fmt], options)
 
@@ -131,11 +131,11 @@ def test_copy_in_every_format_verified_twin_not(models, name):
 def test_methods_work_in_the_clients_range_and_normalization(models, name):
     """Clients send raw 0..16 digit values and the network expects them divided by 16: every point stays
     in [0, 16], uses that range, and a bare state dict suspect is fed through the owner's recorded spec."""
-    spec = sources.InputSpec((1, 8, 8), 0.0, 16.0, mean=(0.0,), std=(16.0,))
+    spec = inputs.InputSpec((1, 8, 8), 0.0, 16.0, mean=(0.0,), std=(16.0,))
     paths = models.files["owner"]
     loaded = sources.load(
         paths["torchscript"],
-        sources.SourceOptions(overrides=sources.SpecOverrides(bounds=spec.bounds, mean=spec.mean, std=spec.std)),
+        sources.SourceOptions(overrides=inputs.SpecOverrides(bounds=spec.bounds, mean=spec.mean, std=spec.std)),
     )
     assert loaded.spec == spec and not loaded.model.is_plain
     owner = base.Owner.from_loaded(loaded)
@@ -156,10 +156,10 @@ def test_tafa_reads_no_layers_but_lp_stays_for_plain_relu_mlps(models):
     from activeguard.audit import tafa
 
     ts = models.owner("torchscript").model
-    assert not tafa.lp_applies(ts) and tafa.relu_mlp_layers(sources.network_of(ts)) is None
+    assert not tafa.lp_applies(ts) and tafa.relu_mlp_layers(inputs.network_of(ts)) is None
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    assert tafa.lp_applies(sources.ClientView(mlp, sources.InputSpec((4,))))
-    normalized = sources.ClientView(mlp, sources.InputSpec((4,), mean=(0.5,), std=(0.2,)))
+    assert tafa.lp_applies(inputs.ClientView(mlp, inputs.InputSpec((4,))))
+    normalized = inputs.ClientView(mlp, inputs.InputSpec((4,), mean=(0.5,), std=(0.2,)))
     assert not tafa.lp_applies(normalized)  # the LP reads the network, but clients reach it through the view
     with pytest.raises(ValueError, match="LP solver reads"):
         tafa.generate(normalized, 3, (4,), solver="lp")

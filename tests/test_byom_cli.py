@@ -17,6 +17,7 @@ import torch
 from activeguard import sources
 from activeguard.control import ControlConfig, decide
 from activeguard.fingerprints import authenticate
+from activeguard.inputs import overrides_from_text
 from tests.test_cli import PASS_ENV, run_cli
 from tests.test_sources import (
     CONV_LAYERS,
@@ -95,12 +96,12 @@ def test_fingerprints_stay_in_a_0_255_client_range_with_normalization(owner, tmp
     manifest = json.loads(stdout)
     assert code == 0 and manifest["input"]["range"] == [0.0, 255.0]
     assert manifest["input"]["normalize"] == {"mean": [0.0], "std": [255.0]}
-    inputs = read_fingerprints(out, manifest)
-    assert inputs.min() >= 0 and inputs.max() <= 255 and inputs.max() > 1  # the client's range, not [0, 1]
-    assert torch.equal(inputs, inputs.round())  # uint8: whole pixel values, as a client sends them
+    rows = read_fingerprints(out, manifest)
+    assert rows.min() >= 0 and rows.max() <= 255 and rows.max() > 1  # the client's range, not [0, 1]
+    assert torch.equal(rows, rows.round())  # uint8: whole pixel values, as a client sends them
     for fmt in FORMATS:
-        model = owner.load(fmt, sources.overrides_from_text(None, "0,255", "0/255"))
-        decision = decide(torch.softmax(model.model(inputs), dim=1), ControlConfig())
+        model = owner.load(fmt, overrides_from_text(None, "0,255", "0/255"))
+        decision = decide(torch.softmax(model.model(rows), dim=1), ControlConfig())
         assert decision.authorized.all() and decision.user.tolist() == USERS
 
 

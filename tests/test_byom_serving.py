@@ -17,8 +17,8 @@ import grpc
 import pytest
 import torch
 
+from activeguard import inputs, sources
 from activeguard import licenses as lic
-from activeguard import sources
 from activeguard.data import load_digits8x8
 from activeguard.models import train
 from activeguard.protection import PROFILE_FILE, Profile
@@ -51,7 +51,7 @@ class DigitsNet(nn.Module):
     def forward(self, x):
         return self.head(torch.flatten(self.features(x), 1))
 """
-SPEC = sources.InputSpec((1, 8, 8), 0.0, 16.0, mean=(4.88,), std=(6.02,))
+SPEC = inputs.InputSpec((1, 8, 8), 0.0, 16.0, mean=(4.88,), std=(6.02,))
 SPEC_FLAGS = ["--input-shape", "1,8,8", "--input-range", "0,16", "--normalize", "4.88/6.02"]
 USERS = ("alice", "bob", "carol")
 
@@ -76,7 +76,7 @@ def byom(tmp_path_factory) -> dict:
     torch.jit.save(
         torch.jit.script(twin), str(twin_path), _extra_files={sources.SPEC_FILE: json.dumps({"input": SPEC.to_dict()})}
     )
-    view = sources.ClientView(network.eval(), SPEC).eval()
+    view = inputs.ClientView(network.eval(), SPEC).eval()
     with torch.no_grad():
         accuracy = float((view(x_test).argmax(1) == split.y_test).float().mean())
     assert accuracy > 0.8, accuracy
@@ -106,7 +106,7 @@ def licensed(byom, tmp_path_factory, monkeypatch_module) -> dict:
             input_spec=json.dumps(SPEC.to_dict()),
         )
         assert (pt2.profile.model_id, eager.profile.model_id, pt2.created, eager.created) == (mid, mid, False, False)
-        assert sources.InputSpec.from_dict(json.loads(eager.input_spec)) == SPEC and eager.source == "torchscript"
+        assert inputs.InputSpec.from_dict(json.loads(eager.input_spec)) == SPEC and eager.source == "torchscript"
         # a state dict without its code is refused with a reason, not an internal error
         with pytest.raises(grpc.RpcError) as refused:
             c.register_model(model_path=str(paths["state_dict"]))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard import watermark as wm
 from activeguard.control import ControlConfig
 from activeguard.data import load_data
@@ -44,9 +44,9 @@ class DigitsCNN(nn.Module):
 '''
 CONV_LAYERS = ["stem.0.weight", "block.0.weight", "block.4.weight"]
 DEFAULT_LAYER = "block.4.weight"  # 16x16x3x3: the most parameters
-SPEC = sources.InputSpec((1, 8, 8))
+SPEC = inputs.InputSpec((1, 8, 8))
 FORMATS = ("torchscript", "export", "eager")
-NO_OVERRIDES = sources.SpecOverrides()
+NO_OVERRIDES = inputs.SpecOverrides()
 USERS = [0, 14, 29]  # K=10 classes x T=3 confidences: first, middle and last user
 
 
@@ -61,7 +61,7 @@ class OwnerFiles:
     def model_id(self) -> str:
         return model_id(self.network)
 
-    def options(self, fmt: str, overrides: sources.SpecOverrides = NO_OVERRIDES) -> sources.SourceOptions:
+    def options(self, fmt: str, overrides: inputs.SpecOverrides = NO_OVERRIDES) -> sources.SourceOptions:
         if fmt != "eager":
             return sources.SourceOptions(overrides=overrides)
         shape = overrides.shape or SPEC.shape  # a state dict does not say its input
@@ -70,7 +70,7 @@ class OwnerFiles:
     def path(self, fmt: str) -> Path:
         return self.paths["state_dict" if fmt == "eager" else fmt]
 
-    def load(self, fmt: str, overrides: sources.SpecOverrides = NO_OVERRIDES) -> sources.LoadedModel:
+    def load(self, fmt: str, overrides: inputs.SpecOverrides = NO_OVERRIDES) -> sources.LoadedModel:
         return sources.load(self.path(fmt), self.options(fmt, overrides))
 
     def cli_args(self, fmt: str, *extra: str, flag: str | None = "--model") -> list[str]:
@@ -166,7 +166,7 @@ def test_uint8_encoding_is_256_levels_over_the_client_range():
 
 def test_fingerprints_are_searched_and_returned_in_the_client_range(owner):
     """A model served on 0..255 pixels, normalized to the network's [0, 1] (mean 0, std 255)."""
-    overrides = sources.SpecOverrides(bounds=(0.0, 255.0), mean=(0.0,), std=(255.0,))
+    overrides = inputs.SpecOverrides(bounds=(0.0, 255.0), mean=(0.0,), std=(255.0,))
     model = owner.load("torchscript", overrides)
     fps = generate_fingerprints(
         model.model, ControlConfig(), USERS, input_shape=SPEC.shape, bounds=model.spec.bounds, seed=1

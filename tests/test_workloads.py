@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from activeguard import sources, workloads
+from activeguard import inputs, sources, workloads
 from activeguard.cli import main
 from activeguard.data import FASHION_MNIST_DIR, fashion_mnist_available
 from activeguard.models import ResidualBlock, ResNet
@@ -147,7 +147,7 @@ def test_owner_is_cached_in_all_four_sources_with_one_model_id(core_run):
     owner = tiny.owner(0, TINY, cache_dir=cache)
     assert owner.cached and time.perf_counter() - start < 20  # loaded, not retrained
     assert owner.model_id == report_id and owner.paths["checkpoint"].parent.parent == cache / "workloads"
-    spec = sources.SpecOverrides(shape=(1, 28, 28))
+    spec = inputs.SpecOverrides(shape=(1, 28, 28))
     options = {
         "checkpoint": sources.SourceOptions(),
         "torchscript": sources.SourceOptions(),

@@ -35,7 +35,7 @@ Suspect = Callable[[torch.Tensor], Any]  # inputs -> labels (n,) or scores (n, c
 class Owner:
     """The owner's model and what an audit must know about it.
 
-    ``model`` takes rows as clients send them (a :class:`activeguard.sources.ClientView` when built
+    ``model`` takes rows as clients send them (a :class:`activeguard.inputs.ClientView` when built
     by :meth:`from_loaded`): fingerprint points are searched, clipped and stored in that space,
     inside ``bounds``, so a suspect is queried exactly as a client would query it.
     """

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from activeguard.audit import base
-from activeguard.sources import InputSpec
+from activeguard.inputs import InputSpec
 
 FORMAT = "activeguard-audit-fingerprint/1"
 _LEGACY_IPGUARD = "activeguard-ipguard/1"  # written by ipguard.Fingerprint.save

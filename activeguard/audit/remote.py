@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from activeguard import sources
+from activeguard import inputs, sources
 from activeguard.audit.base import MODEL_ERRORS, error_reason
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -109,7 +109,7 @@ class LocalSuspect(Suspect):
         *,
         model_file: str | Path | None = None,
         model_class: str | None = None,
-        owner_spec: sources.InputSpec | None = None,
+        owner_spec: inputs.InputSpec | None = None,
     ):
         super().__init__(str(path), batch_size)
         options = sources.SourceOptions(
@@ -265,7 +265,7 @@ def open_suspect(
     headers: dict[str, str] | None = None,
     model_file: str | Path | None = None,
     model_class: str | None = None,
-    owner_spec: sources.InputSpec | None = None,
+    owner_spec: inputs.InputSpec | None = None,
 ) -> Suspect:
     """A callable suspect from a model file or an ``http(s)://host:port/predictions/<name>`` URL.
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from activeguard.audit import decisions
 from activeguard.audit.base import MODEL_ERRORS, AuditMethod, Owner, Params, Score, Suspect, error_reason, param
-from activeguard.sources import ClientView, network_of
+from activeguard.inputs import ClientView, network_of
 
 STATISTICS = ("distance", "bending")
 DEFAULT_STATISTIC = "distance"  # mean ARUC over the three tasks: distance 0.47 vs bending 0.40 (quick evaluation)
