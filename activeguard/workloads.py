@@ -165,9 +165,6 @@ class Workload:
     quick: WorkloadSize
     full: WorkloadSize
     requires: Callable[[], str | None] = lambda: None  # a reason the workload cannot run here, or None
-    # The full audit run: IPGuard's margins k to sweep, and the points of its batched-vs-loop benchmark.
-    ipguard_margins: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
-    benchmark_points: int = 100
 
     @property
     def title(self) -> str:
@@ -375,11 +372,6 @@ WORKLOADS: dict[str, Workload] = {
             quick=WorkloadSize(5000, 1000, 2, 2, 2, 1, 2, 2000, 2),
             full=WorkloadSize(None, None, 15, 1, 20, 2, 3, None, 5),
             requires=_fashion_mnist_missing,
-            # Each (variant, k) is 100 points x up to 1,000 Adam steps through the ResNet, and the
-            # per-point loop of the benchmark one image at a time: on 2 cores the LeNet sweep would
-            # take hours here. Three margins span the range; the batching speedup is LeNet's figure.
-            ipguard_margins=(1.0, 3.0, 10.0),
-            benchmark_points=20,
         ),
     )
 }
