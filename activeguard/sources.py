@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import json
 import math
+import pickle
 import sys
 import zipfile
 from abc import ABC, abstractmethod
@@ -356,7 +357,7 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if isinstance(exc, __import__("pickle").UnpicklingError) or "weights_only" in str(exc).lower():
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc).lower():
             raise SourceError(
                 f"{path} is a pickled Python object (e.g. torch.save(model)); it is not loaded because "
                 "unpickling runs arbitrary code. Save model.state_dict() (with --model-file), TorchScript "
