@@ -129,6 +129,11 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help:
     g.add_argument(
         "--model-class", metavar="NAME", help="the network class in --model-file (default: its only nn.Module class)"
     )
+    add_spec_arguments(g)
+
+
+def add_spec_arguments(g: argparse._ActionsContainer) -> None:
+    """--input-shape, --input-range, --normalize, --outputs: what a model file does not say about its input."""
     g.add_argument(
         "--input-shape",
         metavar="SHAPE",
@@ -143,12 +148,18 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help:
     g.add_argument("--outputs", choices=("logits", "probabilities"), help="what the network returns (default logits)")
 
 
+def spec_overrides(args: argparse.Namespace):
+    """The :class:`activeguard.inputs.SpecOverrides` that the input flags give (ValueError when malformed)."""
+    from activeguard import inputs
+
+    return inputs.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
+
+
 def load_model_argument(args: argparse.Namespace, attr: str = "model"):
     """The :class:`activeguard.sources.LoadedModel` the model flags name (errors are one line, exit 2)."""
-    from activeguard import inputs, sources
+    from activeguard import sources
 
-    overrides = inputs.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
-    options = sources.SourceOptions(args.model_file, args.model_class, overrides)
+    options = sources.SourceOptions(args.model_file, args.model_class, spec_overrides(args))
     return sources.load(getattr(args, attr), options)
 
 

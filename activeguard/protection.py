@@ -112,6 +112,9 @@ class Profile:
     source: str = "checkpoint"
     input_spec: dict[str, Any] | None = None  # InputSpec.to_dict()
     model_class: str | None = None  # the network class in MODEL_CODE_FILE (eager convention only)
+    # The owner's own handler (a manifest ``handler`` entry: "their_handler.py" or a stock name such
+    # as "base_handler"), composed with ActiveGuard; None: ActiveGuard's JSON/.npy tensor handler.
+    owner_handler: str | None = None
 
     def validated(self) -> Profile:
         """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
@@ -130,11 +133,14 @@ class Profile:
             InputSpec.from_dict(self.input_spec) if self.input_spec is not None else InputSpec(tuple(self.input_shape))
         )
 
-    def source_options(self, model_dir: Path) -> SourceOptions:
-        """How to load the archived model as packaged: its own input spec, and its code for the eager convention."""
+    def source_options(self, model_dir: Path, model_file: str | None = None) -> SourceOptions:
+        """How to load the archived model as packaged: its own input spec, and its code for the eager
+        convention (``model_file``: the manifest's modelFile, when the owner's archive names one)."""
         eager = self.source == "eager"
         return SourceOptions(
-            model_dir / MODEL_CODE_FILE if eager else None, self.model_class, SpecOverrides.pinned(self.spec)
+            model_dir / (model_file or MODEL_CODE_FILE) if eager else None,
+            self.model_class,
+            SpecOverrides.pinned(self.spec),
         )
 
     @property
@@ -252,6 +258,7 @@ class Guard:
         self._revoked: frozenset[str] = frozenset()
         self._revocation_mtime: float | None = None
         self._generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self.front = FrontEnd(self)
 
     # -- revocation: re-read the file only when it changes, so updates need no restart --------
     def revoked(self) -> frozenset[str]:
@@ -360,42 +367,59 @@ class Guard:
 
     # -- the decision ----------------------------------------------------------------------
     def handle(self, requests: list[Request]) -> list[Outcome]:
-        """One outcome per request, in order. Nothing a request carries can make this raise or
-        change another request's outcome: each request is read inside its own error boundary."""
+        """One JSON outcome per request, in order (the tensor front end: bodies are JSON or .npy)."""
+        return [self.render(verdict) for verdict in self.decide(requests)]
+
+    def decide(self, requests: list[Request], front: FrontEnd | None = None) -> list[Verdict]:
+        """One verdict per request, in order. Nothing a request carries can make this raise or
+        change another request's verdict: each request is read inside its own error boundary.
+
+        ``front`` turns request bodies into model input and runs the model; by default the
+        guard's own (JSON/.npy tensors in the input spec, the model is a :class:`ClientView`).
+        """
+        front = front or self.front
         batch = _Batch(self.revoked())  # one look at the revocation file per batch
         for i, request in enumerate(requests):
             try:
-                self._admit_request(i, request, batch)
+                self._admit_request(i, request, batch, front)
             except Exception:  # a bug, not the client's fault: only this request pays for it
                 logger.exception("request %d of a batch could not be read", i)
                 batch.inputs.pop(i, None)
                 batch.checks.pop(i, None)
-                batch.outcomes[i] = self._error(500, INTERNAL_ERROR, "internal error", batch.explain.get(i))
-        probs = self._forward(batch.inputs, batch.checks)
-        for i in batch.inputs:
+                batch.verdicts[i] = Verdict(500, INTERNAL_ERROR, message="internal error", explain=batch.explain.get(i))
+        outputs = self._forward(batch, front)
+        for i in [*batch.inputs, *batch.auth_only]:
             try:
-                batch.outcomes[i] = self._decide(i, probs, batch)
+                batch.verdicts[i] = self._decide(i, outputs, batch, front)
             except Exception:
                 logger.exception("request %d of a batch could not be decided", i)
-                batch.outcomes[i] = self._error(500, INTERNAL_ERROR, "internal error", batch.explain.get(i))
-        for i, outcome in batch.outcomes.items():
-            if outcome.reason not in ADMITTED_REASONS:
-                logger.info("refused request %d: %s", i, outcome.reason)
-        return [batch.outcomes[i] for i in range(len(requests))]
+                batch.verdicts[i] = Verdict(500, INTERNAL_ERROR, message="internal error", explain=batch.explain.get(i))
+        for i, verdict in batch.verdicts.items():
+            if not verdict.admitted:
+                logger.info("refused request %d: %s", i, verdict.reason)
+        return [batch.verdicts[i] for i in range(len(requests))]
 
-    def _admit_request(self, i: int, request: Request, batch: _Batch) -> None:
-        """Parse one request and check its credentials; the result lands in ``batch``."""
+    def _admit_request(self, i: int, request: Request, batch: _Batch, front: FrontEnd) -> None:
+        """Read one request's input and check its credentials; the result lands in ``batch``."""
         session = self._gateway_claims(request.session)
         explain = self._gateway_claims(request.explain)
         attested = next((c for c in (explain, session) if isinstance(c, sessions.SessionClaims)), None)
         if attested is not None:
             batch.explain[i] = attested
         try:
-            x, extras = self.parse_inputs(request.body)
+            x, extras = front.read(request)
         except InputError as exc:
-            batch.outcomes[i] = self._error(400, MALFORMED_INPUT, str(exc), attested)
+            batch.verdicts[i] = Verdict(400, MALFORMED_INPUT, message=str(exc), explain=attested)
             return
-        batch.inputs[i] = x
+        if x is None:  # a credential check alone (the gateway's Authenticate for an opaque-payload model)
+            if not isinstance(explain, sessions.SessionClaims):
+                batch.verdicts[i] = Verdict(
+                    403, BAD_SIGNATURE, message="a request without input must carry the gateway's explain token"
+                )
+                return
+            batch.auth_only.add(i)
+        else:
+            batch.inputs[i] = x
         license_raw = request.license if _present(request.license) else extras.get("license")
         try:
             if session is not None:  # a session was sent and a gateway key is trusted
@@ -406,7 +430,11 @@ class Guard:
                 )
             elif _present(request.license) or "license" in extras:
                 payload = self._license(license_raw, batch.revoked)
-                batch.checks[i] = (self._fingerprint(payload), payload.user_index, payload.user)
+                batch.checks[i] = (
+                    front.fingerprint_input(self._fingerprint(payload)),
+                    payload.user_index,
+                    payload.user,
+                )
             elif "fingerprint" in extras and self.profile.paper_mode:
                 batch.checks[i] = (self._as_tensor(extras["fingerprint"])[:1], None, None)
             else:
@@ -418,75 +446,138 @@ class Guard:
         except InputError:
             batch.denied[i] = MALFORMED_LICENSE
 
-    def _forward(self, inputs: dict[int, torch.Tensor], checks: dict) -> dict[tuple[str, int], torch.Tensor]:
-        """One pass over every input and every fingerprint; results keyed by (kind, request).
+    def _forward(self, batch: _Batch, front: FrontEnd) -> dict[tuple[str, int], tuple[Any, torch.Tensor]]:
+        """One pass over every input and every fingerprint: (raw output rows, probabilities) keyed by
+        (kind, request).
 
         If the batched pass fails, each request runs alone, so one request that breaks the model
         fails only itself (its key is then missing, and its decision becomes an internal error).
         """
-        parts = [("in", i, x) for i, x in inputs.items()] + [("fp", i, c[0]) for i, c in checks.items()]
+        parts = [("in", i, x) for i, x in batch.inputs.items()] + [("fp", i, c[0]) for i, c in batch.checks.items()]
         if not parts:
             return {}
         try:
-            return self._run_model(parts)
+            return self._run_model(parts, front)
         except Exception:
             logger.exception("batched forward pass failed; running each request alone")
-        result: dict[tuple[str, int], torch.Tensor] = {}
+        result: dict[tuple[str, int], tuple[Any, torch.Tensor]] = {}
         for i in {p[1] for p in parts}:
             try:
-                result.update(self._run_model([p for p in parts if p[1] == i]))
+                result.update(self._run_model([p for p in parts if p[1] == i], front))
             except Exception:
                 logger.exception("forward pass failed for request %d", i)
         return result
 
-    def _run_model(self, parts: list[tuple[str, int, torch.Tensor]]) -> dict[tuple[str, int], torch.Tensor]:
+    def _run_model(self, parts: list[tuple[str, int, torch.Tensor]], front: FrontEnd) -> dict:
+        device = front.device
         with torch.no_grad():
-            batch = torch.cat([p[2] for p in parts]).to(self.device, non_blocking=True)
-            out = torch.softmax(self.model(batch), dim=1).cpu()
+            batch = torch.cat([p[2].to(device, non_blocking=True) for p in parts])
+            raw = front.forward(batch)
+            probs = torch.softmax(front.logits(raw).float(), dim=1).cpu()
+        if len(probs) != len(batch):
+            raise RuntimeError(f"the model answered {len(probs)} rows for {len(batch)} inputs")
         result, start = {}, 0
         for kind, i, x in parts:
-            result[(kind, i)] = out[start : start + len(x)]
+            result[(kind, i)] = (raw[start : start + len(x)], probs[start : start + len(x)])
             start += len(x)
         return result
 
-    def _decide(self, i: int, probs: dict, batch: _Batch) -> Outcome:
+    def _decide(self, i: int, outputs: dict, batch: _Batch, front: FrontEnd) -> Verdict:
         explain = batch.explain.get(i)
+        raw = outputs[("in", i)][0] if i in batch.inputs else None
         if i in batch.sessions:
             claims = batch.sessions[i]
-            return self._admit(probs[("in", i)], SESSION_AUTHORIZED, claims.user, claims.user_index, explain)
+            return Verdict(
+                200, SESSION_AUTHORIZED, raw, user=claims.user, user_index=claims.user_index, explain=explain
+            )
         if i in batch.checks:
             _, licensed_index, user = batch.checks[i]
-            decision = decide(probs[("fp", i)], self.config)
+            decision = decide(outputs[("fp", i)][1], self.config)
             if decision.authorized[0] and (licensed_index is None or int(decision.user[0]) == licensed_index):
                 index = int(decision.user[0])
                 reason = AUTHORIZED if licensed_index is not None else PAPER_AUTHORIZED
-                return self._admit(probs[("in", i)], reason, user or f"user-{index}", index, explain)
+                return Verdict(200, reason, raw, user=user or f"user-{index}", user_index=index, explain=explain)
             batch.denied[i] = FO_MISMATCH
-        return self._refuse(probs[("in", i)], batch.denied[i], explain)
+        return self._refuse(raw, batch.denied[i], explain, front)
 
-    def _admit(self, p: torch.Tensor, reason: str, user: str, index: int, explain: Any) -> Outcome:
-        body: dict[str, Any] = {"outputs": p.tolist()}
-        if explain is not None:
-            body[EXPLANATION] = {"authorized": True, "reason": reason, "user": user, "user_index": index}
-        return Outcome(200, reason, body, user=user)
-
-    def _refuse(self, p: torch.Tensor, reason: str, explain: Any) -> Outcome:
+    def _refuse(self, raw: Any, reason: str, explain: Any, front: FrontEnd) -> Verdict:
         """Under ``random`` the answer is silent: the same layout as an admitted one, random values.
         Only a gateway-attested request (which nobody else can sign) is told the reason."""
-        if self.config.policy == "reject":
-            return self._error(403, reason, f"unauthorized: {reason.replace('_', ' ')}", explain)
-        fake = random_outputs(len(p), self.config.num_classes, self._generator)
-        body: dict[str, Any] = {"outputs": fake.tolist()}
-        if explain is not None:
-            body[EXPLANATION] = {"authorized": False, "reason": reason}
-        return Outcome(200, reason, body)
+        if self.config.policy == "reject" or raw is None:
+            return Verdict(403, reason, message=f"unauthorized: {reason.replace('_', ' ')}", explain=explain)
+        fake = random_outputs(len(raw), self.config.num_classes, self._generator)
+        return Verdict(200, reason, front.fake(fake, like=raw), explain=explain)
 
-    @staticmethod
-    def _error(status: int, reason: str, message: str, explain: Any) -> Outcome:
-        body: dict[str, Any] = {"error": message, "reason": reason}
-        if explain is not None:
-            body[EXPLANATION] = {"authorized": False, "reason": reason}
-        return Outcome(status, reason, body)
+    def render(self, verdict: Verdict) -> Outcome:
+        """The tensor front end's JSON answer: probabilities, or an error; the explanation where attested."""
+        if verdict.status != 200:
+            body: dict[str, Any] = {"error": verdict.message, "reason": verdict.reason}
+        else:
+            outputs = verdict.outputs
+            body = {} if outputs is None else {"outputs": torch.softmax(self.front.logits(outputs).float(), 1).tolist()}
+        if verdict.explain is not None:
+            body[EXPLANATION] = verdict.explanation()
+        return Outcome(verdict.status, verdict.reason, body, user=verdict.user if verdict.admitted else None)
+
+
+@dataclass
+class Verdict:
+    """One request's decision, before a front end renders it: the rows to answer with (the model's
+    own for an admitted request, random ones for a refused one under ``random``) or an error."""
+
+    status: int
+    reason: str
+    outputs: Any = None  # rows in the model's own output form; None for errors and credential checks
+    message: str | None = None  # the error's text when status != 200
+    user: str | None = None
+    user_index: int | None = None
+    explain: sessions.SessionClaims | None = None  # set only for gateway-attested requests
+
+    @property
+    def admitted(self) -> bool:
+        return self.reason in ADMITTED_REASONS
+
+    def explanation(self) -> dict[str, Any]:
+        """What a gateway-attested request is told about its decision."""
+        if self.admitted:
+            return {"authorized": True, "reason": self.reason, "user": self.user, "user_index": self.user_index}
+        return {"authorized": False, "reason": self.reason}
+
+
+class FrontEnd:
+    """How a deployment turns request bodies into model input and runs the model.
+
+    The guard's own front end (this class) reads JSON/.npy tensors in the input spec and runs a
+    :class:`~activeguard.inputs.ClientView`; the TorchServe handler composes an owner's handler
+    through a subclass (its preprocess and inference). Every method may raise: the guard contains it.
+    """
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    @property
+    def device(self) -> torch.device:
+        return self.guard.device
+
+    def read(self, request: Request) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """(model input rows, extras) of one request; None rows: a credential check alone.
+        InputError: the client's input is unusable (a 400)."""
+        return self.guard.parse_inputs(request.body)
+
+    def fingerprint_input(self, fingerprint: torch.Tensor) -> torch.Tensor:
+        """A license's fingerprint (a row in the input spec's space) as this front end's model input."""
+        return fingerprint
+
+    def forward(self, batch: torch.Tensor) -> Any:
+        return self.guard.model(batch)
+
+    def logits(self, raw: Any) -> torch.Tensor:
+        """The model's raw answer as logits (the control layer decides on softmax of these)."""
+        return raw
+
+    def fake(self, probabilities: torch.Tensor, like: Any) -> Any:
+        """Random rows in the model's own output form, for a refused request under ``random``."""
+        return torch.log(probabilities.clamp_min(1e-12))
 
 
 @dataclass
@@ -494,8 +585,9 @@ class _Batch:
     """What :meth:`Guard.handle` learns about each request of one batch, keyed by position."""
 
     revoked: frozenset[str]
-    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    auth_only: set[int] = field(default_factory=set)
     checks: dict[int, tuple[torch.Tensor, int | None, str | None]] = field(default_factory=dict)
     sessions: dict[int, sessions.SessionClaims] = field(default_factory=dict)
     denied: dict[int, str] = field(default_factory=dict)

@@ -18,7 +18,16 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from activeguard import inputs, sources
-from activeguard.protection import INTERNAL_ERROR, PROFILE_FILE, Guard, Outcome, Profile, Request
+from activeguard.protection import (
+    INTERNAL_ERROR,
+    PROFILE_FILE,
+    Guard,
+    Outcome,
+    Profile,
+    Request,
+    Verdict,
+)
+from handlers.composition import OwnerFrontEnd, attested_answer, owner_handler_class, owner_row
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +52,29 @@ def _request(row: dict, headers: dict[str, str]) -> Request:
     return Request(body=body, license=license, session=session, explain=row.get("explain"))
 
 
-def _read_batch(data: list, context) -> list[Request | None]:
-    """One Request per row; a row whose headers or fields cannot be read becomes None (its own 500)."""
+def _headers(context, i: int, rows: int) -> dict:
+    """Request ``i``'s headers; none when rows are not requests (an envelope split requests into
+    instances: credentials cannot be matched to rows, so every row goes without)."""
+    requests = len(getattr(context, "request_ids", None) or {}) or rows
+    if requests != rows:
+        if i == 0:
+            logger.warning(
+                "%d rows for %d requests: credentials cannot be matched; send one instance per request", rows, requests
+            )
+        return {}
+    return context.get_all_request_header(i)
+
+
+def _read_batch(data: list, context, composed: bool = False) -> list[Request | None]:
+    """One Request per row; a row whose headers or fields cannot be read becomes None (its own 500).
+    ``composed``: the body is the row itself, credentials removed, as the owner's preprocess expects."""
     requests: list[Request | None] = []
     for i, row in enumerate(data):
         try:
-            requests.append(_request(row, context.get_all_request_header(i)))
+            request = _request(row, _headers(context, i, len(data)))
+            if composed:
+                request.body = owner_row(row)
+            requests.append(request)
         except Exception:
             logger.exception("could not read request %d of a batch", i)
             requests.append(None)
@@ -81,8 +107,9 @@ def place(model: inputs.ClientView, device: torch.device) -> torch.device:
 
 def load_archived(model_dir: Path, manifest: dict, profile: Profile) -> sources.LoadedModel:
     """The archived model, loaded as the profile says; refused (RuntimeError) unless it is the profiled one."""
-    serialized = (manifest.get("model") or {}).get("serializedFile") or MODEL_FILE
-    loaded = sources.load(model_dir / serialized, profile.source_options(model_dir))
+    model = manifest.get("model") or {}
+    serialized = model.get("serializedFile") or MODEL_FILE
+    loaded = sources.load(model_dir / serialized, profile.source_options(model_dir, model.get("modelFile") or None))
     if loaded.model_id != profile.model_id:
         raise RuntimeError("the archive's weights do not match the profile's model id; repackage the model")
     if (loaded.source.name, loaded.spec) != (profile.source, profile.spec):
@@ -107,35 +134,87 @@ class ActiveGuardHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         profile = Profile.from_json((model_dir / PROFILE_FILE).read_text())
         loaded = load_archived(model_dir, self.manifest, profile)
-        self.device = place(loaded.model, serving_device(properties.get("gpu_id")))
-        self.map_location = self.device.type
-        self.guard = Guard(loaded.model, profile, device=self.device)
-        self.model = self.guard.model
+        if profile.owner_handler:
+            self._initialize_owner(context, profile, loaded)
+        else:
+            self.device = place(loaded.model, serving_device(properties.get("gpu_id")))
+            self.map_location = self.device.type
+            self.guard = Guard(loaded.model, profile, device=self.device)
+            self.model, self.owner, self.front = self.guard.model, None, self.guard.front
         self.initialized = True
         logger.info(
-            "ActiveGuard ready: %s model %s on %s, policy %s, paper mode %s",
+            "ActiveGuard ready: %s model %s on %s, handler %s, policy %s, paper mode %s",
             profile.source,
             profile.model_id[:16],
             self.device,
+            profile.owner_handler or "ActiveGuard's tensor handler",
             profile.policy,
             profile.paper_mode,
         )
 
-    def handle(self, data: list[dict], context) -> list[str]:
+    def _initialize_owner(self, context, profile: Profile, loaded: sources.LoadedModel) -> None:
+        """The owner's handler loads the model (on TorchServe's device); the guard runs it through
+        the owner's preprocess and inference. The archived weights were checked to be the profiled
+        ones; a probe warns where the owner's inference answers otherwise than the profiled model."""
+        self.owner = owner_handler_class(profile.owner_handler)()
+        self.owner.initialize(context)
+        self.guard = Guard(loaded.model, profile, device="cpu")
+        self.front = OwnerFrontEnd(self.guard, self.owner, profile.spec)
+        self.device = self.front.device
+        self.map_location = self.device.type
+        self.model = getattr(self.owner, "model", None)
+        probe = profile.spec.random_rows(4, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = torch.softmax(loaded.model(probe), 1)
+            got = torch.softmax(
+                self.front.logits(self.front.forward(self.front.fingerprint_input(probe).to(self.device))).float(), 1
+            )
+        gap = float((want - got.cpu()).abs().max())
+        if gap > 1e-3:
+            logger.warning(
+                "the owner's inference answers differently from the profiled model (max probability gap %.3g): "
+                "fingerprints may not authenticate",
+                gap,
+            )
+
+    def handle(self, data: list, context) -> list:
         start = time.perf_counter()
-        requests = _read_batch(data, context)
-        internal = Outcome(500, INTERNAL_ERROR, {"error": "internal error", "reason": INTERNAL_ERROR})
+        composed = self.owner is not None
+        requests = _read_batch(data, context, composed)
+        internal = Verdict(500, INTERNAL_ERROR, message="internal error")
         try:
-            decided = iter(self.guard.handle([r for r in requests if r is not None]))
-            outcomes = [next(decided) if r is not None else internal for r in requests]
+            decided = iter(self.guard.decide([r for r in requests if r is not None], self.front))
+            verdicts = [next(decided) if r is not None else internal for r in requests]
         except Exception:  # a bug must not kill the worker or leak a traceback to clients
             logger.exception("ActiveGuard failed on a batch")
-            outcomes = [internal for _ in data]
+            verdicts = [internal for _ in data]
+        answers = [self._answer(i, v, context) if composed else self.guard.render(v) for i, v in enumerate(verdicts)]
         elapsed_ms = (time.perf_counter() - start) * 1000
         metrics = context.metrics
-        for i, outcome in enumerate(outcomes):
+        for i, outcome in enumerate(answers):
             if outcome.status != 200:
                 context.set_response_status(outcome.status, outcome.reason, idx=i)
             metrics.add_counter(REQUESTS_METRIC, 1, dimensions=[Dimension("Reason", outcome.reason)])
         metrics.add_time(AUTH_LATENCY_METRIC, elapsed_ms, unit="ms")
-        return [json.dumps(outcome.body) for outcome in outcomes]
+        return [outcome.body if composed and outcome.status == 200 else json.dumps(outcome.body) for outcome in answers]
+
+    def _answer(self, i: int, verdict: Verdict, context) -> Outcome:
+        """An owner-handler answer: the owner's postprocess of the rows (its own form, untouched for
+        a direct client), a JSON error, or, for the gateway, the answer beside the decision."""
+        if verdict.status != 200 or verdict.outputs is None:
+            outcome = self.guard.render(verdict)
+            if outcome.status == 200:  # a credential check alone: the decision is the answer
+                return Outcome(200, outcome.reason, json.dumps(outcome.body), outcome.user)
+            return outcome
+        try:
+            answer = self.owner.postprocess(verdict.outputs)
+            value = answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
+        except Exception:  # the owner's code failed on this request's rows: only it pays
+            logger.exception("the owner's postprocess failed for request %d", i)
+            return self.guard.render(Verdict(500, INTERNAL_ERROR, message="internal error", explain=verdict.explain))
+        if verdict.explain is not None:
+            content_type = (
+                context.get_response_content_type(i) if hasattr(context, "get_response_content_type") else None
+            )
+            value = attested_answer(value, verdict.explanation(), content_type)
+        return Outcome(200, verdict.reason, value, verdict.user)

@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from activeguard.cli_support import add_model_arguments, load_model_argument
+from activeguard.cli_support import add_model_arguments, add_spec_arguments, load_model_argument, spec_overrides
 from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, POLICIES
 from activeguard.licenses import key_id, load_public_key, public_key_pem
 from activeguard.protection import Profile
-from handlers.packaging import classes_of, package_model
+from handlers.packaging import classes_of, package_model, protect
 from handlers.server import ManagedTorchServe, Ports
 
 DEFAULT_STORE = Path("model_store")
@@ -25,15 +25,15 @@ def _pem(path: str) -> tuple[str, str]:
     return key_id(key), public_key_pem(key).decode()
 
 
-def cmd_package(args: argparse.Namespace) -> int:
-    loaded = load_model_argument(args)
+def _profile(args: argparse.Namespace, loaded) -> Profile:
+    """The protection profile the flags describe, for ``loaded`` (validated before anything is built)."""
     keys = dict(_pem(p) for p in args.license_key)
     if not keys and not args.paper_mode:
         print(
             "warning: no --license-key given: only paper-mode fingerprints or gateway sessions can authenticate",
             file=sys.stderr,
         )
-    profile = Profile(
+    return Profile(
         model_id=loaded.model_id,
         input_shape=loaded.spec.shape,
         num_classes=classes_of(loaded),
@@ -47,23 +47,40 @@ def cmd_package(args: argparse.Namespace) -> int:
         source=loaded.source.name,
         input_spec=loaded.spec.to_dict(),
         model_class=loaded.model_class,
-    )
-    profile.validated()  # before building anything
-    mar = package_model(loaded, profile, args.name, Path(args.store))
+    ).validated()
+
+
+def _report(args: argparse.Namespace, mar: Path, profile: Profile) -> None:
     payload = {
         "mar": str(mar),
         "model_id": profile.model_id,
         "source": profile.source,
         "input": profile.input_spec,
+        "handler": profile.owner_handler or "activeguard (JSON/.npy tensors)",
         "policy": profile.policy,
         "paper_mode": profile.paper_mode,
-        "license_keys": sorted(keys),
+        "license_keys": sorted(profile.license_public_keys),
     }
     print(
         json.dumps(payload, indent=2)
         if args.json
-        else f"wrote {mar} ({profile.source} model {profile.model_id[:16]}…, input {list(profile.input_shape)})"
+        else f"wrote {mar} ({profile.source} model {profile.model_id[:16]}…, input {list(profile.input_shape)}, "
+        f"handler {payload['handler']})"
     )
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    loaded = load_model_argument(args)
+    profile = _profile(args, loaded)
+    _report(args, package_model(loaded, profile, args.name, Path(args.store)), profile)
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    mar, profile = protect(
+        Path(args.mar), lambda loaded: _profile(args, loaded), Path(args.out_dir), spec_overrides(args), args.name
+    )
+    _report(args, mar, profile)
     return 0
 
 
@@ -85,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_delay_ms=args.max_batch_delay,
         ports=ports,
         log_dir=Path(args.log_dir),
+        owner_config=Path(args.config) if args.config else None,
     )
     with ts:
         info = {
@@ -109,11 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("package", help="build a TorchServe .mar with the ActiveGuard handler and a protection profile")
-    add_model_arguments(p)
-    p.add_argument("--name", required=True, help="model name in TorchServe (and of the .mar file)")
-    p.add_argument("--store", default=str(DEFAULT_STORE), help="output folder (default model_store/)")
+def _add_protection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="random", choices=POLICIES, help="answer for unauthorized requests")
     p.add_argument(
         "--paper-mode", action="store_true", help="also admit bare fingerprints (forgeable; reproduction only)"
@@ -129,8 +143,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gateway-key", metavar="PEM", help="gateway public key whose session tokens are trusted")
     p.add_argument("--revocation-file", help="file of revoked license ids, re-read when it changes")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("package", help="build a TorchServe .mar with the ActiveGuard handler and a protection profile")
+    add_model_arguments(p)
+    p.add_argument("--name", required=True, help="model name in TorchServe (and of the .mar file)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help="output folder (default model_store/)")
+    _add_protection_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser(
+        "protect",
+        help="protect an existing TorchServe archive: same model, handler and payloads, plus licenses",
+        description="Write a protected copy of IN.mar: the owner's model, handler, extra files and manifest "
+        "settings are kept; ActiveGuard's handler becomes the entry point and composes with the owner's "
+        "(its preprocess reads client payloads, licensed requests' fingerprints join the same forward pass, "
+        "refused requests get random outputs through the owner's postprocess, or 403 under --policy reject). "
+        "Clients send what they sent before, plus the license header X-ActiveGuard-License (or a "
+        "'license' entry in TorchServe's gRPC input map).",
+    )
+    p.add_argument("mar", metavar="IN.mar", help="the owner's archive, as torch-model-archiver wrote it")
+    p.add_argument(
+        "--out-dir",
+        default=str(DEFAULT_STORE),
+        metavar="STORE",
+        help="model store for the protected .mar (default model_store/)",
+    )
+    p.add_argument("--name", help="model name of the protected archive (default: the archive's own)")
+    _add_protection_arguments(p)
+    add_spec_arguments(
+        p.add_argument_group(
+            "model input (only where the model file does not say): what the owner's preprocess hands the "
+            "model, before --normalize"
+        )
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("serve", help="run a local TorchServe on 127.0.0.1 until Ctrl-C")
     p.add_argument("model", nargs="+", help="NAME or NAME=FILE.mar from the store")
@@ -154,6 +204,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help=f"where TorchServe's logs go and stay after it stops (default {DEFAULT_LOG_DIR}/ "
         "in the current directory; appended to across runs)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="config.properties",
+        help="your deployment's TorchServe config: its settings (service_envelope, models' batch sizes and "
+        "workers, limits, ...) are kept, except where it listens, the store and models to load, and token "
+        "auth (off: licenses authenticate clients)",
     )
     p.add_argument("--json", action="store_true", help="print the endpoints and the log directory as JSON once ready")
     p.set_defaults(func=cmd_serve)

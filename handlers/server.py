@@ -60,6 +60,48 @@ class Ports:
         return cls(*(port or free_port() for port in (inference, management, metrics, grpc_inference, grpc_management)))
 
 
+# What a managed run decides whatever the owner's config.properties says: where it listens (127.0.0.1,
+# free ports), which store and models it loads, where its files go, and that TorchServe's token
+# auth is off (ActiveGuard's licenses authenticate clients; the readiness check reads the management API).
+MANAGED_KEYS = frozenset(
+    {
+        "inference_address",
+        "management_address",
+        "metrics_address",
+        "grpc_inference_address",
+        "grpc_inference_port",
+        "grpc_management_address",
+        "grpc_management_port",
+        "model_store",
+        "load_models",
+        "disable_token_authorization",
+        "enable_envvars_config",
+        "install_py_dep_per_model",
+    }
+)
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """A config.properties as key → value (Java properties: ``key=value`` or ``key: value``, # comments)."""
+    settings: dict[str, str] = {}
+    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        sep = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if sep < 0:
+            raise ValueError(f"{path}:{number}: expected key=value, got {raw!r}")
+        settings[line[:sep].strip()] = line[sep + 1 :].strip()
+    return settings
+
+
+def merge_config(owner: dict[str, str], managed: dict[str, str]) -> dict[str, str]:
+    """The owner's settings (envelope, batching, ``models``, limits, ...) over ours, except the managed keys."""
+    merged = dict(managed)
+    merged.update({k: v for k, v in owner.items() if k not in MANAGED_KEYS})
+    return merged
+
+
 class ManagedTorchServe:
     """Context manager: ``with ManagedTorchServe(store, {"mnist": "mnist.mar"}) as ts: ts.url``."""
 
@@ -76,6 +118,7 @@ class ManagedTorchServe:
         workdir: Path | None = None,
         log_dir: Path | None = None,
         max_request_bytes: int = 32 * 1024 * 1024,
+        owner_config: Path | None = None,
     ):
         self.model_store = Path(model_store).resolve()
         self.models = models
@@ -83,6 +126,7 @@ class ManagedTorchServe:
         self.ports = ports or Ports.pick()
         self.startup_timeout = startup_timeout
         self.max_request_bytes = max_request_bytes
+        self.owner_config = owner_config
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="activeguard-ts-")).resolve()
         self.log_dir = Path(log_dir).resolve() if log_dir is not None else self.workdir / "logs"
@@ -142,8 +186,11 @@ class ManagedTorchServe:
             "disable_system_metrics=true",
             f"default_workers_per_model={self.workers}",
         ]
+        settings = dict(line.split("=", 1) for line in lines)
+        if self.owner_config is not None:
+            settings = merge_config(read_config(self.owner_config), settings)
         path = self.workdir / "config.properties"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
         return path
 
     @property

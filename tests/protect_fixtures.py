@@ -1,0 +1,115 @@
+"""An owner's existing TorchServe deployment, built as an owner would build it, for the protect tests.
+
+The Fashion-MNIST ResNet of the core issue (the ``fashion-resnet`` workload's quick owner, cached)
+scripted with plain ``torch.jit.script`` (no ActiveGuard metadata), archived by plain
+``torch-model-archiver`` with the owner's own PNG handler (``tests/owner_files/fashion_handler.py``)
+and label names as an extra file. Licenses are real Ed25519 licenses over real fingerprints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from PIL import Image
+
+from activeguard import inputs, licenses, workloads
+from activeguard.control import ControlConfig
+from activeguard.data import Split
+from activeguard.evaluation import seed_images
+from activeguard.fingerprints import generate_fingerprints
+
+OWNER_FILES = Path(__file__).with_name("owner_files")
+FASHION_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CONFIG = ControlConfig()
+
+
+def png(image: torch.Tensor) -> bytes:
+    """A (1, 28, 28) image in [0, 1] as the PNG file a client would upload."""
+    pixels = (image[0].numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def archive(
+    store: Path, name: str, serialized: Path, handler: str, extra: list[Path] = (), model_file: Path | None = None
+) -> Path:
+    """What the owner ran: plain torch-model-archiver."""
+    archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
+    cmd = [archiver, "--model-name", name, "--version", "1.0", "--serialized-file", str(serialized)]
+    cmd += ["--handler", handler, "--export-path", str(store), "--force"]
+    if extra:
+        cmd += ["--extra-files", ",".join(map(str, extra))]
+    if model_file is not None:
+        cmd += ["--model-file", str(model_file)]
+    store.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, check=True, capture_output=True)
+    return store / f"{name}.mar"
+
+
+@dataclass
+class Licensing:
+    """A license server's key and fingerprints for a few users of one model (signed in the test)."""
+
+    model_id: str
+    key: Ed25519PrivateKey
+    users: list[int]
+    fingerprints: torch.Tensor
+
+    @classmethod
+    def build(cls, model_id: str, view: inputs.ClientView, seeds: torch.Tensor, users: list[int]) -> Licensing:
+        fps = generate_fingerprints(view, CONFIG, users, seed_images(seeds, len(users), 3), bounds=view.spec.bounds)
+        assert fps.success.all(), "fingerprints must succeed on the owner's model"
+        return cls(model_id, Ed25519PrivateKey.generate(), users, fps.inputs)
+
+    def write_public_key(self, path: Path) -> Path:
+        path.write_bytes(licenses.public_key_pem(self.key.public_key()))
+        return path
+
+    def license(self, row: int, user: str) -> licenses.SignedLicense:
+        index = self.users[row]
+        payload = licenses.make_payload(
+            model_id=self.model_id,
+            user=user,
+            user_index=index,
+            fo=CONFIG.fo_of_user(index),
+            epsilon=CONFIG.epsilon,
+            fingerprint=self.fingerprints[row : row + 1],
+            key=self.key,
+            validity_seconds=3600,
+        )
+        return licenses.sign_license(payload, self.key)
+
+
+def fashion_owner() -> tuple[torch.nn.Module, inputs.InputSpec, Split]:
+    """The core issue's Fashion-MNIST ResNet (quick size, cached) and its data."""
+    workload = workloads.get("fashion-resnet")
+    size = workload.quick
+    split = workload.data(0, size)
+    owner = workload.owner(0, size, split=split)
+    return owner.network.eval(), workload.input_spec(split), split
+
+
+def write_labels(path: Path) -> Path:
+    path.write_text(json.dumps({str(i): name for i, name in enumerate(FASHION_LABELS)}))
+    return path

@@ -1,0 +1,157 @@
+"""Protect what you already serve: an owner's archive and handler, protected, served by a real TorchServe.
+
+The owner's archive is the Fashion-MNIST ResNet as plain TorchScript with the owner's PNG handler
+(tests/owner_files/fashion_handler.py), built with plain torch-model-archiver. One TorchServe serves
+it unprotected, protected under ``random`` and protected under ``reject``; clients send PNG bytes
+over HTTP (as curl would) and over TorchServe's gRPC API.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from activeguard import inputs, sources
+from activeguard.cli import main
+from activeguard.protection import encode_license_header
+from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
+from handlers.server import ManagedTorchServe
+from tests.protect_fixtures import FASHION_LABELS, OWNER_FILES, Licensing, archive, fashion_owner, png, write_labels
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+USERS = [0, 13, 26]  # FOs (0, 0.2), (4, 0.3), (8, 0.4)
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("owner")
+    network, spec, split = fashion_owner()
+    scripted = root / "fashion.pt"
+    torch.jit.save(torch.jit.script(network), str(scripted))  # the owner's file: no ActiveGuard metadata
+    view = inputs.ClientView(network, spec).eval()
+    mid = sources.load(scripted, sources.SourceOptions(overrides=inputs.SpecOverrides(shape=(1, 28, 28)))).model_id
+    licensing = Licensing.build(mid, view, split.x_train[:500], USERS)
+    labels = write_labels(root / "index_to_name.json")
+    plain = archive(root / "plain", "fashion", scripted, str(OWNER_FILES / "fashion_handler.py"), [labels])
+    images = split.x_test[:48]
+    return {"root": root, "mar": plain, "licensing": licensing, "images": images, "labels": split.y_test[:48]}
+
+
+@pytest.fixture(scope="module")
+def served(owner, tmp_path_factory):
+    root, store = owner["root"], tmp_path_factory.mktemp("store")
+    pub = owner["licensing"].write_public_key(root / "license.pub.pem")
+    revoked = root / "revoked.txt"
+    revoked.write_text("")
+    common = ["--out-dir", str(store), "--license-key", str(pub), "--revocation-file", str(revoked)]
+    common += ["--input-shape", "1,28,28"]  # plain TorchScript does not say what its input is
+    (store / "fashion.mar").write_bytes(owner["mar"].read_bytes())
+    assert main(["protect", str(owner["mar"]), "--name", "guarded", *common]) == 0
+    assert main(["protect", str(owner["mar"]), "--name", "strict", "--policy", "reject", *common]) == 0
+    models = {n: f"{n}.mar" for n in ("fashion", "guarded", "strict")}
+    with ManagedTorchServe(store, models, batch_size=8, max_batch_delay_ms=100) as ts:
+        yield {"ts": ts, "revoked": revoked}
+
+
+def http(ts, model: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, object]:
+    req = urllib.request.Request(
+        f"{ts.url}/predictions/{model}", data=body, headers={"Content-Type": "image/png", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def license_header(licensing: Licensing, row: int, user: str) -> dict[str, str]:
+    return {"X-ActiveGuard-License": encode_license_header(licensing.license(row, user).to_text())}
+
+
+def test_licensed_png_clients_get_the_owners_answers_over_http_and_grpc(served, owner):
+    ts, licensing = served["ts"], owner["licensing"]
+    headers = license_header(licensing, 0, "alice")
+    stub = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(ts.grpc_target))
+    grpc_license = licensing.license(1, "bob").to_text().encode()
+    for image in owner["images"][:10]:
+        body = png(image)
+        status, plain = http(ts, "fashion", body)
+        assert status == 200 and set(plain) == {"label", "confidence"} and plain["label"] in FASHION_LABELS
+        assert http(ts, "guarded", body, headers) == (200, plain)
+        assert http(ts, "strict", body, headers) == (200, plain)
+        want = stub.Predictions(inference_pb2.PredictionsRequest(model_name="fashion", input={"data": body}))
+        got = stub.Predictions(
+            inference_pb2.PredictionsRequest(model_name="guarded", input={"data": body, "license": grpc_license})
+        )
+        assert json.loads(got.prediction) == json.loads(want.prediction) == plain
+
+
+def test_unlicensed_clients_get_chance_labels_under_random_and_403_under_reject(served, owner):
+    ts, images, truth = served["ts"], owner["images"], owner["labels"]
+    names = [FASHION_LABELS[int(y)] for y in truth]
+    headers = license_header(owner["licensing"], 2, "carol")
+    licensed = [http(ts, "guarded", png(x), headers)[1]["label"] for x in images]
+    unlicensed = []
+    for x in images:
+        status, answer = http(ts, "guarded", png(x))
+        assert status == 200 and set(answer) == {"label", "confidence"}  # the form of a real answer
+        unlicensed.append(answer["label"])
+    accuracy = lambda labels: sum(a == b for a, b in zip(labels, names)) / len(names)  # noqa: E731
+    assert accuracy(licensed) > 0.6, accuracy(licensed)
+    assert accuracy(unlicensed) < 0.3, accuracy(unlicensed)  # chance is 0.1
+    assert len(set(unlicensed)) >= 4  # random labels, not one constant answer
+    status, answer = http(ts, "strict", png(images[0]))
+    assert status == 403 and answer["reason"] == "no_credentials"
+    lic = owner["licensing"]
+    forged = license_header(
+        Licensing(lic.model_id, Ed25519PrivateKey.generate(), lic.users, lic.fingerprints), 0, "eve"
+    )
+    status, answer = http(ts, "strict", png(images[0]), forged)
+    assert status == 403 and answer["reason"] == "bad_signature"
+
+
+def test_a_revoked_license_is_refused_without_restart(served, owner):
+    ts, licensing = served["ts"], owner["licensing"]
+    body = png(owner["images"][0])
+    alice, bob = licensing.license(0, "alice"), licensing.license(1, "bob")
+    alice_id = alice.parsed().license_id
+    headers = {"X-ActiveGuard-License": encode_license_header(alice.to_text())}
+    assert http(ts, "strict", body, headers)[0] == 200
+    served["revoked"].write_text(alice_id + "\n")
+    try:
+        status, answer = http(ts, "strict", body, headers)
+        assert status == 403 and answer["reason"] == "revoked"
+        assert http(ts, "strict", body, {"X-ActiveGuard-License": encode_license_header(bob.to_text())})[0] == 200
+    finally:
+        served["revoked"].write_text("")
+
+
+def test_a_request_the_owners_handler_cannot_read_fails_alone(served, owner):
+    """Garbage bytes make the owner's preprocess raise; they share batches with licensed PNGs."""
+    ts, licensing = served["ts"], owner["licensing"]
+    headers = license_header(licensing, 0, "alice")
+    images = owner["images"][:6]
+    expected = [http(ts, "fashion", png(x))[1] for x in images]
+    results: dict[str, tuple] = {}
+
+    def call(key: str, body: bytes, hdrs: dict[str, str]) -> None:
+        results[key] = http(ts, "guarded", body, hdrs)
+
+    threads = [threading.Thread(target=call, args=(f"ok{i}", png(x), headers)) for i, x in enumerate(images)]
+    threads += [threading.Thread(target=call, args=(f"bad{i}", b"not a png at all" * i, headers)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        status, answer = results[f"bad{i}"]
+        assert status == 400 and answer["reason"] == "malformed_input", answer
+    assert [results[f"ok{i}"] for i in range(len(images))] == [(200, e) for e in expected]
+    assert ts.worker_status("guarded") == "READY"  # the worker lives on
