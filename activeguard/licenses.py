@@ -415,6 +415,13 @@ def verify_license(
     Returns the verified payload or raises the :class:`LicenseError` subclass that says why.
     The fingerprint itself must still be run through the served model by the caller.
     """
+    return admit_payload(signed_payload(lic, keys), model_id=model_id, revoked=revoked, now=now, leeway=leeway)
+
+
+def signed_payload(lic: SignedLicense, keys: Mapping[str, Ed25519PublicKey] | Ed25519PublicKey) -> LicensePayload:
+    """The payload of a license one of ``keys`` signed (signature, key id, fingerprint digest), whatever
+    its validity window; the time-dependent checks are :func:`admit_payload`'s. Split so a verifier
+    can remember a signature it checked and still check expiry and revocation on every use."""
     if isinstance(keys, Ed25519PublicKey):
         keys = {key_id(keys): keys}
     public = keys.get(lic.key_id)
@@ -429,6 +436,18 @@ def verify_license(
         raise TamperedLicense("license key id outside the signature differs from the signed one")
     if hashlib.sha256(payload.fingerprint).hexdigest() != payload.fingerprint_sha256:
         raise TamperedLicense("fingerprint digest does not match the fingerprint")
+    return payload
+
+
+def admit_payload(
+    payload: LicensePayload,
+    *,
+    model_id: str | None = None,
+    revoked: Container[str] = (),
+    now: float | None = None,
+    leeway: int = 60,
+) -> LicensePayload:
+    """The checks after the signature: validity window, model id, revocation."""
     t = time.time() if now is None else now
     if t >= payload.expires_at:
         raise ExpiredLicense(f"license {payload.license_id} expired at {payload.expires_at} (unix time)")

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 PROFILE_FORMAT = "activeguard-profile/1"
 MAX_LICENSE_BYTES = 1024 * 1024
+CACHE_ENTRIES = 4096  # verified licenses, session tokens and passed fingerprints a worker remembers
+K = TypeVar("K")
+V = TypeVar("V")
 PROFILE_FILE = "activeguard-profile.json"
 MODEL_CODE_FILE = "model.py"  # the eager convention's network code inside an archive (--model-file)
 
@@ -259,6 +264,14 @@ class Guard:
         self._revocation_mtime: float | None = None
         self._generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
         self.front = FrontEnd(self)
+        # What a worker remembers between batches (bounded; successes only, so a bad credential is
+        # checked in full every time). Signatures: a license text or session token verified once.
+        # Fingerprints: the served model is fixed for the worker's life, so a license whose
+        # fingerprint decoded to its user once will again; its next requests skip the extra row.
+        # Expiry, model and revocation are still checked on every request.
+        self._signed_licenses: _Recent[bytes, licenses.LicensePayload] = _Recent(CACHE_ENTRIES)
+        self._signed_tokens: _Recent[str, sessions.SessionClaims] = _Recent(CACHE_ENTRIES)
+        self._passed_fingerprints: _Recent[tuple[str, str], int] = _Recent(CACHE_ENTRIES)
 
     # -- revocation: re-read the file only when it changes, so updates need no restart --------
     def revoked(self) -> frozenset[str]:
@@ -346,11 +359,17 @@ class Guard:
         return torch.from_numpy(np.ascontiguousarray(array))
 
     def _license(self, raw: Any, revoked: frozenset[str]) -> licenses.LicensePayload:
-        signed = licenses.SignedLicense.from_text(decode_license_header(raw))
-        payload = licenses.verify_license(signed, self.license_keys, model_id=self.profile.model_id, revoked=revoked)
-        if math.prod(payload.fingerprint_shape) != math.prod(self.profile.input_shape):
-            raise licenses.MalformedLicense("license fingerprint does not fit this model's input shape")
-        return payload
+        """The verified payload of a license; the signature is checked once per license text (its
+        digest is remembered), validity, model and revocation on every request."""
+        digest = _digest(raw)
+        payload = self._signed_licenses.get(digest)
+        if payload is None:
+            signed = licenses.SignedLicense.from_text(decode_license_header(raw))
+            payload = licenses.signed_payload(signed, self.license_keys)
+            if math.prod(payload.fingerprint_shape) != math.prod(self.profile.input_shape):
+                raise licenses.MalformedLicense("license fingerprint does not fit this model's input shape")
+            self._signed_licenses.put(digest, payload)
+        return licenses.admit_payload(payload, model_id=self.profile.model_id, revoked=revoked)
 
     def _fingerprint(self, payload: licenses.LicensePayload) -> torch.Tensor:
         return payload.fingerprint_tensor().reshape(1, *self.profile.input_shape)
@@ -361,7 +380,12 @@ class Guard:
         if token is None or self.gateway_key is None:
             return None
         try:
-            return sessions.signed_claims(_session_token(token), self.gateway_key)
+            text = _session_token(token)
+            claims = self._signed_tokens.get(text)
+            if claims is None:
+                claims = sessions.signed_claims(text, self.gateway_key)
+                self._signed_tokens.put(text, claims)
+            return claims
         except sessions.SessionError as exc:
             return exc
 
@@ -379,9 +403,10 @@ class Guard:
         """
         front = front or self.front
         batch = _Batch(self.revoked())  # one look at the revocation file per batch
+        read = front.read_all(requests)
         for i, request in enumerate(requests):
             try:
-                self._admit_request(i, request, batch, front)
+                self._admit_request(i, request, read[i], batch, front)
             except Exception:  # a bug, not the client's fault: only this request pays for it
                 logger.exception("request %d of a batch could not be read", i)
                 batch.inputs.pop(i, None)
@@ -399,18 +424,19 @@ class Guard:
                 logger.info("refused request %d: %s", i, verdict.reason)
         return [batch.verdicts[i] for i in range(len(requests))]
 
-    def _admit_request(self, i: int, request: Request, batch: _Batch, front: FrontEnd) -> None:
-        """Read one request's input and check its credentials; the result lands in ``batch``."""
+    def _admit_request(self, i: int, request: Request, read: Read, batch: _Batch, front: FrontEnd) -> None:
+        """Check one request's credentials, given what its body read as; the result lands in ``batch``."""
         session = self._gateway_claims(request.session)
         explain = self._gateway_claims(request.explain)
         attested = next((c for c in (explain, session) if isinstance(c, sessions.SessionClaims)), None)
         if attested is not None:
             batch.explain[i] = attested
-        try:
-            x, extras = front.read(request)
-        except InputError as exc:
-            batch.verdicts[i] = Verdict(400, MALFORMED_INPUT, message=str(exc), explain=attested)
+        if isinstance(read, Exception):
+            if not isinstance(read, InputError):
+                raise read  # a bug while reading: this request's internal error
+            batch.verdicts[i] = Verdict(400, MALFORMED_INPUT, message=str(read), explain=attested)
             return
+        x, extras = read
         if x is None:  # a credential check alone (the gateway's Authenticate for an opaque-payload model)
             if not isinstance(explain, sessions.SessionClaims):
                 batch.verdicts[i] = Verdict(
@@ -430,11 +456,16 @@ class Guard:
                 )
             elif _present(request.license) or "license" in extras:
                 payload = self._license(license_raw, batch.revoked)
+                passed = self._passed_fingerprints.get(_fingerprint_key(payload))
+                if passed is not None:  # this license's fingerprint already authenticated on this model
+                    batch.passed[i] = (payload.user, passed)
+                    return
                 batch.checks[i] = (
                     front.fingerprint_input(self._fingerprint(payload)),
                     payload.user_index,
                     payload.user,
                 )
+                batch.fingerprint_keys[i] = _fingerprint_key(payload)
             elif "fingerprint" in extras and self.profile.paper_mode:
                 batch.checks[i] = (self._as_tensor(extras["fingerprint"])[:1], None, None)
             else:
@@ -490,11 +521,16 @@ class Guard:
             return Verdict(
                 200, SESSION_AUTHORIZED, raw, user=claims.user, user_index=claims.user_index, explain=explain
             )
+        if i in batch.passed:
+            user, index = batch.passed[i]
+            return Verdict(200, AUTHORIZED, raw, user=user, user_index=index, explain=explain)
         if i in batch.checks:
             _, licensed_index, user = batch.checks[i]
             decision = decide(outputs[("fp", i)][1], self.config)
             if decision.authorized[0] and (licensed_index is None or int(decision.user[0]) == licensed_index):
                 index = int(decision.user[0])
+                if licensed_index is not None:
+                    self._passed_fingerprints.put(batch.fingerprint_keys[i], index)
                 reason = AUTHORIZED if licensed_index is not None else PAPER_AUTHORIZED
                 return Verdict(200, reason, raw, user=user or f"user-{index}", user_index=index, explain=explain)
             batch.denied[i] = FO_MISMATCH
@@ -544,6 +580,9 @@ class Verdict:
         return {"authorized": False, "reason": self.reason}
 
 
+Read = tuple[torch.Tensor | None, dict[str, Any]] | Exception  # a request's input and extras, or why not
+
+
 class FrontEnd:
     """How a deployment turns request bodies into model input and runs the model.
 
@@ -563,6 +602,16 @@ class FrontEnd:
         """(model input rows, extras) of one request; None rows: a credential check alone.
         InputError: the client's input is unusable (a 400)."""
         return self.guard.parse_inputs(request.body)
+
+    def read_all(self, requests: list[Request]) -> list[Read]:
+        """What each request reads as, or the exception it raised (each request alone by default)."""
+        results: list[Read] = []
+        for request in requests:
+            try:
+                results.append(self.read(request))
+            except Exception as exc:  # kept, not raised: the guard answers it for this request only
+                results.append(exc)
+        return results
 
     def fingerprint_input(self, fingerprint: torch.Tensor) -> torch.Tensor:
         """A license's fingerprint (a row in the input spec's space) as this front end's model input."""
@@ -590,8 +639,44 @@ class _Batch:
     auth_only: set[int] = field(default_factory=set)
     checks: dict[int, tuple[torch.Tensor, int | None, str | None]] = field(default_factory=dict)
     sessions: dict[int, sessions.SessionClaims] = field(default_factory=dict)
+    passed: dict[int, tuple[str, int]] = field(default_factory=dict)  # licenses whose fingerprint passed before
+    fingerprint_keys: dict[int, tuple[str, str]] = field(default_factory=dict)
     denied: dict[int, str] = field(default_factory=dict)
     explain: dict[int, sessions.SessionClaims] = field(default_factory=dict)
+
+
+class _Recent(Generic[K, V]):
+    """A bounded map that forgets the least recently used entry first (thread-safe enough for
+    TorchServe, whose worker handles one batch at a time)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+def _digest(raw: Any) -> bytes:
+    """A key for a credential as sent (text or bytes; anything else is not a credential)."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogatepass")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise InputError(f"credential must be a string, got {type(raw).__name__}")
+    return hashlib.sha256(raw).digest()
+
+
+def _fingerprint_key(payload: licenses.LicensePayload) -> tuple[str, str]:
+    return (payload.license_id, payload.fingerprint_sha256)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -129,6 +129,7 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     thread_name_prefix: str = "grpc",
+    max_receive_bytes: int | None = None,
 ) -> BuiltServer:
     """A thread-pool gRPC server with the servicers, health and reflection, bound to ``host:port``.
 
@@ -137,6 +138,8 @@ def build_server(
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix),
         interceptors=list(interceptors),
+        # gRPC's own default is 4 MiB; a service with a larger limit of its own says so here
+        options=[("grpc.max_receive_message_length", max_receive_bytes)] if max_receive_bytes else None,
     )
     for add, servicer in registrations:
         add(servicer, server)

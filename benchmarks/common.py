@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import platform
+import random
+import statistics
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +37,126 @@ def write_result(result: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def latency_summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
+    """The usual cell of a latency benchmark: request count, median and p99 (ms), requests per second of wall time."""
+    return {
+        "requests": len(latencies_ms),
+        "p50_ms": statistics.median(latencies_ms),
+        "p99_ms": percentile(latencies_ms, 0.99),
+        "throughput_rps": len(latencies_ms) / wall_s,
+    }
+
+
+def host_description() -> dict[str, Any]:
+    """What ran the benchmark, beyond ``write_result``'s fields: CPU model, logical CPUs, OS, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "system": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1_5_15": [round(x, 2) for x in load] if load else None,
+    }
+
+
+class HTTPClients:
+    """Kept-alive HTTP/1.1 connections to one server on loopback, one per calling thread.
+
+    ``post`` times one request (send to the end of the answer's body) and raises unless the answer
+    has the expected status, so a benchmark never averages errors into its figures.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 60.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def post(self, path: str, body: bytes, headers: dict[str, str], expect: int = 200) -> tuple[float, bytes]:
+        """(milliseconds, answer body) of one POST on this thread's connection."""
+        conn = self._conn()
+        start = time.perf_counter()
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.read()
+        ms = (time.perf_counter() - start) * 1000
+        if response.status != expect:
+            raise RuntimeError(f"POST {path}: HTTP {response.status} (expected {expect}): {answer[:300]!r}")
+        return ms, answer
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    def __enter__(self) -> HTTPClients:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def measure_interleaved(
+    calls: dict[str, Callable[[int], float]],
+    *,
+    clients: int,
+    requests: int,
+    block: int,
+    warmup: int = 0,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Closed-loop load on several alternatives, interleaved so drift in machine load hits each alike.
+
+    ``calls[name](i)`` makes request number ``i`` and returns its latency in ms. ``clients`` threads
+    (1: the calling thread alone, no pool) each send their next request as soon as their last one
+    is answered. Each round visits every alternative once, in an order shuffled per round, for a
+    block of ``block`` requests; rounds repeat until each alternative has ``requests`` (rounded up
+    to whole blocks). ``warmup`` unmeasured requests per alternative come first. Throughput is
+    requests over the summed wall time of that alternative's blocks. Returns name → ``latency_summary``.
+    """
+    names = list(calls)
+    order = random.Random(seed)
+    latencies: dict[str, list[float]] = {n: [] for n in names}
+    wall = dict.fromkeys(names, 0.0)
+    with ThreadPoolExecutor(clients) if clients > 1 else _Inline() as pool:
+        for name in names:
+            list(pool.map(calls[name], range(warmup)))
+        for round_ in range(-(-requests // block)):
+            order.shuffle(names)  # no alternative always follows another
+            for name in names:
+                start = time.perf_counter()
+                latencies[name] += pool.map(calls[name], range(round_ * block, (round_ + 1) * block))
+                wall[name] += time.perf_counter() - start
+    return {name: latency_summary(latencies[name], wall[name]) for name in calls}
+
+
+class _Inline:
+    """``ThreadPoolExecutor``'s ``map`` on the calling thread (a single client, no hand-off between threads)."""
+
+    def map(self, fn: Callable[[int], Any], items: range) -> list[Any]:
+        return [fn(i) for i in items]
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

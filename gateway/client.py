@@ -1,5 +1,5 @@
-"""A small Python client: authenticate once with a license, predict with numpy, re-authenticate
-transparently when the session expires."""
+"""A small Python client: authenticate once with a license, predict with numpy (or send a model's
+own payload bytes), re-authenticate transparently when the session expires."""
 
 from __future__ import annotations
 
@@ -42,11 +42,28 @@ class GatewayClient:
         return token if token and expires - time.time() > 1.0 else self.authenticate(model)
 
     def predict(self, model: str, inputs: np.ndarray) -> np.ndarray:
-        request = gateway_pb2.PredictRequest(model=model, inputs=to_tensor(inputs))
+        """The model's outputs for a tensor (ActiveGuard's tensor handler)."""
+        reply = self._predict(gateway_pb2.PredictRequest(model=model, inputs=to_tensor(inputs)))
+        if reply.WhichOneof("body") != "outputs":
+            raise ValueError(f"model {model!r} answered a payload, not a tensor: call predict_payload")
+        return from_tensor(reply.outputs)
+
+    def predict_payload(self, model: str, data: bytes, content_type: str) -> tuple[bytes, str]:
+        """(answer bytes, content type) for a payload sent to a model protected with its owner's
+        handler: the bytes reach that handler as an HTTP body would, and its answer comes back as-is."""
+        payload = gateway_pb2.Payload(data=data, content_type=content_type)
+        reply = self._predict(gateway_pb2.PredictRequest(model=model, payload=payload))
+        if reply.WhichOneof("body") != "payload":
+            raise ValueError(f"model {model!r} answered a tensor, not a payload: call predict")
+        return reply.payload.data, reply.payload.content_type
+
+    def _predict(self, request: gateway_pb2.PredictRequest) -> gateway_pb2.PredictResponse:
+        """Predict with this client's session for the model; an expired session is renewed once."""
+        model = request.model
         for attempt in range(2):
             metadata = (("authorization", f"Bearer {self._token(model)}"),)
             try:
-                return from_tensor(self.stub.Predict(request, metadata=metadata, timeout=self.timeout).outputs)
+                return self.stub.Predict(request, metadata=metadata, timeout=self.timeout)
             except grpc.RpcError as err:  # an expired session: authenticate again, once
                 if (
                     attempt == 0

@@ -30,6 +30,8 @@ def start(
         port=port,
         max_workers=workers,
         thread_name_prefix="gateway",
+        # room for the largest payload Predict forwards (its own check answers INVALID_ARGUMENT), plus framing
+        max_receive_bytes=config.max_payload_bytes + 1024 * 1024,
     )
     metrics_server, _ = start_http_server(metrics_port, addr=host, registry=service.metrics.registry)
     built.start()

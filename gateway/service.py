@@ -3,12 +3,15 @@
 Authenticate verifies a license locally (signature, expiry, model, revocation), runs its
 fingerprint through the *served* model (TorchServe, license in ``input``) and, if the handler
 admits it, issues a session signed with the gateway key that the handler trusts. Predict checks
-the session, applies per-user limits and forwards the inputs with the session in ``input``.
-The handler's JSON outcome (gRPC returns OK with the body) is mapped to gRPC status codes.
+the session, applies per-user limits and forwards the inputs with the session in ``input``: a
+tensor as .npy, or an opaque payload (for a model protected with its owner's handler) as it came.
+The handler's JSON outcome (gRPC returns OK with the body) is mapped to gRPC status codes; an
+owner's answer comes back inside it as base64 and reaches the client as a payload, unchanged.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -27,7 +30,7 @@ from activeguard.protection import EXPLANATION
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.errors import Refusal, handler_refusal, upstream_refusal
-from gateway.tensors import from_tensor, to_tensor
+from gateway.tensors import MAX_PAYLOAD_BYTES, check_payload, from_tensor, is_media_type, to_tensor
 from gateway.upstreams import UpstreamError, UpstreamPool
 
 log = logging.getLogger("activeguard.gateway")
@@ -55,6 +58,7 @@ class GatewayConfig:
     upstream_deadline_s: float = 10.0
     rate_per_user_per_s: float = 200.0
     max_sessions_per_user: int = 8
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES  # the largest opaque payload Predict forwards
 
     @classmethod
     def from_json(cls, path: Path) -> GatewayConfig:
@@ -222,6 +226,21 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _answered_payload(body: dict) -> gateway_pb2.Payload:
+    """An owner's handler's answer: its bytes (base64 in the handler's JSON) and content type."""
+    encoded, kind = body.get("payload_b64"), body.get("content_type")
+    if not isinstance(encoded, str) or not isinstance(kind, str) or not is_media_type(kind):
+        raise Refusal(
+            grpc.StatusCode.INTERNAL,
+            "the model's handler answered a payload without base64 'payload_b64' and a media type 'content_type'",
+        )
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:  # binascii.Error, or a str that is not ASCII
+        raise Refusal(grpc.StatusCode.INTERNAL, "the model's handler answered a payload that is not base64") from None
+    return gateway_pb2.Payload(data=data, content_type=kind)
+
+
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig):
         self.config = config
@@ -273,6 +292,32 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         if not explanation.get("authorized"):
             raise handler_refusal(str(explanation.get("reason", "unknown")))
         return explanation
+
+    def _data(self, request: gateway_pb2.PredictRequest) -> bytes:
+        """The ``data`` TorchServe gets: a tensor as .npy, a payload's bytes exactly as they came."""
+        carried = request.WhichOneof("body")
+        try:
+            if carried == "payload":
+                data = check_payload(request.payload, self.config.max_payload_bytes)
+                log.debug("payload of %d bytes (%s) for %s", len(data), request.payload.content_type, request.model)
+                return data
+            if carried == "inputs":
+                return _npy(from_tensor(request.inputs))
+        except ValueError as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "send inputs (a tensor) or a payload (bytes and content type)")
+
+    @staticmethod
+    def _answer(body: dict, user: str) -> gateway_pb2.PredictResponse:
+        """What the model answered, whatever the request carried: a payload when its handler is the
+        owner's (``payload_b64``), else tensor outputs."""
+        if "payload_b64" in body:
+            return gateway_pb2.PredictResponse(payload=_answered_payload(body), user=user)
+        try:
+            outputs = np.asarray(body["outputs"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError):
+            raise Refusal(grpc.StatusCode.INTERNAL, "the model's handler answered without outputs") from None
+        return gateway_pb2.PredictResponse(outputs=to_tensor(outputs), user=user)
 
     def _run(self, method: str, context: grpc.ServicerContext, fn):
         """Run one RPC through the shared mapping: a Refusal becomes its code, a bug INTERNAL."""
@@ -344,17 +389,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             except sessions.SessionError as exc:
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
             self.limits.admit_call(claims.user)
-            try:
-                inputs = from_tensor(request.inputs)
-            except ValueError as exc:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            body = self._forward(route.name, {"data": _npy(inputs), "session": token[7:].strip().encode()})
+            body = self._forward(route.name, {"data": self._data(request), "session": token[7:].strip().encode()})
             self._outcome(body)
-            try:
-                outputs = np.asarray(body["outputs"], dtype=np.float32)
-            except (KeyError, TypeError, ValueError):
-                raise Refusal(grpc.StatusCode.INTERNAL, "the model's handler answered without outputs") from None
-            return gateway_pb2.PredictResponse(outputs=to_tensor(outputs), user=claims.user)
+            return self._answer(body, claims.user)
 
         return self._run("Predict", context, run)
 

@@ -1,8 +1,10 @@
-"""Tensors on the wire as typed bytes (little-endian, C order), never as JSON text."""
+"""What Predict carries: tensors as typed bytes (little-endian, C order), never as JSON text, and
+opaque payloads (bytes plus their media type) for models whose own handler takes bytes."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -11,6 +13,11 @@ from activeguard_proto.v1 import gateway_pb2
 DTYPES = {"float32": np.dtype("<f4")}
 MAX_ELEMENTS = 8 * 1024 * 1024
 MAX_RANK = 8
+MAX_PAYLOAD_BYTES = MAX_ELEMENTS * 4  # the largest tensor's bytes
+MAX_CONTENT_TYPE = 255
+# RFC 9110 media type: type "/" subtype, then optional parameters (not parsed; printable ASCII).
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ -~\t]*)?")
 
 
 def to_tensor(array: np.ndarray) -> gateway_pb2.Tensor:
@@ -36,3 +43,20 @@ def from_tensor(tensor: gateway_pb2.Tensor) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError("tensor contains NaN or inf")
     return array
+
+
+def check_payload(payload: gateway_pb2.Payload, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The payload's bytes, unchanged, once they are non-empty, at most ``max_bytes`` long and
+    labelled with a media type (raises ValueError)."""
+    if not payload.data:
+        raise ValueError("the payload is empty: send the bytes the model's handler reads")
+    if len(payload.data) > max_bytes:
+        raise ValueError(f"the payload has {len(payload.data)} bytes; this gateway accepts at most {max_bytes}")
+    if not is_media_type(payload.content_type):
+        raise ValueError(f"payload content_type {payload.content_type[:64]!r} is not a media type such as 'image/png'")
+    return payload.data
+
+
+def is_media_type(text: str) -> bool:
+    """``type/subtype`` with optional parameters, printable ASCII, at most MAX_CONTENT_TYPE characters."""
+    return len(text) <= MAX_CONTENT_TYPE and _MEDIA_TYPE.fullmatch(text) is not None

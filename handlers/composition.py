@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from activeguard.inputs import InputSpec
-from activeguard.protection import EXPLANATION, FrontEnd, Guard, InputError, Request
+from activeguard.protection import EXPLANATION, FrontEnd, Guard, InputError, Read, Request, Verdict
 
 # Fields of a request that are ActiveGuard's, not the owner's: read, then removed from the row the
 # owner's preprocess sees (over gRPC they arrive in the same input map as the payload).
@@ -81,6 +81,28 @@ def owner_row(row: Any) -> Any:
     return row
 
 
+def postprocess_all(owner: Any, verdicts: list[Verdict]) -> dict[int, Any]:
+    """The owner's answer for each request with rows to answer: ``postprocess`` once over all of them
+    where each has one row (as unprotected), else, or where that raises, each request alone; a
+    request whose rows make the owner's code raise gets the exception instead."""
+    answering = [i for i, v in enumerate(verdicts) if v.status == 200 and v.outputs is not None]
+    if len(answering) > 1 and all(len(verdicts[i].outputs) == 1 for i in answering):
+        try:
+            answers = owner.postprocess(torch.cat([verdicts[i].outputs for i in answering]))
+            if isinstance(answers, list) and len(answers) == len(answering):
+                return dict(zip(answering, answers))
+        except Exception:
+            pass  # find the request that fails, below
+    values: dict[int, Any] = {}
+    for i in answering:
+        try:
+            answer = owner.postprocess(verdicts[i].outputs)
+            values[i] = answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
+        except Exception as exc:
+            values[i] = exc
+    return values
+
+
 def response_bytes(value: Any, content_type: str | None = None) -> tuple[bytes, str]:
     """A postprocessed answer as TorchServe would put it on the wire (bytes, str, tensor, else JSON)."""
     if isinstance(value, (bytes, bytearray)):
@@ -116,6 +138,27 @@ class OwnerFrontEnd(FrontEnd):
         device = getattr(self.owner, "device", None)
         return torch.device(device) if device is not None else torch.device("cpu")
 
+    def read_all(self, requests: list[Request]) -> list[Read]:
+        """The owner's preprocess over every payload at once, as unprotected; where that raises or
+        does not make one row per request, each request alone, so only a bad one fails."""
+        payloads = [i for i, r in enumerate(requests) if r.explain is None]
+        results: list[Read] = [(None, {}) for _ in requests]  # explain: the gateway's credential check
+        try:
+            rows = self.owner.preprocess([requests[i].body for i in payloads]) if len(payloads) > 1 else None
+        except Exception:
+            rows = None
+        if isinstance(rows, torch.Tensor) and rows.dim() >= 1 and len(rows) == len(payloads):
+            checked = self._checked(rows)
+            for n, i in enumerate(payloads):
+                results[i] = checked if isinstance(checked, Exception) else (checked[n : n + 1], {})
+            return results
+        for i in payloads:
+            try:
+                results[i] = self.read(requests[i])
+            except Exception as exc:
+                results[i] = exc
+        return results
+
     def read(self, request: Request) -> tuple[torch.Tensor | None, dict[str, Any]]:
         if request.explain is not None:  # the gateway's credential check: no payload to read
             return None, {}
@@ -125,9 +168,15 @@ class OwnerFrontEnd(FrontEnd):
             raise InputError(f"the model's handler could not read this request ({type(exc).__name__})") from None
         if not isinstance(rows, torch.Tensor) or rows.dim() < 1 or len(rows) < 1:
             raise InputError("the model's handler made no input rows of this request")
+        checked = self._checked(rows)
+        if isinstance(checked, Exception):
+            raise checked
+        return checked, {}
+
+    def _checked(self, rows: torch.Tensor) -> torch.Tensor | InputError:
         if tuple(rows.shape[1:]) != self.spec.shape:
-            raise InputError(f"the model's handler made rows of shape {tuple(rows.shape[1:])}, not {self.spec.shape}")
-        return rows, {}
+            return InputError(f"the model's handler made rows of shape {tuple(rows.shape[1:])}, not {self.spec.shape}")
+        return rows
 
     def fingerprint_input(self, fingerprint: torch.Tensor) -> torch.Tensor:
         """Fingerprints live in the spec's value range; the owner's preprocess output is normalized."""

@@ -331,6 +331,15 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_header(args) -> int:
+    """The compact header value of a license file; offline, so a client script can call it."""
+    from activeguard.licenses import read_license
+    from activeguard.protection import encode_license_header
+
+    print(encode_license_header(read_license(args.file).to_text()))
+    return 0
+
+
 def cmd_create_token(args) -> int:
     from license_server.auth import create_admin_token
 
@@ -385,6 +394,15 @@ def add_license_commands(sub) -> None:
     p.add_argument("--model-id", default=None)
     _add_client(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "header",
+        help="print an .aglicense as the X-ActiveGuard-License header value (base64 of zlib; no server needed)",
+        description="TorchServe limits a request header to 8 KB; this compact form fits. Use it as "
+        'curl -H "X-ActiveGuard-License: $(activeguard license header alice.aglicense)" ...',
+    )
+    p.add_argument("file", metavar="LICENSE.aglicense")
+    p.set_defaults(func=cmd_header)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -46,3 +46,11 @@ def server(deployment):
         max_batch_delay_ms=20,
     ) as ts:
         yield ts
+
+
+@pytest.fixture(scope="session")
+def fashion_archive(tmp_path_factory) -> dict:
+    """An owner's existing TorchServe deployment (Fashion-MNIST ResNet + PNG handler); see protect_fixtures."""
+    from tests.protect_fixtures import fashion_deployment
+
+    return fashion_deployment(tmp_path_factory.mktemp("fashion-owner"))

@@ -21,7 +21,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from activeguard import inputs, licenses, workloads
+from activeguard import inputs, licenses, sources, workloads
 from activeguard.control import ControlConfig
 from activeguard.data import Split
 from activeguard.evaluation import seed_images
@@ -113,3 +113,25 @@ def fashion_owner() -> tuple[torch.nn.Module, inputs.InputSpec, Split]:
 def write_labels(path: Path) -> Path:
     path.write_text(json.dumps({str(i): name for i, name in enumerate(FASHION_LABELS)}))
     return path
+
+
+FASHION_USERS = [0, 13, 26]  # FOs (0, 0.2), (4, 0.3), (8, 0.4)
+
+
+def fashion_deployment(root: Path, test_images: int = 48) -> dict:
+    """The owner's deployment under ``root``: the archive, licensing for three users, test images."""
+    network, spec, split = fashion_owner()
+    scripted = root / "fashion.pt"
+    torch.jit.save(torch.jit.script(network), str(scripted))  # the owner's file: no ActiveGuard metadata
+    view = inputs.ClientView(network, spec).eval()
+    mid = sources.load(scripted, sources.SourceOptions(overrides=inputs.SpecOverrides(shape=spec.shape))).model_id
+    licensing = Licensing.build(mid, view, split.x_train[:500], FASHION_USERS)
+    labels = write_labels(root / "index_to_name.json")
+    plain = archive(root / "plain", "fashion", scripted, str(OWNER_FILES / "fashion_handler.py"), [labels])
+    return {
+        "root": root,
+        "mar": plain,
+        "licensing": licensing,
+        "images": split.x_test[:test_images],
+        "labels": split.y_test[:test_images],
+    }

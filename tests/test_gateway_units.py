@@ -1,16 +1,23 @@
-"""Gateway parts that need no server: limits, upstream failover, revocation sync, tensor codec."""
+"""Gateway parts that need no server: limits, upstream failover, revocation sync, tensor codec,
+payload validation and the decoding of an owner's handler's answers."""
 
 from __future__ import annotations
+
+import base64
+import io
+import json
 
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from activeguard import protection
 from activeguard_proto.v1 import gateway_pb2
 from gateway.errors import HANDLER_REASON_CODES, handler_refusal, upstream_refusal
 from gateway.service import GatewayConfig, GatewayService, Limits, Metrics, ModelRoute, Refusal, RevocationSync
-from gateway.tensors import from_tensor, to_tensor
+from gateway.tensors import MAX_PAYLOAD_BYTES, check_payload, from_tensor, to_tensor
 from gateway.upstreams import UpstreamError, UpstreamPool
 from handlers.server import free_port
 
@@ -127,6 +134,120 @@ def test_tensor_codec_round_trip_and_validation():
     for tensor in bad:
         with pytest.raises(ValueError):
             from_tensor(tensor)
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A gateway service with no server around it (its upstream is never called)."""
+    config = GatewayConfig(models=[ModelRoute("m", "id", ["127.0.0.1:1"])], signing_key=tmp_path / "k")
+    service = GatewayService(config)
+    yield service
+    service.close()
+
+
+def refusal_of(fn) -> Refusal:
+    with pytest.raises(Refusal) as info:
+        fn()
+    return info.value
+
+
+def test_payloads_are_forwarded_unchanged_and_validated(service):
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+    for kind in ("image/png", "application/json; charset=utf-8", "application/vnd.example+json"):
+        payload = gateway_pb2.Payload(data=png, content_type=kind)
+        assert check_payload(payload) == png
+        assert service._data(gateway_pb2.PredictRequest(model="m", payload=payload)) == png
+    x = np.ones((1, 1, 28, 28), dtype=np.float32)
+    npy = service._data(gateway_pb2.PredictRequest(model="m", inputs=to_tensor(x)))
+    assert np.array_equal(np.load(io.BytesIO(npy)), x)  # a tensor still travels as .npy
+    assert service.config.max_payload_bytes == MAX_PAYLOAD_BYTES  # the largest tensor's bytes by default
+    service.config.max_payload_bytes = 1000
+    bad = [("empty", b"", "image/png"), ("at most 1000", b"x" * 1001, "image/png")]
+    bad += [("not a media type", png, kind) for kind in ("", "png", "a/b/c", "é/x", "a/b;\n", "a/" + "b" * 300)]
+    for message, data, kind in bad:
+        payload = gateway_pb2.Payload(data=data, content_type=kind)
+        refusal = refusal_of(lambda p=payload: service._data(gateway_pb2.PredictRequest(model="m", payload=p)))
+        assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and message in refusal.message, (kind, refusal)
+    refusal = refusal_of(lambda: service._data(gateway_pb2.PredictRequest(model="m")))
+    assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and "payload" in refusal.message
+
+
+def test_oneof_keeps_the_tensor_wire_format():
+    """``inputs``/``outputs`` moved into a oneof: a message encoded as before still reads the same."""
+    tensor = to_tensor(np.arange(4, dtype=np.float32))
+    old = b"\x0a\x01m\x12" + bytes([tensor.ByteSize()]) + tensor.SerializeToString()  # model=1, inputs=2
+    request = gateway_pb2.PredictRequest.FromString(old)
+    assert request.WhichOneof("body") == "inputs" and request.inputs == tensor
+    assert request.SerializeToString() == old
+    both = gateway_pb2.PredictRequest(model="m", inputs=tensor)
+    both.payload.data = b"x"  # setting one member of the oneof clears the other
+    assert both.WhichOneof("body") == "payload" and not both.HasField("inputs")
+
+
+def attested(**fields) -> dict:
+    ok = {"authorized": True, "reason": "authorized", "user": "a", "user_index": 1}
+    return {protection.EXPLANATION: ok, **fields}
+
+
+def test_owner_answers_are_decoded_and_malformed_ones_are_internal():
+    answer = json.dumps({"label": "Bag", "confidence": 0.9}, indent=2).encode()
+    body = attested(payload_b64=base64.b64encode(answer).decode(), content_type="application/json")
+    reply = GatewayService._answer(body, "alice")
+    assert reply.WhichOneof("body") == "payload" and reply.user == "alice"
+    assert (reply.payload.data, reply.payload.content_type) == (answer, "application/json")
+    empty = GatewayService._answer(attested(payload_b64="", content_type="text/plain; charset=utf-8"), "a")
+    assert empty.payload.data == b"" and empty.WhichOneof("body") == "payload"  # an empty answer is an answer
+    tensor = GatewayService._answer(attested(outputs=[[0.25, 0.75]]), "a")
+    assert tensor.WhichOneof("body") == "outputs" and np.allclose(from_tensor(tensor.outputs), [[0.25, 0.75]])
+    kind = "application/json"
+    malformed = [
+        ("is not base64", attested(payload_b64="not base64!", content_type=kind)),
+        ("is not base64", attested(payload_b64="QUJD\u00e9", content_type=kind)),  # not even ASCII
+        ("is not base64", attested(payload_b64="QUJ", content_type=kind)),  # bad padding
+        ("without base64", attested(payload_b64="QUJD")),
+        ("without base64", attested(payload_b64="QUJD", content_type="")),
+        ("without base64", attested(payload_b64="QUJD", content_type="\ud800/x")),
+        ("without base64", attested(payload_b64=None, content_type=kind)),
+        ("without base64", attested(payload_b64=["QUJD"], content_type=kind)),
+        ("without outputs", attested()),
+    ]
+    for message, body in malformed:
+        refusal = refusal_of(lambda b=body: GatewayService._answer(b, "a"))
+        assert refusal.code == grpc.StatusCode.INTERNAL and message in refusal.message, (body, refusal)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    encoded=json_values | st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
+    kind=json_values | st.sampled_from(["application/json", "image/png", "text/plain; charset=utf-8"]),
+    outputs=st.none() | json_values,
+)
+def test_any_handler_answer_is_a_reply_or_an_internal_refusal(encoded, kind, outputs):
+    body = attested(payload_b64=encoded, content_type=kind, outputs=outputs)
+    try:
+        reply = GatewayService._answer(json.loads(json.dumps(body)), "a")
+    except Refusal as refusal:
+        assert refusal.code == grpc.StatusCode.INTERNAL and refusal.message
+    else:
+        assert reply.payload.data == base64.b64decode(encoded) and reply.payload.content_type == kind
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(data=st.binary(max_size=80), kind=st.text(max_size=80) | st.sampled_from(["image/png", "a/b; q=1"]))
+def test_any_payload_is_forwarded_as_is_or_refused_as_invalid(data, kind):
+    try:
+        forwarded = check_payload(gateway_pb2.Payload(data=data, content_type=kind), max_bytes=64)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        assert forwarded == data and 0 < len(data) <= 64 and "/" in kind and kind.isascii()
 
 
 def test_export_public_key_creates_the_key_once(tmp_path, capsys):

@@ -15,46 +15,28 @@ import urllib.request
 
 import grpc
 import pytest
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activeguard import inputs, sources
 from activeguard.cli import main
 from activeguard.protection import encode_license_header
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from handlers.server import ManagedTorchServe
-from tests.protect_fixtures import FASHION_LABELS, OWNER_FILES, Licensing, archive, fashion_owner, png, write_labels
+from tests.protect_fixtures import FASHION_LABELS, Licensing, png
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-USERS = [0, 13, 26]  # FOs (0, 0.2), (4, 0.3), (8, 0.4)
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("owner")
-    network, spec, split = fashion_owner()
-    scripted = root / "fashion.pt"
-    torch.jit.save(torch.jit.script(network), str(scripted))  # the owner's file: no ActiveGuard metadata
-    view = inputs.ClientView(network, spec).eval()
-    mid = sources.load(scripted, sources.SourceOptions(overrides=inputs.SpecOverrides(shape=(1, 28, 28)))).model_id
-    licensing = Licensing.build(mid, view, split.x_train[:500], USERS)
-    labels = write_labels(root / "index_to_name.json")
-    plain = archive(root / "plain", "fashion", scripted, str(OWNER_FILES / "fashion_handler.py"), [labels])
-    images = split.x_test[:48]
-    return {"root": root, "mar": plain, "licensing": licensing, "images": images, "labels": split.y_test[:48]}
-
-
-@pytest.fixture(scope="module")
-def served(owner, tmp_path_factory):
-    root, store = owner["root"], tmp_path_factory.mktemp("store")
-    pub = owner["licensing"].write_public_key(root / "license.pub.pem")
+def served(fashion_archive, tmp_path_factory):
+    root, store = fashion_archive["root"], tmp_path_factory.mktemp("store")
+    pub = fashion_archive["licensing"].write_public_key(root / "license.pub.pem")
     revoked = root / "revoked.txt"
     revoked.write_text("")
     common = ["--out-dir", str(store), "--license-key", str(pub), "--revocation-file", str(revoked)]
     common += ["--input-shape", "1,28,28"]  # plain TorchScript does not say what its input is
-    (store / "fashion.mar").write_bytes(owner["mar"].read_bytes())
-    assert main(["protect", str(owner["mar"]), "--name", "guarded", *common]) == 0
-    assert main(["protect", str(owner["mar"]), "--name", "strict", "--policy", "reject", *common]) == 0
+    (store / "fashion.mar").write_bytes(fashion_archive["mar"].read_bytes())
+    assert main(["protect", str(fashion_archive["mar"]), "--name", "guarded", *common]) == 0
+    assert main(["protect", str(fashion_archive["mar"]), "--name", "strict", "--policy", "reject", *common]) == 0
     models = {n: f"{n}.mar" for n in ("fashion", "guarded", "strict")}
     with ManagedTorchServe(store, models, batch_size=8, max_batch_delay_ms=100) as ts:
         yield {"ts": ts, "revoked": revoked}
@@ -75,12 +57,12 @@ def license_header(licensing: Licensing, row: int, user: str) -> dict[str, str]:
     return {"X-ActiveGuard-License": encode_license_header(licensing.license(row, user).to_text())}
 
 
-def test_licensed_png_clients_get_the_owners_answers_over_http_and_grpc(served, owner):
-    ts, licensing = served["ts"], owner["licensing"]
+def test_licensed_png_clients_get_the_owners_answers_over_http_and_grpc(served, fashion_archive):
+    ts, licensing = served["ts"], fashion_archive["licensing"]
     headers = license_header(licensing, 0, "alice")
     stub = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(ts.grpc_target))
     grpc_license = licensing.license(1, "bob").to_text().encode()
-    for image in owner["images"][:10]:
+    for image in fashion_archive["images"][:10]:
         body = png(image)
         status, plain = http(ts, "fashion", body)
         assert status == 200 and set(plain) == {"label", "confidence"} and plain["label"] in FASHION_LABELS
@@ -93,10 +75,10 @@ def test_licensed_png_clients_get_the_owners_answers_over_http_and_grpc(served, 
         assert json.loads(got.prediction) == json.loads(want.prediction) == plain
 
 
-def test_unlicensed_clients_get_chance_labels_under_random_and_403_under_reject(served, owner):
-    ts, images, truth = served["ts"], owner["images"], owner["labels"]
+def test_unlicensed_clients_get_chance_labels_under_random_and_403_under_reject(served, fashion_archive):
+    ts, images, truth = served["ts"], fashion_archive["images"], fashion_archive["labels"]
     names = [FASHION_LABELS[int(y)] for y in truth]
-    headers = license_header(owner["licensing"], 2, "carol")
+    headers = license_header(fashion_archive["licensing"], 2, "carol")
     licensed = [http(ts, "guarded", png(x), headers)[1]["label"] for x in images]
     unlicensed = []
     for x in images:
@@ -109,7 +91,7 @@ def test_unlicensed_clients_get_chance_labels_under_random_and_403_under_reject(
     assert len(set(unlicensed)) >= 4  # random labels, not one constant answer
     status, answer = http(ts, "strict", png(images[0]))
     assert status == 403 and answer["reason"] == "no_credentials"
-    lic = owner["licensing"]
+    lic = fashion_archive["licensing"]
     forged = license_header(
         Licensing(lic.model_id, Ed25519PrivateKey.generate(), lic.users, lic.fingerprints), 0, "eve"
     )
@@ -117,9 +99,9 @@ def test_unlicensed_clients_get_chance_labels_under_random_and_403_under_reject(
     assert status == 403 and answer["reason"] == "bad_signature"
 
 
-def test_a_revoked_license_is_refused_without_restart(served, owner):
-    ts, licensing = served["ts"], owner["licensing"]
-    body = png(owner["images"][0])
+def test_a_revoked_license_is_refused_without_restart(served, fashion_archive):
+    ts, licensing = served["ts"], fashion_archive["licensing"]
+    body = png(fashion_archive["images"][0])
     alice, bob = licensing.license(0, "alice"), licensing.license(1, "bob")
     alice_id = alice.parsed().license_id
     headers = {"X-ActiveGuard-License": encode_license_header(alice.to_text())}
@@ -133,11 +115,11 @@ def test_a_revoked_license_is_refused_without_restart(served, owner):
         served["revoked"].write_text("")
 
 
-def test_a_request_the_owners_handler_cannot_read_fails_alone(served, owner):
+def test_a_request_the_owners_handler_cannot_read_fails_alone(served, fashion_archive):
     """Garbage bytes make the owner's preprocess raise; they share batches with licensed PNGs."""
-    ts, licensing = served["ts"], owner["licensing"]
+    ts, licensing = served["ts"], fashion_archive["licensing"]
     headers = license_header(licensing, 0, "alice")
-    images = owner["images"][:6]
+    images = fashion_archive["images"][:6]
     expected = [http(ts, "fashion", png(x))[1] for x in images]
     results: dict[str, tuple] = {}
 

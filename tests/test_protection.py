@@ -199,3 +199,58 @@ def test_npy_bodies(lenet, mnist, keys):
     np.save(buf, mnist.x_test[:4].numpy())
     out = Guard(lenet, make_profile(lenet, keys)).handle([Request(buf.getvalue())])
     assert out[0].status == 200 and len(out[0].body["outputs"]) == 4
+
+
+class CountingFront:
+    """Wraps the guard's front end to count the rows each forward pass runs."""
+
+    def __init__(self, guard):
+        self.inner, self.rows = guard.front, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, batch):
+        self.rows.append(len(batch))
+        return self.inner.forward(batch)
+
+
+def test_a_licenses_fingerprint_runs_once_but_expiry_and_revocation_are_checked_every_time(
+    lenet, mnist, keys, fps, tmp_path
+):
+    guard = Guard(lenet, make_profile(lenet, keys, tmp_path, policy="reject"))
+    front = CountingFront(guard)
+    x = body(mnist.x_test[:3])
+    lic = license_text(lenet, keys, fps)
+    first = guard.decide([Request(x, license=lic)], front)
+    second = guard.decide([Request(x, license=lic)], front)
+    assert [first[0].reason, second[0].reason] == ["authorized", "authorized"]
+    assert front.rows == [4, 3]  # the fingerprint's row joined the first pass only
+    assert torch.allclose(first[0].outputs, second[0].outputs, atol=1e-5)
+    (tmp_path / "revoked.txt").write_text(licenses.SignedLicense.from_text(lic).parsed().license_id + "\n")
+    assert guard.decide([Request(x, license=lic)], front)[0].reason == "revoked"
+    short = license_text(lenet, keys, fps, row=1, validity=2)
+    assert guard.decide([Request(x, license=short)], front)[0].reason == "authorized"
+    time.sleep(2.1)
+    assert guard.decide([Request(x, license=short)], front)[0].reason == "expired"
+
+
+def test_a_failed_fingerprint_is_checked_again_every_time(lenet, mnist, keys, fps, tmp_path):
+    """Only successes are remembered: a license whose fingerprint does not decode pays every time."""
+    guard = Guard(lenet, make_profile(lenet, keys, tmp_path, policy="reject"))
+    front = CountingFront(guard)
+    server, _ = keys
+    payload = licenses.make_payload(
+        model_id=model_id(lenet),
+        user="mallory",
+        user_index=int(fps.users[1]),  # bob's FO with alice's fingerprint: decodes to alice, not mallory's FO
+        fo=CONFIG.fo_of_user(int(fps.users[1])),
+        epsilon=CONFIG.epsilon,
+        fingerprint=fps.inputs[0:1],
+        key=server,
+        validity_seconds=3600,
+    )
+    lic = licenses.sign_license(payload, server).to_text()
+    x = body(mnist.x_test[:1])
+    assert [guard.decide([Request(x, license=lic)], front)[0].reason for _ in range(2)] == ["fo_mismatch"] * 2
+    assert front.rows == [2, 2]

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from activeguard_proto.v1 import common_pb2 as activeguard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tiveguard/v1/gateway.proto\x12\x0e\x61\x63tiveguard.v1\x1a\x1b\x61\x63tiveguard/v1/common.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"T\n\x13\x41uthenticateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x07license\x18\x02 \x01(\x0b\x32\x1d.activeguard.v1.SignedLicense\"c\n\x14\x41uthenticateResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x12\n\nuser_index\x18\x03 \x01(\r\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\"G\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06inputs\x18\x02 \x01(\x0b\x32\x16.activeguard.v1.Tensor\"H\n\x0fPredictResponse\x12\'\n\x07outputs\x18\x01 \x01(\x0b\x32\x16.activeguard.v1.Tensor\x12\x0c\n\x04user\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"T\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tupstreams\x18\x03 \x01(\r\x12\x14\n\x0cupstreams_up\x18\x04 \x01(\r\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.activeguard.v1.ModelInfo2\x85\x02\n\x07Gateway\x12Y\n\x0c\x41uthenticate\x12#.activeguard.v1.AuthenticateRequest\x1a$.activeguard.v1.AuthenticateResponse\x12J\n\x07Predict\x12\x1e.activeguard.v1.PredictRequest\x1a\x1f.activeguard.v1.PredictResponse\x12S\n\nListModels\x12!.activeguard.v1.ListModelsRequest\x1a\".activeguard.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tiveguard/v1/gateway.proto\x12\x0e\x61\x63tiveguard.v1\x1a\x1b\x61\x63tiveguard/v1/common.proto\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"-\n\x07Payload\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"T\n\x13\x41uthenticateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x07license\x18\x02 \x01(\x0b\x32\x1d.activeguard.v1.SignedLicense\"c\n\x14\x41uthenticateResponse\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x12\n\nuser_index\x18\x03 \x01(\r\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\"}\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x16.activeguard.v1.TensorH\x00\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x17.activeguard.v1.PayloadH\x00\x42\x06\n\x04\x62ody\"~\n\x0fPredictResponse\x12)\n\x07outputs\x18\x01 \x01(\x0b\x32\x16.activeguard.v1.TensorH\x00\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x17.activeguard.v1.PayloadH\x00\x12\x0c\n\x04user\x18\x02 \x01(\tB\x06\n\x04\x62ody\"\x13\n\x11ListModelsRequest\"T\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tupstreams\x18\x03 \x01(\r\x12\x14\n\x0cupstreams_up\x18\x04 \x01(\r\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.activeguard.v1.ModelInfo2\x85\x02\n\x07Gateway\x12Y\n\x0c\x41uthenticate\x12#.activeguard.v1.AuthenticateRequest\x1a$.activeguard.v1.AuthenticateResponse\x12J\n\x07Predict\x12\x1e.activeguard.v1.PredictRequest\x1a\x1f.activeguard.v1.PredictResponse\x12S\n\nListModels\x12!.activeguard.v1.ListModelsRequest\x1a\".activeguard.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=77
   _globals['_TENSOR']._serialized_end=129
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=131
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=215
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=217
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=316
-  _globals['_PREDICTREQUEST']._serialized_start=318
-  _globals['_PREDICTREQUEST']._serialized_end=389
-  _globals['_PREDICTRESPONSE']._serialized_start=391
-  _globals['_PREDICTRESPONSE']._serialized_end=463
-  _globals['_LISTMODELSREQUEST']._serialized_start=465
-  _globals['_LISTMODELSREQUEST']._serialized_end=484
-  _globals['_MODELINFO']._serialized_start=486
-  _globals['_MODELINFO']._serialized_end=570
-  _globals['_LISTMODELSRESPONSE']._serialized_start=572
-  _globals['_LISTMODELSRESPONSE']._serialized_end=635
-  _globals['_GATEWAY']._serialized_start=638
-  _globals['_GATEWAY']._serialized_end=899
+  _globals['_PAYLOAD']._serialized_start=131
+  _globals['_PAYLOAD']._serialized_end=176
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=178
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=262
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=264
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=363
+  _globals['_PREDICTREQUEST']._serialized_start=365
+  _globals['_PREDICTREQUEST']._serialized_end=490
+  _globals['_PREDICTRESPONSE']._serialized_start=492
+  _globals['_PREDICTRESPONSE']._serialized_end=618
+  _globals['_LISTMODELSREQUEST']._serialized_start=620
+  _globals['_LISTMODELSREQUEST']._serialized_end=639
+  _globals['_MODELINFO']._serialized_start=641
+  _globals['_MODELINFO']._serialized_end=725
+  _globals['_LISTMODELSRESPONSE']._serialized_start=727
+  _globals['_LISTMODELSRESPONSE']._serialized_end=790
+  _globals['_GATEWAY']._serialized_start=793
+  _globals['_GATEWAY']._serialized_end=1054
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,14 @@ class Tensor(_message.Message):
     dtype: str
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
+class Payload(_message.Message):
+    __slots__ = ("data", "content_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    content_type: str
+    def __init__(self, data: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
+
 class AuthenticateRequest(_message.Message):
     __slots__ = ("model", "license")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -39,20 +47,24 @@ class AuthenticateResponse(_message.Message):
     def __init__(self, session_token: _Optional[str] = ..., user: _Optional[str] = ..., user_index: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "inputs")
+    __slots__ = ("model", "inputs", "payload")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: Tensor
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    payload: Payload
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("outputs", "user")
+    __slots__ = ("outputs", "payload", "user")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     outputs: Tensor
+    payload: Payload
     user: str
-    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., user: _Optional[str] = ...) -> None: ...
+    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

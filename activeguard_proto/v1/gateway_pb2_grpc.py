@@ -63,7 +63,7 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
-        """Forward inputs to the model for the session in the call metadata.
+        """Forward a tensor or an opaque payload to the model for the session in the call metadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
