@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.error
 import urllib.request
 
 import grpc
@@ -22,6 +21,7 @@ from activeguard.protection import encode_license_header
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from handlers.server import ManagedTorchServe
 from tests.protect_fixtures import FASHION_LABELS, Licensing, png
+from tests.serving_fixtures import post
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -37,20 +37,17 @@ def served(fashion_archive, tmp_path_factory):
     (store / "fashion.mar").write_bytes(fashion_archive["mar"].read_bytes())
     assert main(["protect", str(fashion_archive["mar"]), "--name", "guarded", *common]) == 0
     assert main(["protect", str(fashion_archive["mar"]), "--name", "strict", "--policy", "reject", *common]) == 0
+    assert main(["protect", str(fashion_archive["mar"]), "--name", "late", *common]) == 0  # registered by a test
     models = {n: f"{n}.mar" for n in ("fashion", "guarded", "strict")}
-    with ManagedTorchServe(store, models, batch_size=8, max_batch_delay_ms=100) as ts:
+    config = root / "config.properties"  # the owner's deployment registers models at run time
+    config.write_text("enable_model_api=true\n")
+    with ManagedTorchServe(store, models, batch_size=8, max_batch_delay_ms=100, owner_config=config) as ts:
         yield {"ts": ts, "revoked": revoked}
 
 
 def http(ts, model: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, object]:
-    req = urllib.request.Request(
-        f"{ts.url}/predictions/{model}", data=body, headers={"Content-Type": "image/png", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+    """A PNG upload, as curl would send it."""
+    return post(f"{ts.url}/predictions/{model}", body, {"Content-Type": "image/png", **(headers or {})})
 
 
 def license_header(licensing: Licensing, row: int, user: str) -> dict[str, str]:
@@ -137,3 +134,16 @@ def test_a_request_the_owners_handler_cannot_read_fails_alone(served, fashion_ar
         assert status == 400 and answer["reason"] == "malformed_input", answer
     assert [results[f"ok{i}"] for i in range(len(images))] == [(200, e) for e in expected]
     assert ts.worker_status("guarded") == "READY"  # the worker lives on
+
+
+def test_the_protected_archive_registers_through_the_management_api(served, fashion_archive):
+    """Model-store conventions kept: POST /models registers it like any other archive."""
+    ts = served["ts"]
+    url = f"{ts.management_url}/models?url=late.mar&initial_workers=1&synchronous=true"
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=120) as resp:
+        assert resp.status == 200
+    body = png(fashion_archive["images"][0])
+    expected = http(ts, "fashion", body)
+    assert http(ts, "late", body, license_header(fashion_archive["licensing"], 0, "alice")) == expected
+    status, answer = http(ts, "late", body)
+    assert status == 200 and set(answer) == {"label", "confidence"}

@@ -10,8 +10,6 @@ the unprotected one does, and unlicensed ones with random predictions of the sam
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from activeguard.cli import main
 from activeguard.protection import encode_license_header
 from handlers.server import ManagedTorchServe
 from tests.protect_fixtures import Licensing, archive
+from tests.serving_fixtures import post
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -75,15 +74,8 @@ def stock(lenet, mnist, tmp_path_factory):
 
 
 def predict(ts, model: str, rows: torch.Tensor, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    body = json.dumps({"instances": rows.tolist()}).encode()
-    req = urllib.request.Request(
-        f"{ts.url}/predictions/{model}", data=body, headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+    """TorchServe's JSON envelope: one instance per request."""
+    return post(f"{ts.url}/predictions/{model}", json.dumps({"instances": rows.tolist()}).encode(), headers)
 
 
 def test_the_owners_config_is_kept_but_the_server_stays_on_loopback(stock):
