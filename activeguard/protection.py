@@ -25,10 +25,9 @@ import logging
 import math
 import os
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 from activeguard import licenses, sessions
 from activeguard.control import ControlConfig, decide, random_outputs
 from activeguard.inputs import InputSpec, SpecOverrides
+from activeguard.recent import Recent
 from activeguard.sources import SOURCES, SourceOptions
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 PROFILE_FORMAT = "activeguard-profile/1"
 MAX_LICENSE_BYTES = 1024 * 1024
 CACHE_ENTRIES = 4096  # verified licenses, session tokens and passed fingerprints a worker remembers
-K = TypeVar("K")
-V = TypeVar("V")
 PROFILE_FILE = "activeguard-profile.json"
 MODEL_CODE_FILE = "model.py"  # the eager convention's network code inside an archive (--model-file)
 
@@ -269,9 +267,9 @@ class Guard:
         # Fingerprints: the served model is fixed for the worker's life, so a license whose
         # fingerprint decoded to its user once will again; its next requests skip the extra row.
         # Expiry, model and revocation are still checked on every request.
-        self._signed_licenses: _Recent[bytes, licenses.LicensePayload] = _Recent(CACHE_ENTRIES)
-        self._signed_tokens: _Recent[str, sessions.SessionClaims] = _Recent(CACHE_ENTRIES)
-        self._passed_fingerprints: _Recent[tuple[str, str], int] = _Recent(CACHE_ENTRIES)
+        self._signed_licenses: Recent[bytes, licenses.LicensePayload] = Recent(CACHE_ENTRIES)
+        self._signed_tokens: Recent[str, sessions.SessionClaims] = Recent(CACHE_ENTRIES)
+        self._passed_fingerprints: Recent[tuple[str, str], int] = Recent(CACHE_ENTRIES)
 
     # -- revocation: re-read the file only when it changes, so updates need no restart --------
     def revoked(self) -> frozenset[str]:
@@ -643,27 +641,6 @@ class _Batch:
     fingerprint_keys: dict[int, tuple[str, str]] = field(default_factory=dict)
     denied: dict[int, str] = field(default_factory=dict)
     explain: dict[int, sessions.SessionClaims] = field(default_factory=dict)
-
-
-class _Recent(Generic[K, V]):
-    """A bounded map that forgets the least recently used entry first (thread-safe enough for
-    TorchServe, whose worker handles one batch at a time)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
 
 
 def _digest(raw: Any) -> bytes:

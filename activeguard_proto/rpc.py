@@ -70,15 +70,20 @@ class ErrorMapper:
         try:
             result = fn()
         except Exception as exc:  # noqa: BLE001 - every failure ends as a status, never a raw exception
-            refusal = self.refusal_for(exc)
-            if refusal is None:
-                self.logger.error("%s: %s", method, INTERNAL_MESSAGE, exc_info=True)
-                refusal = Refusal(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-            self._count(method, refusal.code, exc)
+            refusal = self._final(method, exc)
             context.abort(refusal.code, clip(refusal.message))
             raise  # unreachable with a real context: abort raises
         self._count(method, grpc.StatusCode.OK, None)
         return result
+
+    def _final(self, method: str, exc: BaseException) -> Refusal:
+        """The refusal a failure ends in (INTERNAL for a bug, logged with its traceback), counted once."""
+        refusal = self.refusal_for(exc)
+        if refusal is None:
+            self.logger.error("%s: %s", method, INTERNAL_MESSAGE, exc_info=exc)
+            refusal = Refusal(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        self._count(method, refusal.code, exc)
+        return refusal
 
     def _count(self, method: str, code: grpc.StatusCode, exc: BaseException | None) -> None:
         if self.on_result is not None:
@@ -147,6 +152,14 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = _bind(server, host, port, credentials)
+    return BuiltServer(server=server, health=health_servicer, port=bound, service_names=names)
+
+
+def _bind(
+    server: grpc.Server | grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
+    """The bound port; OSError naming the address when it cannot be bound (most often: the port is taken)."""
     address = f"{host}:{port}"
     try:
         bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -154,4 +167,4 @@ def build_server(
         bound = 0
     if not bound:
         raise OSError(f"cannot bind gRPC to {address}: the port is taken or the address is not local")
-    return BuiltServer(server=server, health=health_servicer, port=bound, service_names=names)
+    return bound

@@ -123,6 +123,7 @@ def measure_interleaved(
     block: int,
     warmup: int = 0,
     seed: int = 0,
+    cpu_seconds: Callable[[], float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Closed-loop load on several alternatives, interleaved so drift in machine load hits each alike.
 
@@ -131,22 +132,42 @@ def measure_interleaved(
     is answered. Each round visits every alternative once, in an order shuffled per round, for a
     block of ``block`` requests; rounds repeat until each alternative has ``requests`` (rounded up
     to whole blocks). ``warmup`` unmeasured requests per alternative come first. Throughput is
-    requests over the summed wall time of that alternative's blocks. Returns name → ``latency_summary``.
+    requests over the summed wall time of that alternative's blocks. Returns name → ``latency_summary``;
+    with ``cpu_seconds`` (a cumulative CPU clock, e.g. :func:`process_cpu_seconds` of a server), also
+    ``cpu_ms_per_request``: that clock's advance during the alternative's blocks, per request.
     """
     names = list(calls)
     order = random.Random(seed)
     latencies: dict[str, list[float]] = {n: [] for n in names}
     wall = dict.fromkeys(names, 0.0)
+    cpu = dict.fromkeys(names, 0.0)
+    clock = cpu_seconds or (lambda: 0.0)
     with ThreadPoolExecutor(clients) if clients > 1 else _Inline() as pool:
         for name in names:
             list(pool.map(calls[name], range(warmup)))
         for round_ in range(-(-requests // block)):
             order.shuffle(names)  # no alternative always follows another
             for name in names:
-                start = time.perf_counter()
+                cpu_start, start = clock(), time.perf_counter()
                 latencies[name] += pool.map(calls[name], range(round_ * block, (round_ + 1) * block))
                 wall[name] += time.perf_counter() - start
-    return {name: latency_summary(latencies[name], wall[name]) for name in calls}
+                cpu[name] += clock() - cpu_start
+    summaries = {name: latency_summary(latencies[name], wall[name]) for name in calls}
+    if cpu_seconds is not None:
+        for name, summary in summaries.items():
+            summary["cpu_ms_per_request"] = 1000 * cpu[name] / len(latencies[name])
+    return summaries
+
+
+def process_cpu_seconds(pid: int) -> Callable[[], float]:
+    """A clock of the user + system CPU time of process ``pid`` (all its threads), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15 of stat)
+
+    return read
 
 
 class _Inline:

@@ -27,13 +27,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from activeguard import licenses, sessions
 from activeguard.protection import EXPLANATION
+from activeguard.recent import Recent
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.errors import Refusal, handler_refusal, upstream_refusal
-from gateway.tensors import MAX_PAYLOAD_BYTES, check_payload, from_tensor, is_media_type, to_tensor
+from gateway.tensors import MAX_PAYLOAD_BYTES, check_payload, is_media_type, npy_from_tensor, to_tensor
 from gateway.upstreams import UpstreamError, UpstreamPool
 
 log = logging.getLogger("activeguard.gateway")
+SESSION_CACHE_ENTRIES = 65536  # verified session tokens remembered (~1 KB each)
 
 
 @dataclass
@@ -246,6 +248,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.config = config
         self.metrics = Metrics()
         self.key, _ = licenses.load_or_create_signing_key(config.signing_key)
+        self._public_key = self.key.public_key()
+        self._sessions: Recent[str, sessions.SessionClaims] = Recent(SESSION_CACHE_ENTRIES)
         self.routes = {m.name: m for m in config.models}
         self.pools = {
             m.name: UpstreamPool(m.name, m.upstreams, deadline_s=config.upstream_deadline_s) for m in config.models
@@ -293,6 +297,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             raise handler_refusal(str(explanation.get("reason", "unknown")))
         return explanation
 
+    def _signed_claims(self, token: str) -> sessions.SessionClaims:
+        """The claims of a session this gateway signed: the signature is checked once per token
+        (remembered until the token ages out of a bounded map); purpose, expiry, model and
+        revocation are checked by the caller on every call."""
+        claims = self._sessions.get(token)
+        if claims is None:
+            claims = sessions.signed_claims(token, self._public_key)
+            self._sessions.put(token, claims)
+        return claims
+
     def _data(self, request: gateway_pb2.PredictRequest) -> bytes:
         """The ``data`` TorchServe gets: a tensor as .npy, a payload's bytes exactly as they came."""
         carried = request.WhichOneof("body")
@@ -302,7 +316,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 log.debug("payload of %d bytes (%s) for %s", len(data), request.payload.content_type, request.model)
                 return data
             if carried == "inputs":
-                return _npy(from_tensor(request.inputs))
+                return npy_from_tensor(request.inputs)
         except ValueError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "send inputs (a tensor) or a payload (bytes and content type)")
@@ -381,25 +395,24 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     "no session: call Authenticate and send 'authorization: Bearer <token>'",
                 )
             try:
-                claims = sessions.verify_session(
-                    token[7:].strip(), self.key.public_key(), model_id=route.model_id, revoked=self.sync.revoked
+                claims = sessions.admit_claims(
+                    self._signed_claims(token[7:].strip()), model_id=route.model_id, revoked=self.sync.revoked
                 )
             except sessions.RevokedSession as exc:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
             except sessions.SessionError as exc:
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
             self.limits.admit_call(claims.user)
-            body = self._forward(route.name, {"data": self._data(request), "session": token[7:].strip().encode()})
+            data = self._data(request)
+            body = self._forward(route.name, {"data": data, "session": token[7:].strip().encode()})
             self._outcome(body)
             return self._answer(body, claims.user)
 
         return self._run("Predict", context, run)
 
     def ListModels(self, request, context):
-        return self._run(
-            "ListModels",
-            context,
-            lambda: gateway_pb2.ListModelsResponse(
+        def run():
+            return gateway_pb2.ListModelsResponse(
                 models=[
                     gateway_pb2.ModelInfo(
                         name=r.name,
@@ -409,8 +422,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     )
                     for r in self.routes.values()
                 ]
-            ),
-        )
+            )
+
+        return self._run("ListModels", context, run)
 
     def close(self) -> None:
         self.sync.stop()

@@ -24,6 +24,15 @@ class UpstreamError(Exception):
         self.code, self.tried = code, tried
 
 
+# One channel per TorchServe, opened at start and kept: its HTTP/2 connection is made before the
+# first call and is not dropped when traffic pauses (gRPC's default closes it after 30 idle
+# minutes). Keepalive pings stay at TorchServe's (grpc-java's) permitted rate of one per 5 minutes.
+CHANNEL_OPTIONS = (
+    ("grpc.client_idle_timeout_ms", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 300_000),
+)
+
+
 @dataclass
 class Upstream:
     target: str
@@ -33,8 +42,9 @@ class Upstream:
     down_until: float = 0.0
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        grpc.channel_ready_future(self.channel)  # start connecting now, not on the first request
 
 
 class UpstreamPool:
