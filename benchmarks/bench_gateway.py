@@ -1,4 +1,4 @@
-"""Gateway → TorchServe vs a client calling TorchServe's gRPC API directly, same model, one run.
+"""Gateway → TorchServe vs a client calling TorchServe directly (gRPC, and HTTP), same model, one run.
 
 Both paths carry a session token (direct: in TorchServe's ``input`` map; gateway: in call
 metadata), so the difference is the gateway's own hop. Blocks of requests alternate between the
@@ -26,7 +26,14 @@ from activeguard.data import load_mnist
 from activeguard.models import train_lenet5
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
-from benchmarks.common import host_description, measure_interleaved, process_cpu_seconds, timed, write_result
+from benchmarks.common import (
+    HTTPClients,
+    host_description,
+    measure_interleaved,
+    process_cpu_seconds,
+    timed,
+    write_result,
+)
 from gateway.process import GatewayProcess
 from gateway.tensors import to_tensor
 from handlers.packaging import package
@@ -38,6 +45,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=600, help="requests per path and concurrency level")
     parser.add_argument("--runs", type=int, default=3, help="runs per concurrency level; the goals use their median")
+    parser.add_argument(
+        "--upstream",
+        choices=("http", "grpc"),
+        default="http",
+        help="the gateway's Predict upstream: TorchServe's HTTP API (the default route setting "
+        "http_upstreams) or its gRPC API",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gateway.json"))
     args = parser.parse_args()
 
@@ -60,7 +74,14 @@ def main() -> None:
         )
         with ManagedTorchServe(d.store, {"mnist": "mnist.mar"}, batch_size=8, max_batch_delay_ms=2) as ts:
             config = {
-                "models": [{"name": "mnist", "model_id": d.model_id, "upstreams": [ts.grpc_target]}],
+                "models": [
+                    {
+                        "name": "mnist",
+                        "model_id": d.model_id,
+                        "upstreams": [ts.grpc_target],
+                        "http_upstreams": [ts.url] if args.upstream == "http" else [],
+                    }
+                ],
                 "signing_key": str(key_path),
                 "license_keys_pem": list(profile.license_public_keys.values()),
                 "rate_per_user_per_s": 1e9,
@@ -69,7 +90,7 @@ def main() -> None:
             (root / "gw.json").write_text(json.dumps(config))
             gw = GatewayProcess(root / "gw.json", root)
             try:
-                results = measure(ts.grpc_target, gw.target, token, x, args.requests, args.runs, gw.proc.pid)
+                results = measure(ts, gw.target, token, x, args.requests, args.runs, gw.proc.pid)
             finally:
                 gw.stop()
     out = {
@@ -84,14 +105,14 @@ def main() -> None:
 
 
 def measure(
-    direct_target: str, gateway_target: str, token: str, x: np.ndarray, requests: int, runs: int, gateway_pid: int
+    ts: ManagedTorchServe, gateway_target: str, token: str, x: np.ndarray, requests: int, runs: int, gateway_pid: int
 ) -> dict:
-    """Per concurrency level: each run interleaves direct and gateway blocks (shuffled order); the
-    gateway's CPU clock is read around every block, so its CPU per request is charged to the path
-    that caused it (the direct path's figure is the gateway idling: a check on the method)."""
+    """Per concurrency level: each run interleaves direct gRPC, direct HTTP and gateway blocks
+    (shuffled order); the gateway's CPU clock is read around every block, so its CPU per request is
+    charged to the path that caused it (the direct paths' figures are the gateway idling: a check)."""
     buf = io.BytesIO()
     np.save(buf, x)
-    direct_channel, gateway_channel = grpc.insecure_channel(direct_target), grpc.insecure_channel(gateway_target)
+    direct_channel, gateway_channel = grpc.insecure_channel(ts.grpc_target), grpc.insecure_channel(gateway_target)
     direct = inference_pb2_grpc.InferenceAPIsServiceStub(direct_channel)
     gateway = gateway_pb2_grpc.GatewayStub(gateway_channel)
     direct_request = inference_pb2.PredictionsRequest(
@@ -99,8 +120,11 @@ def measure(
     )
     gateway_request = gateway_pb2.PredictRequest(model="mnist", inputs=to_tensor(x))
     metadata = (("authorization", f"Bearer {token}"),)
+    http = HTTPClients(ts.ports.inference)
+    http_headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
     calls = {
         "direct": lambda _i: 1000 * timed(lambda: direct.Predictions(direct_request, timeout=30))[0],
+        "direct_http": lambda _i: http.post("/predictions/mnist", buf.getvalue(), http_headers)[0],
         "gateway": lambda _i: 1000 * timed(lambda: gateway.Predict(gateway_request, metadata=metadata, timeout=30))[0],
     }
     cpu = process_cpu_seconds(gateway_pid)
@@ -115,6 +139,7 @@ def measure(
         results[f"clients{clients}"] = {"runs": per_run, "median": medians(per_run)}
     direct_channel.close()
     gateway_channel.close()
+    http.close()
     return results
 
 
@@ -124,8 +149,14 @@ def medians(per_run: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     def median(fn) -> float:
         return statistics.median(fn(run["direct"], run["gateway"]) for run in per_run)
 
+    def versus_http(fn) -> float:
+        return statistics.median(fn(run["direct_http"], run["gateway"]) for run in per_run)
+
     return {
         "direct_p50_ms": median(lambda d, g: d["p50_ms"]),
+        "direct_http_p50_ms": versus_http(lambda d, g: d["p50_ms"]),
+        "added_p50_ms_vs_direct_http": versus_http(lambda d, g: g["p50_ms"] - d["p50_ms"]),
+        "throughput_vs_direct_http": versus_http(lambda d, g: g["throughput_rps"] / d["throughput_rps"]),
         "gateway_p50_ms": median(lambda d, g: g["p50_ms"]),
         "added_p50_ms": median(lambda d, g: g["p50_ms"] - d["p50_ms"]),
         "throughput_vs_direct": median(lambda d, g: g["throughput_rps"] / d["throughput_rps"]),

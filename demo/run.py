@@ -242,7 +242,14 @@ class Demo:
         )  # its logs stay in the report directory
         self.report["processes"]["torchserve_group"] = self.torchserve.process.pid
         config = {
-            "models": [{"name": MODEL_NAME, "model_id": self.model_id, "upstreams": [self.torchserve.grpc_target]}],
+            "models": [
+                {
+                    "name": MODEL_NAME,
+                    "model_id": self.model_id,
+                    "upstreams": [self.torchserve.grpc_target],
+                    "http_upstreams": [self.torchserve.url],  # Predict's fast path
+                }
+            ],
             "signing_key": str(gw_dir / "gateway.key"),
             "license_server": self.license_server.target,
             "revocation_file": str(revocations),

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         required=True,
-        help="JSON: models [{name, model_id, upstreams}], signing_key, license_server, "
+        help="JSON: models [{name, model_id, upstreams (TorchServe gRPC host:port), http_upstreams "
+        "(optional TorchServe http://host:port for Predict)}], signing_key, license_server, "
         "revocation_file, session_ttl_s, poll_interval_s, max_revocation_staleness_s (fail closed: "
         "no new sessions while the revocation list is older), upstream_deadline_s, "
         "rate_per_user_per_s, max_sessions_per_user",

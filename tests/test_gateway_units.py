@@ -4,8 +4,10 @@ payload validation and the decoding of an owner's handler's answers."""
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
+import threading
 
 import grpc
 import numpy as np
@@ -18,7 +20,7 @@ from activeguard_proto.v1 import gateway_pb2
 from gateway.errors import HANDLER_REASON_CODES, handler_refusal, upstream_refusal
 from gateway.service import GatewayConfig, GatewayService, Limits, Metrics, ModelRoute, Refusal, RevocationSync
 from gateway.tensors import MAX_PAYLOAD_BYTES, check_payload, from_tensor, to_tensor
-from gateway.upstreams import UpstreamError, UpstreamPool
+from gateway.upstreams import CallFailed, HttpUpstream, UpstreamError, UpstreamPool, make_upstream
 from handlers.server import free_port
 
 
@@ -277,3 +279,54 @@ def test_export_public_key_creates_the_key_once(tmp_path, capsys):
     assert "loaded" in out and "PRIVATE" not in out and pem.read_bytes() == first  # same key, never overwritten
     signer = licenses.load_signing_key(tmp_path / "gateway.key")
     assert licenses.key_id(licenses.load_public_key(pem)) == licenses.key_id(signer.public_key())
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """TorchServe's HTTP API as the gateway sees it: the path picks the answer."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as TorchServe
+    seen: list[tuple[str, str, str, bytes]] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, self.headers["Content-Type"], self.headers.get("Authorization", ""), body))
+        status, answer = {
+            "/predictions/ok": (200, b'{"outputs": [[1.0]]}'),
+            "/predictions/refused": (403, b'{"error": "unauthorized", "reason": "bad_session"}'),
+            "/predictions/missing": (404, b'{"code": 404, "type": "ModelNotFoundException"}'),
+            "/predictions/busy": (503, b'{"code": 503, "type": "ServiceUnavailableException"}'),
+        }[self.path]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_upstream_passes_handler_answers_and_maps_torchserve_errors():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    upstream = make_upstream(f"http://127.0.0.1:{server.server_port}")
+    try:
+        assert isinstance(upstream, HttpUpstream)
+        body = upstream.call("ok", {"data": b"\x89PNG", "session": b"tok"}, "image/png", 5)
+        assert body == b'{"outputs": [[1.0]]}'
+        assert _Handler.seen[-1] == ("/predictions/ok", "image/png", "Bearer tok", b"\x89PNG")
+        assert b"bad_session" in upstream.call("refused", {"data": b"x"}, None, 5)  # the handler's refusal
+        assert _Handler.seen[-1][1] == "application/octet-stream"
+        for model, code in (("missing", grpc.StatusCode.NOT_FOUND), ("busy", grpc.StatusCode.UNAVAILABLE)):
+            with pytest.raises(CallFailed) as failed:
+                upstream.call(model, {"data": b"x"}, None, 5)
+            assert failed.value.code == code
+    finally:
+        server.shutdown()
+        server.server_close()
+    upstream.close()
+    with pytest.raises(CallFailed) as failed:  # nothing listens there: refused twice, then UNAVAILABLE
+        make_upstream(f"http://127.0.0.1:{free_port()}").call("ok", {"data": b"x"}, None, 2)
+    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ValueError, match="http://"):
+        make_upstream("http://no-port")

@@ -53,7 +53,8 @@ def stack(fashion_archive, tmp_path_factory):
     models = {"fashion": "fashion.mar", "guarded": "guarded.mar"}
     with ManagedTorchServe(store, models, batch_size=4, max_batch_delay_ms=20) as ts:
         config = GatewayConfig(
-            models=[ModelRoute("guarded", licensing.model_id, [ts.grpc_target])],
+            # Authenticate over TorchServe's gRPC API, Predict over its HTTP API (content type kept)
+            models=[ModelRoute("guarded", licensing.model_id, [ts.grpc_target], http_upstreams=[ts.url])],
             signing_key=root / "gateway.key",
             license_keys_pem=[license_pub.read_text()],
             revocation_file=revoked,
