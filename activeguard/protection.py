@@ -242,11 +242,12 @@ def decode_license_header(raw: str | bytes) -> str:
 class Guard:
     """Decides a batch of requests against one model and its profile."""
 
-    def __init__(self, model: nn.Module, profile: Profile, device: torch.device | str | None = None):
+    def __init__(self, model: nn.Module | None, profile: Profile, device: torch.device | str | None = None):
         """``device`` is where the model runs (TorchServe's ``gpu_id``); requests are parsed on the
-        CPU and moved there in one batch. Default: wherever the model's parameters already are."""
+        CPU and moved there in one batch. Default: wherever the model's parameters already are.
+        ``model`` None: every decision goes through a front end that runs its own model (an owner's handler)."""
         self.device = torch.device(device) if device is not None else _model_device(model)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval() if model is not None else None
         self.profile = profile
         self.config = profile.control
         self.license_keys = {
@@ -656,8 +657,8 @@ def _fingerprint_key(payload: licenses.LicensePayload) -> tuple[str, str]:
     return (payload.license_id, payload.fingerprint_sha256)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
+def _model_device(model: nn.Module | None) -> torch.device:
+    first = next(iter(model.parameters()), None) if model is not None else None
     return first.device if first is not None else torch.device("cpu")
 
 

@@ -160,7 +160,7 @@ class ActiveGuardHandler(BaseHandler):
         ones; a probe warns where the owner's inference answers otherwise than the profiled model."""
         self.owner = owner_handler_class(profile.owner_handler)()
         self.owner.initialize(context)
-        self.guard = Guard(loaded.model, profile, device="cpu")
+        self.guard = Guard(None, profile, device="cpu")  # the owner's handler holds the one served copy
         self.front = OwnerFrontEnd(self.guard, self.owner, profile.spec)
         self.device = self.front.device
         self.map_location = self.device.type
