@@ -8,6 +8,7 @@ robustness) and the audits (suspect zoo) both attack models; neither should impo
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -181,3 +182,63 @@ def prune_sweep(
             break
         kept.append((rate, pruned, q))
     return kept
+
+
+# --- function-preserving edits: same outputs, different weights ---------------------------------
+# Between ``producer`` and ``consumer`` only channel-wise, positively homogeneous operations may
+# stand (ReLU, max-pooling, flatten): no BatchNorm, no residual sum. That holds for LeNet-5's
+# conv1 → conv2 and conv2 → fc1; these edits are what breaks a weight watermark read at fixed
+# positions without changing a single answer.
+
+
+def _producer_consumer(model: nn.Module, producer: str, consumer: str) -> tuple[nn.Module, nn.Module, int]:
+    """The two layers and how many consumer inputs each producer channel feeds (1 for a conv, the
+    flattened spatial size for a linear after flatten)."""
+    modules = dict(model.named_modules())
+    if producer not in modules or consumer not in modules:
+        raise ValueError(f"model has no layers {producer!r} and {consumer!r}")
+    prod, cons = modules[producer], modules[consumer]
+    channels = prod.weight.shape[0]
+    inputs = cons.weight.shape[1]
+    if inputs % channels:
+        raise ValueError(f"{consumer!r} takes {inputs} inputs, not a multiple of {producer!r}'s {channels} channels")
+    return prod, cons, inputs // channels
+
+
+def _edit_channels(
+    model: nn.Module, producer: str, consumer: str, order: torch.Tensor, scale: torch.Tensor
+) -> nn.Module:
+    """Producer channel i becomes ``scale[i]`` × old channel ``order[i]``; the consumer undoes both."""
+    edited = copy.deepcopy(model)
+    prod, cons, block = _producer_consumer(edited, producer, consumer)
+    with torch.no_grad():
+        view = (-1,) + (1,) * (prod.weight.dim() - 1)
+        prod.weight.copy_(prod.weight[order] * scale.view(view))
+        if prod.bias is not None:
+            prod.bias.copy_(prod.bias[order] * scale)
+        # consumer inputs: channel c's block of ``block`` columns moves with it and is divided by its scale
+        columns = (order.view(-1, 1) * block + torch.arange(block).view(1, -1)).reshape(-1)
+        inverse = (1.0 / scale).repeat_interleave(block)
+        w = cons.weight[:, columns]
+        cons.weight.copy_(w * inverse.view((1, -1) + (1,) * (w.dim() - 2)))
+    return edited
+
+
+def permute_channels(model: nn.Module, producer: str, consumer: str, seed: int = 0) -> nn.Module:
+    """Shuffle ``producer``'s output channels (filters) and the consumer's matching inputs."""
+    channels = dict(model.named_modules())[producer].weight.shape[0]
+    order = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))
+    return _edit_channels(model, producer, consumer, order, torch.ones(channels))
+
+
+def rescale_channels(
+    model: nn.Module, producer: str, consumer: str, low: float = 0.5, high: float = 2.0, seed: int = 0
+) -> nn.Module:
+    """Multiply each ``producer`` channel by a factor in [low, high] (log-uniform) and divide the
+    consumer's matching inputs by it (positive factors commute with ReLU and max-pooling)."""
+    if not 0 < low <= high:
+        raise ValueError(f"scale factors must satisfy 0 < low <= high, got [{low}, {high}]")
+    channels = dict(model.named_modules())[producer].weight.shape[0]
+    u = torch.rand(channels, generator=torch.Generator().manual_seed(seed))
+    scale = torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    return _edit_channels(model, producer, consumer, torch.arange(channels), scale)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from activeguard import attacks
 from activeguard import watermark as wm
 from activeguard.attacks import fine_tune, prune_layer
 from activeguard.models import LeNet5, MLPClassifier, accuracy, train_lenet5
@@ -288,3 +289,27 @@ def test_key_file_tampering_and_corruption(tmp_path: Path, small_key):
     path.write_text("")
     with pytest.raises(wm.WatermarkKeyError, match="not JSON"):
         wm.load_key(path, PASS)
+
+
+def test_function_preserving_edits_keep_every_answer_and_move_the_mark(split, wm1):
+    """Filter permutation and positive rescaling (LeNet-5: conv1 → conv2 → fc1) change no output
+    but move the watermarked weights: a mark read at fixed positions does not survive them
+    (issue: 1/13 and 0/13 digits), which is why the audit must align before it extracts."""
+    key, marked = wm1
+    x = split.x_test[:64]
+    edited = {
+        "permute conv2": attacks.permute_channels(marked, "conv2", "fc1", seed=1),
+        "permute conv1": attacks.permute_channels(marked, "conv1", "conv2", seed=2),
+        "rescale conv2": attacks.rescale_channels(marked, "conv2", "fc1", seed=3),
+        "both": attacks.rescale_channels(attacks.permute_channels(marked, "conv2", "fc1", seed=1), "conv2", "fc1"),
+    }
+    with torch.no_grad():
+        want = marked(x)
+        for name, model in edited.items():
+            assert torch.allclose(model(x), want, atol=1e-4, rtol=1e-4), name
+            assert not torch.equal(model.conv2.weight, marked.conv2.weight) or "conv1" in name, name
+    assert wm.verify(marked, key).success
+    for name in ("permute conv2", "rescale conv2", "both"):
+        assert wm.verify(edited[name], key).matched < len(key.digits) // 2, name
+    with pytest.raises(ValueError, match="not a multiple"):
+        attacks.permute_channels(marked, "conv2", "fc3")
