@@ -71,6 +71,18 @@ class InputSpec:
     def bounds(self) -> tuple[float, float]:
         return (self.low, self.high)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows in this spec's range as the network takes them: (x − mean) / std per channel."""
+        if self.mean is None:
+            return x
+        view = (1, -1) + (1,) * (len(self.shape) - 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(view)
+        return (x - mean) / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(view)
+
+    def logits(self, scores: torch.Tensor) -> torch.Tensor:
+        """The network's answer as logits: log p for a network that answers probabilities."""
+        return log_probabilities(scores) if self.outputs == "probabilities" else scores
+
     def random_rows(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform rows in the input box (probes, noise seeds)."""
         return self.low + (self.high - self.low) * torch.rand((n, *self.shape), generator=generator)
@@ -150,11 +162,6 @@ class ClientView(nn.Module):
         self.spec = spec
         self.batch_limit = batch_limit
         self.fixed_mode = fixed_mode  # an exported program is captured in eval mode and refuses train()/eval()
-        view = (1, -1) + (1,) * (len(spec.shape) - 1)
-        mean = torch.tensor(spec.mean or (0.0,)).view(view)
-        std = torch.tensor(spec.std or (1.0,)).view(view)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
 
     def train(self, mode: bool = True) -> ClientView:
         if self.fixed_mode:
@@ -168,13 +175,11 @@ class ClientView(nn.Module):
         return self.spec.mean is None and self.spec.outputs == "logits"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.scores(x)
-        return torch.log(out.clamp_min(1e-12)) if self.spec.outputs == "probabilities" else out
+        return self.spec.logits(self.scores(x))
 
     def scores(self, x: torch.Tensor) -> Any:
         """The network's own answer (logits or probabilities) to client rows."""
-        if self.spec.mean is not None:
-            x = (x - self.mean) / self.std
+        x = self.spec.normalize(x)
         if self.batch_limit is None or len(x) == self.batch_limit:
             return self.network(x)
         return torch.cat([self._fixed_batch(x[i : i + self.batch_limit]) for i in range(0, len(x), self.batch_limit)])
@@ -184,6 +189,11 @@ class ClientView(nn.Module):
         if missing:
             chunk = torch.cat([chunk, chunk[:1].expand(missing, *chunk.shape[1:])])
         return self.network(chunk)[: self.batch_limit - missing]
+
+
+def log_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """log p, finite where p is 0 (softmax of the result gives p back)."""
+    return torch.log(p.clamp_min(1e-12))
 
 
 def network_of(model: nn.Module) -> nn.Module:

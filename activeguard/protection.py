@@ -35,7 +35,7 @@ from torch import nn
 
 from activeguard import licenses, sessions
 from activeguard.control import ControlConfig, decide, random_outputs
-from activeguard.inputs import InputSpec, SpecOverrides
+from activeguard.inputs import InputSpec, SpecOverrides, log_probabilities
 from activeguard.recent import Recent
 from activeguard.sources import SOURCES, SourceOptions
 
@@ -625,7 +625,7 @@ class FrontEnd:
 
     def fake(self, probabilities: torch.Tensor, like: Any) -> Any:
         """Random rows in the model's own output form, for a refused request under ``random``."""
-        return torch.log(probabilities.clamp_min(1e-12))
+        return log_probabilities(probabilities)
 
 
 @dataclass

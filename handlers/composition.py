@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from activeguard.inputs import InputSpec
+from activeguard.inputs import InputSpec, log_probabilities
 from activeguard.protection import EXPLANATION, FrontEnd, Guard, InputError, Read, Request, Verdict
 
 # Fields of a request that are ActiveGuard's, not the owner's: read, then removed from the row the
@@ -129,9 +129,6 @@ class OwnerFrontEnd(FrontEnd):
     def __init__(self, guard: Guard, owner: Any, spec: InputSpec):
         super().__init__(guard)
         self.owner, self.spec = owner, spec
-        view = (1, -1) + (1,) * (len(spec.shape) - 1)
-        self._mean = torch.tensor(spec.mean or (0.0,)).view(view)
-        self._std = torch.tensor(spec.std or (1.0,)).view(view)
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +177,7 @@ class OwnerFrontEnd(FrontEnd):
 
     def fingerprint_input(self, fingerprint: torch.Tensor) -> torch.Tensor:
         """Fingerprints live in the spec's value range; the owner's preprocess output is normalized."""
-        return (fingerprint - self._mean) / self._std if self.spec.mean is not None else fingerprint
+        return self.spec.normalize(fingerprint)
 
     def forward(self, batch: torch.Tensor) -> Any:
         out = self.owner.inference(batch)
@@ -189,8 +186,8 @@ class OwnerFrontEnd(FrontEnd):
         return out
 
     def logits(self, raw: Any) -> torch.Tensor:
-        return torch.log(raw.clamp_min(1e-12)) if self.spec.outputs == "probabilities" else raw
+        return self.spec.logits(raw)
 
     def fake(self, probabilities: torch.Tensor, like: Any) -> Any:
-        rows = probabilities if self.spec.outputs == "probabilities" else torch.log(probabilities.clamp_min(1e-12))
+        rows = probabilities if self.spec.outputs == "probabilities" else log_probabilities(probabilities)
         return rows.to(device=like.device, dtype=like.dtype)

@@ -30,6 +30,11 @@ SERIALIZED_NAMES = {"export": "model.pt2"}
 DEFAULT_SERIALIZED_NAME = "model.pt"
 
 
+def torch_model_archiver() -> str:
+    """TorchServe's archiver: on PATH, or beside this Python (a venv not activated)."""
+    return shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
+
+
 def serialized_name(source: str) -> str:
     return SERIALIZED_NAMES.get(source, DEFAULT_SERIALIZED_NAME)
 
@@ -107,7 +112,7 @@ def package_model(
 def archive_model(loaded: sources.LoadedModel, name: str, store: Path, version: str, handler: Path) -> Path:
     """A plain TorchServe archive of ``loaded`` (the file as given, plus its code for the eager convention)."""
     store.mkdir(parents=True, exist_ok=True)
-    archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
+    archiver = torch_model_archiver()
     with tempfile.TemporaryDirectory() as tmp:
         staged_model = Path(tmp) / serialized_name(loaded.source.name)
         shutil.copyfile(loaded.path, staged_model)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from activeguard.control import ControlConfig
 from activeguard.data import Split
 from activeguard.evaluation import seed_images
 from activeguard.fingerprints import generate_fingerprints
+from handlers.packaging import torch_model_archiver
 
 OWNER_FILES = Path(__file__).with_name("owner_files")
 FASHION_LABELS = [
@@ -55,8 +54,7 @@ def archive(
     store: Path, name: str, serialized: Path, handler: str, extra: list[Path] = (), model_file: Path | None = None
 ) -> Path:
     """What the owner ran: plain torch-model-archiver."""
-    archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
-    cmd = [archiver, "--model-name", name, "--version", "1.0", "--serialized-file", str(serialized)]
+    cmd = [torch_model_archiver(), "--model-name", name, "--version", "1.0", "--serialized-file", str(serialized)]
     cmd += ["--handler", handler, "--export-path", str(store), "--force"]
     if extra:
         cmd += ["--extra-files", ",".join(map(str, extra))]
