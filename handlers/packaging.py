@@ -163,6 +163,9 @@ def protect(
     if Path(owner).name == HANDLER_FILE.name:
         raise ValueError(f"the owner's handler is named {HANDLER_FILE.name}, ActiveGuard's own; rename it")
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = archive.load_model(Path(tmp), overrides or inputs.SpecOverrides())
+        try:
+            loaded = archive.load_model(Path(tmp), overrides or inputs.SpecOverrides())
+        except inputs.SourceError as exc:  # name the archive's entry, not the folder it was unpacked into
+            raise inputs.SourceError(str(exc).replace(f"{tmp}/", f"{mar.name}: ")) from None
         profile = replace(profile_settings(loaded), owner_handler=owner)
         return protect_loaded(archive, loaded, profile, store, name), profile
