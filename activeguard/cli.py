@@ -140,15 +140,17 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for row, user in enumerate(fps.users.tolist()):
-        target, confidence = config.fo_of_user(user)
+        fo = config.fo_of_user(user)
         name = f"user-{user:03d}-{row % args.per_user:02d}.npy"
         if fps.success[row]:
             np.save(out / name, fps.inputs[row].numpy())
         entries.append(
             {
                 "user": user,
-                "class": target,
-                "confidence": confidence,
+                "class": fo.target,
+                "confidence": fo.confidence,
+                "runner_up": fo.runner_up,
+                "runner_up_confidence": fo.runner_up_confidence,
                 "ok": bool(fps.success[row]),
                 "measured": float(fps.confidence[row]),
                 "file": name if fps.success[row] else None,

@@ -1,7 +1,7 @@
-"""The control layer (ActiveGuard §2.2, §2.4): admit an output only if its (class, confidence)
-matches a fingerprinting output FO = (t, c) with |p_max - c| < ε.
+"""The control layer (ActiveGuard §2.2, §2.4): admit an output only if it matches a fingerprinting
+output, FO = (t, c) with |p_max - c| < ε in the paper (or the ranked FO of :mod:`activeguard.fo_space`).
 
-Users are numbered from 0: the FO (t, C_fp[j]) belongs to user ``t * T + j`` with j counted from
+Users are numbered from 0: class t's FO j belongs to user ``t * T + j`` with j counted from
 0, which is the paper's user ``i·T + j`` (j counted from 1) minus one.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from activeguard.fo_space import FO, ConfidenceGrid, FoSpace, RankedGrid, signed_default
 
 PAPER_CONFIDENCES = (0.20, 0.30, 0.40)
 PAPER_EPSILON = 0.01
@@ -23,54 +25,62 @@ NOT_CLASS_PROBABILITIES = "not_class_probabilities"
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """K classes, the confidence set C_fp, tolerance ε and the policy for unauthorized outputs."""
+    """K classes, the FO space's grids, tolerance ε and the policy for unauthorized outputs.
+
+    ``runner_up_confidences`` empty: the paper's FO space (t, c) for c in ``confidences``;
+    otherwise the ranked space (t, c, r, q) of :mod:`activeguard.fo_space` (signed mode only).
+    """
 
     num_classes: int = 10
     confidences: tuple[float, ...] = PAPER_CONFIDENCES
     epsilon: float = PAPER_EPSILON
     policy: str = "random"
+    runner_up_confidences: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "confidences", tuple(float(c) for c in self.confidences))
-        k, eps, cs = self.num_classes, self.epsilon, self.confidences
+        object.__setattr__(self, "runner_up_confidences", tuple(float(c) for c in self.runner_up_confidences))
+        k, eps = self.num_classes, self.epsilon
         if k < 2:
             raise ValueError(f"num_classes must be >= 2, got {k}")
-        if not cs:
-            raise ValueError("the confidence set C_fp is empty")
         if not (0.0 < eps < 0.5) or not np.isfinite(eps):
             raise ValueError(f"epsilon must be in (0, 0.5), got {eps}")
-        for c in cs:
-            # A top-1 probability is always >= 1/K, so a c within ε of 1/K (or of 1) is not an identity.
-            if not np.isfinite(c) or not (1.0 / k + eps <= c <= 1.0 - eps):
-                raise ValueError(
-                    f"confidence {c} is out of range: with K={k} and epsilon={eps} every c must lie in "
-                    f"[{1.0 / k + eps:.4f}, {1.0 - eps:.4f}]"
-                )
-        ordered = sorted(cs)
-        if ordered != list(cs) or any(b - a < 2 * eps for a, b in zip(ordered, ordered[1:])):
-            raise ValueError(
-                f"confidences {list(cs)} must be increasing and at least 2*epsilon={2 * eps} apart, "
-                "otherwise two users' intervals overlap"
-            )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        object.__setattr__(self, "_space", self._build_space())
+
+    def _build_space(self) -> FoSpace:
+        if not self.confidences:
+            raise ValueError("the confidence set C_fp is empty")
+        if self.runner_up_confidences:
+            return RankedGrid(self.num_classes, self.confidences, self.runner_up_confidences, self.epsilon)
+        return ConfidenceGrid(self.num_classes, self.confidences, self.epsilon)
+
+    @classmethod
+    def signed_default(cls, num_classes: int = 10, epsilon: float = PAPER_EPSILON, policy: str = "random"):
+        """The default for signed mode: the ranked FO space (thousands of users per model)."""
+        confidences, runner_up = signed_default(num_classes, epsilon)
+        return cls(num_classes, confidences, epsilon, policy, runner_up)
+
+    @property
+    def space(self) -> FoSpace:
+        return self._space  # type: ignore[attr-defined]
 
     @property
     def num_users(self) -> int:
-        return self.num_classes * len(self.confidences)
+        return self.space.num_users
 
-    def fo_of_user(self, user: int) -> tuple[int, float]:
-        """FO allocation, §2.4: user t·T + j holds (t, C_fp[j])."""
-        if not 0 <= user < self.num_users:
-            raise ValueError(f"user must be in [0, {self.num_users}), got {user}")
-        t, j = divmod(user, len(self.confidences))
-        return t, self.confidences[j]
+    @property
+    def per_class(self) -> int:
+        """T: FOs per class; user t·T + j holds class t's FO j."""
+        return self.space.per_class
 
-    def user_of_fo(self, target_class: int, confidence: float) -> int:
-        j = int(np.argmin([abs(confidence - c) for c in self.confidences]))
-        if abs(self.confidences[j] - confidence) > 1e-9 or not 0 <= target_class < self.num_classes:
-            raise ValueError(f"({target_class}, {confidence}) is not an FO of this configuration")
-        return target_class * len(self.confidences) + j
+    def fo_of_user(self, user: int) -> FO:
+        """FO allocation, §2.4: user t·T + j holds class t's FO j."""
+        return self.space.fo(user)
+
+    def user_of_fo(self, fo: FO) -> int:
+        return self.space.user_of_fo(fo)
 
 
 @dataclass
@@ -96,13 +106,10 @@ def validate_probabilities(probs: torch.Tensor, num_classes: int) -> torch.Tenso
 def decide(probs: torch.Tensor, config: ControlConfig) -> Decision:
     """Vectorized control decision for a batch of softmax outputs."""
     validate_probabilities(probs, config.num_classes)
-    p_max, top = probs.max(dim=1)
-    cs = torch.tensor(config.confidences, dtype=probs.dtype)
-    distance = (p_max[:, None] - cs[None, :]).abs()
-    nearest_err, j = distance.min(dim=1)
     row_sums_ok = ((probs.sum(1) - 1).abs() < 1e-3) & (probs >= 0).all(1)
-    authorized = (nearest_err < config.epsilon) & row_sums_ok
-    user = torch.where(authorized, top * len(config.confidences) + j, torch.full_like(top, -1))
+    decoded = config.space.decode(probs, config.epsilon)
+    authorized = (decoded >= 0) & row_sums_ok
+    user = torch.where(authorized, decoded, torch.full_like(decoded, -1))
     reasons = [
         AUTHORIZED if a else (CONFIDENCE_MISMATCH if ok else NOT_CLASS_PROBABILITIES)
         for a, ok in zip(authorized.tolist(), row_sums_ok.tolist())

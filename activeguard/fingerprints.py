@@ -104,18 +104,53 @@ def _validate_seeds(seeds: torch.Tensor, count: int, bounds: tuple[float, float]
     return seeds.detach().to(torch.float32)
 
 
-def _target_distribution(targets: torch.Tensor, confs: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """q with q_t = c and the rest spread evenly: the nearest distribution that passes the check."""
-    rest = ((1 - confs) / (num_classes - 1))[:, None].expand(-1, num_classes)
-    return rest.scatter(1, targets[:, None], confs[:, None])
+@dataclass
+class _Targets:
+    """What each row aims at: its user, the FO's named classes and probabilities, the full target
+    distribution (the FO space's nearest passing distribution) and the space that decodes it."""
+
+    users: torch.Tensor
+    classes: torch.Tensor  # (N,) t
+    confs: torch.Tensor  # (N,) c
+    runner_up: torch.Tensor  # (N,) r, −1 in the paper's space
+    runner_up_confs: torch.Tensor  # (N,) q, 0 where there is no runner-up
+    distribution: torch.Tensor  # (N, K)
+    config: ControlConfig
+
+    @classmethod
+    def of(cls, users: torch.Tensor, config: ControlConfig) -> _Targets:
+        fos = [config.fo_of_user(u) for u in users.tolist()]
+        return cls(
+            users=users,
+            classes=torch.tensor([f.target for f in fos]),
+            confs=torch.tensor([f.confidence for f in fos]),
+            runner_up=torch.tensor([-1 if f.runner_up is None else f.runner_up for f in fos]),
+            runner_up_confs=torch.tensor([f.runner_up_confidence or 0.0 for f in fos]),
+            distribution=config.space.target_distribution(users.tolist(), fos),
+            config=config,
+        )
+
+    def __getitem__(self, rows: torch.Tensor) -> _Targets:
+        return _Targets(
+            self.users[rows],
+            self.classes[rows],
+            self.confs[rows],
+            self.runner_up[rows],
+            self.runner_up_confs[rows],
+            self.distribution[rows],
+            self.config,
+        )
+
+    def hit(self, probs: torch.Tensor, tolerance: float) -> torch.Tensor:
+        """Rows whose output already decodes to their own user at the tighter generation tolerance."""
+        return self.config.space.decode(probs, tolerance) == self.users
 
 
 def _optimize(
     model: nn.Module,
     x0: torch.Tensor,
     start: torch.Tensor,
-    targets: torch.Tensor,
-    confs: torch.Tensor,
+    aims: _Targets,
     *,
     tolerance: float,
     alpha: float,
@@ -139,7 +174,7 @@ def _optimize(
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
     row_lr = torch.full((n,), lr)
-    last_side = torch.zeros(n)
+    last_side = torch.zeros(n, 2)  # sides of c and of q last step
     best = encode(start, encoding, bounds).clone()
     done = torch.zeros(n, dtype=torch.bool)
     steps = torch.zeros(n, dtype=torch.int64)
@@ -149,7 +184,8 @@ def _optimize(
         active = (~done).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        t, c = targets[active], confs[active]
+        aim = aims[active]
+        t, c = aim.classes, aim.confs
         rows = torch.arange(len(active))
         wa = w[active].requires_grad_(True)
         x = _from_tanh_space(wa, bounds)
@@ -161,7 +197,7 @@ def _optimize(
             x_sent = encode(x.detach(), encoding, bounds)
             with torch.no_grad():
                 p_sent = torch.softmax(model(x_sent), dim=1)
-        hit = ((p_sent[rows, t] - c).abs() < tolerance) & (p_sent.argmax(1) == t)
+        hit = aim.hit(p_sent, tolerance)
         if hit.any():
             best[active[hit]] = x_sent[hit]
             done[active[hit]] = True
@@ -172,13 +208,22 @@ def _optimize(
         g0 = torch.relu(z_other - z_t + margin)
         log_p = torch.log_softmax(logits, dim=1)
         p_t = log_p[rows, t].exp()
-        target_dist = _target_distribution(t, c, logits.shape[1])
+        has_r = aim.runner_up >= 0
+        p_r = log_p[rows, aim.runner_up.clamp(min=0)].exp()
+        # the runner-up must also out-rank every other class (C&W's margin, on its logit)
+        named = nn.functional.one_hot(t, logits.shape[1]).bool() | (
+            nn.functional.one_hot(aim.runner_up.clamp(min=0), logits.shape[1]).bool() & has_r[:, None]
+        )
+        z_rest = logits.masked_fill(named, -torch.inf).amax(1)
+        g_order = torch.relu(z_rest - logits[rows, aim.runner_up.clamp(min=0)] + margin)
+        g_r = torch.where(has_r, (p_r - aim.runner_up_confs).abs() + g_order, torch.zeros_like(p_r))
+        target_dist = aim.distribution
         kl = (target_dist * (target_dist.log() - log_p)).sum(1)
         distance = (((x - x0[active]) / span) ** 2).flatten(1).sum(1)
-        loss = ((distance + alpha * (g0 + (p_t - c).abs() + _KL_WEIGHT * kl)) * (~hit)).sum()
+        loss = ((distance + alpha * (g0 + (p_t - c).abs() + g_r + _KL_WEIGHT * kl)) * (~hit)).sum()
         (grad,) = torch.autograd.grad(loss, wa)
-        side = torch.sign(p_t.detach() - c)
-        crossed = (side * last_side[active]) < 0
+        side = torch.stack([torch.sign(p_t.detach() - c), torch.sign(p_r.detach() - aim.runner_up_confs) * has_r], 1)
+        crossed = ((side * last_side[active]) < 0).any(1)
         row_lr[active[crossed]] = (row_lr[active[crossed]] * _DECAY).clamp(min=lr * _FLOOR)
         last_side[active] = side
         m[active] = beta1 * m[active] + (1 - beta1) * grad
@@ -201,7 +246,7 @@ def generate_fingerprints(
     per_user: int = 1,
     input_shape: tuple[int, ...] | None = None,
     bounds: tuple[float, float] = UNIT_BOX,
-    alpha: float = 20.0,
+    alpha: float | None = None,
     lr: float = 0.2,
     max_steps: int = 1000,
     encoding: str = "float32",
@@ -234,9 +279,7 @@ def generate_fingerprints(
         noise = torch.rand(n, *input_shape, generator=torch.Generator().manual_seed(seed))
         seeds = bounds[0] + (bounds[1] - bounds[0]) * noise
     x0 = _validate_seeds(seeds, n, bounds)
-    fos = [config.fo_of_user(u) for u in users_t.tolist()]
-    targets = torch.tensor([t for t, _ in fos])
-    confs = torch.tensor([c for _, c in fos])
+    aims = _Targets.of(users_t, config)
 
     model.eval()
     for p in model.parameters():
@@ -245,22 +288,22 @@ def generate_fingerprints(
         torch.manual_seed(seed)
         opts = dict(
             tolerance=config.epsilon / 2,
-            alpha=alpha,
+            alpha=config.space.task_weight if alpha is None else alpha,
             max_steps=max_steps,
             encoding=encoding,
             bounds=bounds,
             progress=progress,
         )
-        x, _, steps = _optimize(model, x0, x0, targets, confs, lr=lr, **opts)
-        ok, p_t = _recheck(model, x, users_t, targets, config)
+        x, _, steps = _optimize(model, x0, x0, aims, lr=lr, **opts)
+        ok, p_t = _recheck(model, x, aims)
         if not ok.all():  # re-optimize the failures once, gently, from where they stopped
             redo = ~ok
             x_redo, _, more = _optimize(
-                model, x0[redo], x[redo].clamp(*bounds), targets[redo], confs[redo], lr=lr / 5, **opts
+                model, x0[redo], x[redo].clamp(*bounds), aims[redo.nonzero().squeeze(1)], lr=lr / 5, **opts
             )
             x[redo] = x_redo
             steps[redo] += more
-            ok, p_t = _recheck(model, x, users_t, targets, config)
+            ok, p_t = _recheck(model, x, aims)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -270,14 +313,12 @@ def generate_fingerprints(
 
 
 @torch.no_grad()
-def _recheck(
-    model: nn.Module, x: torch.Tensor, users: torch.Tensor, targets: torch.Tensor, config: ControlConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _recheck(model: nn.Module, x: torch.Tensor, aims: _Targets) -> tuple[torch.Tensor, torch.Tensor]:
     """The control layer's own verdict on the encoded fingerprints, one at a time (as served)."""
     probs = torch.cat([torch.softmax(model(row[None]), dim=1) for row in x])
-    decision = decide(probs, config)
-    ok = decision.authorized & (decision.user == users)
-    return ok, probs[torch.arange(len(x)), targets]
+    decision = decide(probs, aims.config)
+    ok = decision.authorized & (decision.user == aims.users)
+    return ok, probs[torch.arange(len(x)), aims.classes]
 
 
 @torch.no_grad()

@@ -39,6 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from activeguard.fo_space import FO
+
 LICENSE_FORMAT = "activeguard-license/1"
 DOMAIN = b"activeguard-license/1\x00"
 FILE_SUFFIX = ".aglicense"
@@ -201,7 +203,7 @@ class LicensePayload:
     license_id: str
     model_id: str
     user: str
-    user_index: int  # the paper's user t·T + j (0-based) for this FO
+    user_index: int  # user t·T + j (0-based) of the model's FO space; names the whole FO
     fo_class: int
     fo_confidence: float
     epsilon: float
@@ -321,7 +323,7 @@ def make_payload(
     model_id: str,
     user: str,
     user_index: int,
-    fo: tuple[int, float],
+    fo: FO,
     epsilon: float,
     fingerprint: torch.Tensor,  # shaped (1, *input_shape): a batch of one
     key: Ed25519PrivateKey | Ed25519PublicKey,
@@ -342,8 +344,8 @@ def make_payload(
         model_id=model_id,
         user=user,
         user_index=int(user_index),
-        fo_class=int(fo[0]),
-        fo_confidence=float(fo[1]),
+        fo_class=int(fo.target),
+        fo_confidence=float(fo.confidence),
         epsilon=float(epsilon),
         fingerprint=raw,
         fingerprint_shape=shape,

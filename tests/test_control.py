@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from activeguard.control import ControlConfig, apply_policy, decide
+from activeguard.fo_space import FO
 
 
 def probs_with(p_max: float, top: int, k: int = 10) -> torch.Tensor:
@@ -15,10 +16,10 @@ def test_fo_allocation_matches_paper():
     cfg = ControlConfig()
     assert cfg.num_users == 30
     # paper: user i*T + j (j from 1) holds (i, c_j); ours counts users and j from 0
-    assert cfg.fo_of_user(0) == (0, 0.2)
-    assert cfg.fo_of_user(5) == (1, 0.4)
-    assert cfg.fo_of_user(29) == (9, 0.4)
-    assert all(cfg.user_of_fo(*cfg.fo_of_user(u)) == u for u in range(30))
+    assert cfg.fo_of_user(0) == FO(0, 0.2)
+    assert cfg.fo_of_user(5) == FO(1, 0.4)
+    assert cfg.fo_of_user(29) == FO(9, 0.4)
+    assert all(cfg.user_of_fo(cfg.fo_of_user(u)) == u for u in range(30))
     with pytest.raises(ValueError):
         cfg.fo_of_user(30)
 

@@ -132,7 +132,9 @@ def _check_licenses(ok: list, lenet, keys: dict, mid: str) -> None:
         payload = lic.verify_license(to_signed(m), keys, model_id=mid)
         assert (payload.fo_class, payload.fo_confidence) == (m.fo.target_class, m.fo.confidence)
         authorized, user = authenticate(lenet, payload.fingerprint_tensor(), config)
-        assert bool(authorized[0]) and int(user[0]) == payload.user_index == config.user_of_fo(*payload.fo)
+        assert bool(authorized[0]) and int(user[0]) == payload.user_index
+        fo = config.fo_of_user(payload.user_index)
+        assert (fo.target, fo.confidence) == (payload.fo_class, payload.fo_confidence)
     signed = to_signed(ok[0])
     tampered = bytearray(signed.payload)
     tampered[len(tampered) // 2] ^= 0x04

@@ -12,6 +12,7 @@ import torch
 
 from activeguard import licenses as lic
 from activeguard.control import ControlConfig
+from activeguard.fo_space import FO
 from activeguard.fingerprints import authenticate, generate_fingerprints
 from activeguard.models import input_shape, model_id
 
@@ -27,7 +28,7 @@ def _payload(key, *, validity=3600, now=None, mid="m" * 64, fp=None):
         model_id=mid,
         user="alice",
         user_index=4,
-        fo=(1, 0.3),
+        fo=FO(1, 0.3),
         epsilon=0.01,
         fingerprint=fp,
         key=key,
@@ -105,13 +106,12 @@ def test_signed_fingerprint_authenticates_through_control_layer(lenet, key):
     config = ControlConfig()
     fps = generate_fingerprints(lenet, config, [7], input_shape=input_shape(lenet), seed=3)
     assert bool(fps.success[0])
-    t, c = config.fo_of_user(7)
     signed = lic.sign_license(
         lic.make_payload(
             model_id=model_id(lenet),
             user="bob",
             user_index=7,
-            fo=(t, c),
+            fo=config.fo_of_user(7),
             epsilon=config.epsilon,
             fingerprint=fps.inputs[0:1],
             key=key,

@@ -17,6 +17,7 @@ from torch import nn
 
 from activeguard import licenses, sessions
 from activeguard.cli import main
+from activeguard.fo_space import FO
 from activeguard.protection import EXPLANATION, PROFILE_FILE, Profile
 from handlers.activeguard_handler import ActiveGuardHandler
 from handlers.archives import MANIFEST, MarArchive
@@ -189,7 +190,7 @@ def test_license_header_prints_the_compact_form_a_curl_client_sends(tmp_path, ca
         model_id="0" * 64,
         user="alice",
         user_index=0,
-        fo=(0, 0.2),
+        fo=FO(0, 0.2),
         epsilon=0.01,
         fingerprint=torch.rand(1, 1, 28, 28),
         key=key,
