@@ -12,8 +12,8 @@ import torch
 
 from activeguard import licenses as lic
 from activeguard.control import ControlConfig
-from activeguard.fo_space import FO
 from activeguard.fingerprints import authenticate, generate_fingerprints
+from activeguard.fo_space import FO
 from activeguard.models import input_shape, model_id
 
 
