@@ -83,6 +83,43 @@ class ControlConfig:
         return self.space.user_of_fo(fo)
 
 
+FO_SCHEMES = ("ranked", "paper")
+
+
+def configured(
+    num_classes: int,
+    *,
+    scheme: str = "",
+    confidences: tuple[float, ...] = (),
+    runner_up_confidences: tuple[float, ...] = (),
+    epsilon: float = PAPER_EPSILON,
+    policy: str = "random",
+    paper_mode: bool = False,
+) -> ControlConfig:
+    """The control settings an owner asked for, with the defaults filled in one place.
+
+    No scheme: the paper's grid in paper mode or when only C_fp is given, else the ranked space of
+    signed mode with its default grids (any grid given replaces its default). Paper mode keeps the
+    paper's sparse grid: there a bare output is the credential.
+    """
+    if scheme not in ("", *FO_SCHEMES):
+        raise ValueError(f"FO scheme must be one of {FO_SCHEMES}, got {scheme!r}")
+    scheme = scheme or ("paper" if paper_mode or (confidences and not runner_up_confidences) else "ranked")
+    if scheme == "paper":
+        if runner_up_confidences:
+            raise ValueError("the paper's FO space has no runner-up confidences")
+        return ControlConfig(num_classes, tuple(confidences) or PAPER_CONFIDENCES, epsilon, policy)
+    if paper_mode:
+        raise ValueError(
+            "paper mode keeps the paper's FO space (a bare output is the credential, so the grid must stay "
+            "sparse): use --fo-scheme paper"
+        )
+    default_c, default_q = signed_default(num_classes, epsilon)
+    return ControlConfig(
+        num_classes, tuple(confidences) or default_c, epsilon, policy, tuple(runner_up_confidences) or default_q
+    )
+
+
 @dataclass
 class Decision:
     """Per-row outcome; ``user`` is -1 where not authorized."""

@@ -328,3 +328,27 @@ def authenticate(
     """Run fingerprints through ``model`` and return (authorized, user) per row."""
     decision = decide(torch.softmax(model(fingerprints), dim=1), config)
     return decision.authorized, decision.user
+
+
+@torch.no_grad()
+def natural_users(
+    model: nn.Module,
+    config: ControlConfig,
+    input_shape: tuple[int, ...],
+    bounds: tuple[float, float] = UNIT_BOX,
+    *,
+    count: int = 8192,
+    seed: int = 1234,
+    batch: int = 1024,
+) -> set[int]:
+    """Users whose FO uniform noise over the input range reaches: a dense FO space skips them, so
+    an input nobody made for a license rarely passes as one (issue 16's per-license false acceptance)."""
+    low, high = _check_bounds(bounds)
+    generator = torch.Generator().manual_seed(seed)
+    found: set[int] = set()
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        noise = low + (high - low) * torch.rand(n, *input_shape, generator=generator)
+        _, users = authenticate(model, noise, config)
+        found.update(int(u) for u in users[users >= 0])
+    return found

@@ -13,7 +13,7 @@ probability row to the one user whose FO it matches, or to nobody. Two spaces, o
       N = K · (K − 1) · #{(c, q) ∈ C × Q : q ≤ c − 2ε  and  1 − c − q ≤ (K − 2)·(q − 2ε)}
 
   (the runner-up stays below the top class, and the remaining mass fits under q, both with a 2ε
-  margin). The default grids (:func:`signed_default`) give 10 classes 11,340 FOs at ε = 0.01.
+  margin). The default grids (:func:`signed_default`) give 10 classes 19,260 FOs at ε = 0.01.
   Decoding is a function (argmax, second argmax, nearest grid points at most ε away with grid
   steps ≥ 2ε), so no output decodes to two users. In signed mode the license names the user and
   its fingerprint, so an FO only has to be decodable and distinct: the grid can be dense.
@@ -79,6 +79,9 @@ class FoSpace(ABC):
     # α of Eq. 1 for this space: the ranked space's two targets need the task term to outweigh the
     # distance to the seed (at α = 20, 4% of 200 ranked fingerprints failed; at 100, none)
     task_weight: float
+    # a dense space covers so much of the probability simplex that some FOs are reached by natural
+    # inputs (uniform noise lands on a few hundred of the ranked space's cells): issuers skip those
+    dense: bool
 
     def __init__(self, num_classes: int, epsilon: float):
         self.num_classes = num_classes
@@ -140,6 +143,7 @@ class ConfidenceGrid(FoSpace):
 
     scheme = "paper"
     task_weight = 20.0
+    dense = False
 
     def __init__(self, num_classes: int, confidences: Sequence[float], epsilon: float):
         super().__init__(num_classes, epsilon)
@@ -174,6 +178,7 @@ class RankedGrid(FoSpace):
 
     scheme = "ranked"
     task_weight = 100.0
+    dense = True
 
     def __init__(
         self, num_classes: int, confidences: Sequence[float], runner_up_confidences: Sequence[float], epsilon: float

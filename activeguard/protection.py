@@ -118,10 +118,14 @@ class Profile:
     # The owner's own handler (a manifest ``handler`` entry: "their_handler.py" or a stock name such
     # as "base_handler"), composed with ActiveGuard; None: ActiveGuard's JSON/.npy tensor handler.
     owner_handler: str | None = None
+    # the ranked FO space's runner-up grid (activeguard.fo_space); empty: the paper's (t, c) space
+    runner_up_confidences: tuple[float, ...] = ()
 
     def validated(self) -> Profile:
         """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
         _ = self.control  # building the ControlConfig raises ValueError on bad settings
+        if self.paper_mode and self.runner_up_confidences:
+            raise ValueError("paper mode keeps the paper's FO space: a bare output is the credential")
         if self.source not in SOURCES:
             raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too
@@ -148,11 +152,17 @@ class Profile:
 
     @property
     def control(self) -> ControlConfig:
-        return ControlConfig(self.num_classes, self.confidences, self.epsilon, self.policy)
+        return ControlConfig(
+            self.num_classes, self.confidences, self.epsilon, self.policy, tuple(self.runner_up_confidences)
+        )
 
     def to_json(self) -> str:
         doc = dict(
-            self.__dict__, format=PROFILE_FORMAT, input_shape=list(self.input_shape), confidences=list(self.confidences)
+            self.__dict__,
+            format=PROFILE_FORMAT,
+            input_shape=list(self.input_shape),
+            confidences=list(self.confidences),
+            runner_up_confidences=list(self.runner_up_confidences),
         )
         return json.dumps(doc, indent=2, sort_keys=True)
 
@@ -163,6 +173,7 @@ class Profile:
             raise ValueError(f"not an {PROFILE_FORMAT} document")
         doc["input_shape"] = tuple(doc["input_shape"])
         doc["confidences"] = tuple(doc["confidences"])
+        doc["runner_up_confidences"] = tuple(doc.get("runner_up_confidences", ()))
         return cls(**doc).validated()
 
 

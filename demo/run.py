@@ -37,6 +37,7 @@ from activeguard import licenses
 from activeguard import watermark as wm
 from activeguard.attacks import fine_tune, global_prune
 from activeguard.audit import base as audit_base
+from activeguard.control import ControlConfig
 from activeguard.data import load_mnist
 from activeguard.models import accuracy, predict, save_model, train_lenet5
 from activeguard.protection import Profile, encode_license_header
@@ -222,9 +223,12 @@ class Demo:
         gw_dir.mkdir(exist_ok=True)
         gateway_key = licenses.generate_signing_key(gw_dir / "gateway.key")
         revocations = gw_dir / "revoked.txt"
+        signed = ControlConfig.signed_default(10)  # the license server's default FO space, as registered
         profile = Profile(
             model_id=self.model_id,
             input_shape=(1, 28, 28),
+            confidences=signed.confidences,
+            runner_up_confidences=signed.runner_up_confidences,
             policy="random",
             license_public_keys=self.license_keys,
             gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),

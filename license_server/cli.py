@@ -2,7 +2,9 @@
 
     activeguard-license-server serve --data-dir DIR [--database-url URL] [--port 50061] [--metrics-port 9461]
     activeguard-license-server create-token --hash-file DIR/admin_token.sha256 --token-out admin.token
-    activeguard-license-server register --model MODEL [--model-file F.py] [--input-shape S] [--upload] [--pregenerate]
+    activeguard-license-server register --model MODEL [--model-file F.py] [--input-shape S] [--upload]
+        [--fo-scheme ranked|paper] [--pregenerate [--pregenerate-count N]]
+    activeguard-license-server pregenerate --data-dir DIR --model-id ID --count 10000   (offline, with a bar)
     activeguard-license-server issue --model-id ID --user NAME [--validity-days 365] --out alice.aglicense
     activeguard-license-server revoke LICENSE_ID [--reason TEXT]
     activeguard-license-server list [--model-id ID] [--user NAME] [--state active|revoked|expired]
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from activeguard.cli_support import add_model_arguments, load_model_argument
+from activeguard.control import FO_SCHEMES
 from activeguard.processes import write_ready_file
 
 DB_ENV = "ACTIVEGUARD_LICENSE_DB"
@@ -236,7 +239,11 @@ def cmd_register(args) -> int:
         resp = c.register_model(
             **where,
             name=args.name or "",
-            pregenerate=args.pregenerate,
+            pregenerate=args.pregenerate or bool(args.pregenerate_count),
+            pregenerate_count=args.pregenerate_count or 0,
+            fo_scheme=args.fo_scheme,
+            confidences=_floats(args.confidences),
+            runner_up_confidences=_floats(args.runner_up_confidences),
             expected_model_id=loaded.model_id,
             model_file_text=loaded.model_file.read_text() if loaded.model_file else "",
             model_class=loaded.model_class or "",
@@ -251,12 +258,47 @@ def cmd_register(args) -> int:
         "capacity": resp.capacity,
         "issued": resp.issued,
         "pregenerated": resp.pregenerated,
+        "fo_scheme": resp.profile.fo_scheme,
     }
     _emit(
         args,
         d,
         f"{d['source']} model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
-        f"{d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated",
+        f"{d['fo_scheme']} FO space, {d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated",
+    )
+    return 0
+
+
+def _floats(text: str | None) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",")) if text else ()
+
+
+def cmd_pregenerate(args) -> int:
+    """Server side, offline: fill a model's pool with a progress bar (resumable; see pregeneration.py)."""
+    from license_server.config import ServerConfig
+    from license_server.pregeneration import pregenerate
+
+    config = ServerConfig(
+        data_dir=Path(args.data_dir),
+        database_url=args.database_url or os.environ.get(DB_ENV, ""),
+        signing_key=Path(args.signing_key) if args.signing_key else None,
+        max_steps=args.max_steps,
+    )
+    report = pregenerate(config, args.model_id, args.count, batch=args.batch, progress=not args.json)
+    d = {
+        "model_id": report.model_id,
+        "target": report.target,
+        "generated": report.generated,
+        "failed": report.attempted - report.generated,
+        "pool": report.pool,
+        "seconds": round(report.seconds, 1),
+        "per_second": round(report.per_second, 2),
+    }
+    _emit(
+        args,
+        d,
+        f"model {d['model_id'][:16]}…: {d['generated']} fingerprints in {d['seconds']} s "
+        f"({d['per_second']}/s), pool {d['pool']}/{d['target']}",
     )
     return 0
 
@@ -358,7 +400,22 @@ def add_license_commands(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--name", default=None)
     p.add_argument("--upload", action="store_true", help="send the model file's bytes instead of a server-side path")
-    p.add_argument("--pregenerate", action="store_true", help="generate every slot's fingerprint now")
+    p.add_argument(
+        "--pregenerate",
+        action="store_true",
+        help="fill the pool of ready fingerprints (every slot of a paper space, 1,000 of a ranked one); the "
+        "first batch before returning, the rest in the server's background",
+    )
+    p.add_argument("--pregenerate-count", type=int, default=None, help="pool size to fill instead of the default")
+    p.add_argument(
+        "--fo-scheme",
+        choices=FO_SCHEMES,
+        default="",
+        help="FO space (default ranked: ~19,000 users per 10-class model; paper: K x |C_fp|). Must match the "
+        "model's archive (activeguard package --fo-scheme)",
+    )
+    p.add_argument("--confidences", default=None, help="top-class confidence grid (default: the scheme's)")
+    p.add_argument("--runner-up-confidences", default=None, help="runner-up grid of the ranked scheme")
     _add_client(p)
     p.set_defaults(func=cmd_register)
 
@@ -462,6 +519,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--token-out", required=True)
     t.add_argument("--force", action="store_true")
     t.set_defaults(func=cmd_create_token)
+    g = sub.add_parser(
+        "pregenerate",
+        help="fill a registered model's pool of ready fingerprints (offline, on the server's database)",
+        description="Generates fingerprints in batches with a progress bar; stop it any time and run it "
+        "again to resume (nothing is generated twice). The server may keep running on the same database.",
+    )
+    g.add_argument("--data-dir", default="license-data", help="the server's data dir (key, SQLite file)")
+    g.add_argument(
+        "--database-url", default=None, help=f"SQLAlchemy URL (default: SQLite in the data dir; or ${DB_ENV})"
+    )
+    g.add_argument("--signing-key", default=None)
+    g.add_argument("--model-id", required=True)
+    g.add_argument("--count", type=int, required=True, help="pool size to reach")
+    g.add_argument("--batch", type=int, default=None, help="fingerprints per optimization (default 500)")
+    g.add_argument("--max-steps", type=int, default=1000)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_pregenerate)
     add_license_commands(sub)
     return p
 

@@ -125,8 +125,12 @@ class LicenseClient:
         model_file_text: str = "",
         model_class: str = "",
         input_spec: str = "",
+        fo_scheme: str = "",
+        runner_up_confidences=(),
+        pregenerate_count: int = 0,
     ):
-        """``model_path`` or ``checkpoint`` may hold any model source; a state dict needs ``model_file_text``."""
+        """``model_path`` or ``checkpoint`` may hold any model source; a state dict needs ``model_file_text``.
+        ``fo_scheme`` '' means ranked unless only ``confidences`` are given (then paper)."""
         return self._admin(
             "RegisterModel",
             license_pb2.RegisterModelRequest(
@@ -141,6 +145,9 @@ class LicenseClient:
                 model_file_text=model_file_text,
                 model_class=model_class,
                 input_spec=input_spec,
+                fo_scheme=fo_scheme,
+                runner_up_confidences=list(runner_up_confidences),
+                pregenerate_count=pregenerate_count,
             ),
         )
 

@@ -27,6 +27,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # mTLS: require client certificates signed by this CA
     generation_timeout: float = 300.0
     max_steps: int = 1000
+    pregeneration_batch: int = 500  # fingerprints per pre-generation batch (one optimization, one commit)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

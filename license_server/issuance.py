@@ -2,10 +2,11 @@
 
 Issuance, step by step (DESIGN §3 "License"):
 
-1. pick a free slot (model, class, confidence) that neither the store nor an in-flight call of
-   this process holds (pre-generated slots first);
-2. get its fingerprint on the generation worker (never on a gRPC thread): the pre-generated one,
-   or a fresh C&W example from :func:`activeguard.fingerprints.generate_fingerprints`;
+1. pick a free slot (model, class t, FO index j) that neither the store nor an in-flight call of
+   this process holds, nor natural inputs reach (dense FO spaces), pre-generated slots first;
+2. get its fingerprint: the pre-generated one, or a fresh C&W example from
+   :func:`activeguard.fingerprints.generate_fingerprints` on the generation worker (never on a
+   gRPC thread), where every request waiting at that moment joins one batched optimization;
 3. re-check the exact bytes that will be signed through the registered model (checked against its
    model id when loaded) with the core control layer: it must authenticate as this slot's user;
 4. sign the canonical payload with the server's Ed25519 key;
@@ -24,7 +25,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,9 @@ import torch
 
 from activeguard import inputs, sources
 from activeguard import licenses as lic
-from activeguard.control import PAPER_CONFIDENCES, PAPER_EPSILON, ControlConfig
-from activeguard.fingerprints import authenticate, encode, generate_fingerprints
+from activeguard.control import PAPER_EPSILON, ControlConfig, configured
+from activeguard.fingerprints import authenticate, encode, generate_fingerprints, natural_users
+from activeguard.fo_space import FO
 from license_server.checkpoints import (
     STORED_SUFFIXES,
     fingerprint_from_bytes,
@@ -77,7 +79,7 @@ from license_server.validation import (
     shown,
 )
 
-Slot = tuple[int, int]  # (FO class, confidence index)
+Slot = tuple[int, int]  # (FO class t, index j of the FO among class t's): user t·T + j
 MAX_REVOCATION_PAGE = 10000
 
 
@@ -90,9 +92,25 @@ class LoadedModel:
     spec: inputs.InputSpec
     config: ControlConfig
     all_slots: list[Slot] = field(default_factory=list)
+    # This process's view, kept current as it issues (the store's UNIQUE constraint has the last word):
+    taken: set[Slot] = field(default_factory=set)  # issued
+    pool: set[Slot] = field(default_factory=set)  # with a pre-generated fingerprint
+    blocked: set[Slot] = field(default_factory=set)  # reached by natural inputs: never issued
 
     def user_index(self, slot: Slot) -> int:
-        return slot[0] * len(self.config.confidences) + slot[1]
+        return slot[0] * self.config.per_class + slot[1]
+
+    def slot_of(self, user: int) -> Slot:
+        t, j = divmod(user, self.config.per_class)
+        return t, j
+
+    def fo(self, slot: Slot) -> FO:
+        return self.config.fo_of_user(self.user_index(slot))
+
+    def free(self, *exclude: set[Slot]) -> list[Slot]:
+        """Every slot nobody holds, in slot order."""
+        unusable = self.taken.union(self.blocked, *exclude)
+        return [s for s in self.all_slots if s not in unusable]
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,9 @@ class Registration:
     confidences: tuple[float, ...] = ()
     epsilon: float = 0.0
     pregenerate: bool = False
+    fo_scheme: str = ""
+    runner_up_confidences: tuple[float, ...] = ()
+    pregenerate_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,9 +182,20 @@ class Issuer:
         # One worker: torch already uses every core for one batch; requests queue, never block gRPC I/O.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint-gen")
         self._rng = random.Random()
+        self._pending: dict[str, list[tuple[Slot, concurrent.futures.Future]]] = {}  # on-demand, per model
+        self._pending_lock = threading.Lock()
+        self._fillers: dict[str, threading.Thread] = {}  # background pre-generation, per model
+        self._fillers_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._controls: dict[str, ControlConfig] = {}  # model id -> FO space, for describing licenses
 
     def close(self) -> None:
+        self._closing.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._fillers_lock:
+            fillers = list(self._fillers.values())
+        for filler in fillers:
+            filler.join(timeout=self.cfg.generation_timeout)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -194,11 +226,18 @@ class Issuer:
         self._refresh_free_slots(loaded)
         return loaded
 
-    @staticmethod
-    def _loaded(row: ModelRecord, model: sources.LoadedModel) -> LoadedModel:
-        config = ControlConfig(num_classes=row.num_classes, confidences=row.confidences, epsilon=row.epsilon)
-        slots = [(t, j) for t in range(row.num_classes) for j in range(len(row.confidences))]
-        return LoadedModel(row=row, module=model.model, spec=model.spec, config=config, all_slots=slots)
+    def _loaded(self, row: ModelRecord, model: sources.LoadedModel) -> LoadedModel:
+        """The model with its slots: issued and pre-generated ones read once from the store, and for a
+        dense FO space the FOs uniform noise reaches (seeded, so every server blocks the same ones)."""
+        config = row.control
+        slots = [(t, j) for t in range(row.num_classes) for j in range(config.per_class)]
+        m = LoadedModel(row=row, module=model.model, spec=model.spec, config=config, all_slots=slots)
+        if config.space.dense:
+            natural = natural_users(m.module, config, model.spec.shape, model.spec.bounds)
+            m.blocked = {m.slot_of(u) for u in natural}
+        m.taken = self.store.taken_slots(row.model_id)
+        m.pool = self.store.pregenerated_slots(row.model_id) - m.taken
+        return m
 
     @property
     def _models_dir(self) -> Path:
@@ -261,9 +300,11 @@ class Issuer:
         if k != width:
             raise InvalidRequest(f"num_classes={k} but the model outputs {width} values")
         try:
-            config = ControlConfig(
-                num_classes=k,
-                confidences=tuple(req.confidences) or PAPER_CONFIDENCES,
+            config = configured(
+                k,
+                scheme=req.fo_scheme,
+                confidences=tuple(req.confidences),
+                runner_up_confidences=tuple(req.runner_up_confidences),
                 epsilon=req.epsilon or PAPER_EPSILON,
             )
         except ValueError as exc:
@@ -282,15 +323,18 @@ class Issuer:
             model_class=model.model_class,
             model_file_text=req.model_file_text if model.source.name == "eager" else None,
             input_spec=json.dumps(model.spec.to_dict(), sort_keys=True),
+            runner_up_confidences=config.runner_up_confidences,
         )
         row, created = self.store.add_model(row)
-        m = self._loaded(row, model)
         with self._models_lock:
-            self._models.setdefault(mid, m)
-            m = self._models[mid]
+            m = self._models.get(mid)
+        if m is None:
+            m = self._loaded(row, model)
+            with self._models_lock:
+                m = self._models.setdefault(mid, m)
         self._refresh_free_slots(m)
         if req.pregenerate:
-            self._pregenerate(m)
+            self.pregenerate(m, req.pregenerate_count or self.default_pregeneration(m))
         log_event(
             logging.INFO,
             "model registered" if created else "model already registered",
@@ -303,27 +347,88 @@ class Issuer:
             model=row,
             created=created,
             issued=self.store.count_licenses(mid),
-            pregenerated=len(self.store.pregenerated_slots(mid)),
+            pregenerated=len(m.pool),
         )
 
-    def _pregenerate(self, m: LoadedModel) -> None:
+    # -- pre-generation ------------------------------------------------------------------------
+
+    @staticmethod
+    def default_pregeneration(m: LoadedModel) -> int:
+        """Every slot of a sparse (paper) space; 1,000 of a dense one (more on request)."""
+        return 1000 if m.config.space.dense else len(m.all_slots)
+
+    def pregeneration_todo(self, m: LoadedModel, count: int) -> list[Slot]:
+        """Free slots without a fingerprint, in a fixed shuffled order, so that ``count`` in the pool is
+        the goal: a run stopped anywhere resumes where it was, and nothing is generated twice."""
+        with self._reserve_lock:
+            missing = max(0, count - len(m.pool))
+            free = m.free(m.pool, self._reserved.get(m.row.model_id, set()))
+        random.Random(m.row.model_id).shuffle(free)
+        return free[:missing]
+
+    def pregeneration_batches(self, m: LoadedModel, count: int, size: int) -> Iterator[list[Slot]]:
+        """Batches of slots to generate until the pool holds ``count`` (or every free slot was tried once:
+        a slot whose fingerprint failed the re-check is not tried again in the same run)."""
+        tried: set[Slot] = set()
+        while not self._closing.is_set():
+            todo = [s for s in self.pregeneration_todo(m, count + len(tried)) if s not in tried][:size]
+            if not todo:
+                return
+            tried.update(todo)
+            yield todo
+
+    def pregenerate_batch(self, m: LoadedModel, slots: list[Slot]) -> int:
+        """Generate ``slots`` in one batch on the worker and store those that pass; returns how many."""
+        fut = self._submit(self._generate, m, slots, self._rng.randrange(2**31))
+        got = fut.result(timeout=self.cfg.generation_timeout)
+        self.store.save_pregenerated(m.row.model_id, [(c, j, raw) for (c, j), raw in got.items()])
+        with self._reserve_lock:
+            m.pool.update(s for s in got if s not in m.taken)
+        self.metrics.generated.labels("pregenerated").inc(len(got))
+        self.metrics.pregenerated.labels(m.row.model_id[:16]).set(len(m.pool))
+        return len(got)
+
+    def pregenerate(self, m: LoadedModel, count: int) -> None:
+        """Fill the pool to ``count``: the first batch now, the rest on a background thread (progress in
+        the ``activeguard_pregenerated_fingerprints`` gauge). One filler per model at a time."""
         mid = m.row.model_id
-        taken = self.store.taken_slots(mid)
-        todo = [s for s in m.all_slots if s not in taken and s not in self.store.pregenerated_slots(mid)]
+        self.metrics.pregeneration_target.labels(mid[:16]).set(count)
+        todo = self.pregeneration_todo(m, count)
         if not todo:
             return
+        batch = self.cfg.pregeneration_batch
+        self._pregenerate_logged(m, todo[:batch])
+        if len(todo) > batch:
+            with self._fillers_lock:
+                running = self._fillers.get(mid)
+                if running is not None and running.is_alive():
+                    return
+                filler = threading.Thread(
+                    target=self._fill, args=(m, count), name=f"pregenerate-{mid[:8]}", daemon=True
+                )
+                self._fillers[mid] = filler
+                filler.start()
+
+    def _fill(self, m: LoadedModel, count: int) -> None:
+        try:
+            for todo in self.pregeneration_batches(m, count, self.cfg.pregeneration_batch):
+                self._pregenerate_logged(m, todo)
+        except Exception as exc:  # a store outage or shutdown ends the filler; the next RegisterModel resumes it
+            log_event(logging.WARNING, "pre-generation stopped", model_id=m.row.model_id[:16], error=str(exc))
+
+    def _pregenerate_logged(self, m: LoadedModel, slots: list[Slot]) -> int:
         start = time.perf_counter()
-        fut = self._submit(self._generate, m, todo, self._rng.randrange(2**31))
-        got = fut.result(timeout=self.cfg.generation_timeout)
-        self.store.save_pregenerated(mid, [(c, j, raw) for (c, j), raw in got.items()])
+        ok = self.pregenerate_batch(m, slots)
         log_event(
             logging.INFO,
             "pregenerated fingerprints",
-            model_id=mid[:16],
-            slots=len(todo),
-            ok=len(got),
+            model_id=m.row.model_id[:16],
+            slots=len(slots),
+            ok=ok,
+            pool=len(m.pool),
             seconds=round(time.perf_counter() - start, 3),
         )
+        return ok
 
     # -- issuance ------------------------------------------------------------------------------
 
@@ -338,19 +443,14 @@ class Issuer:
         for _attempt in range(len(m.all_slots) + 1):
             slot = self._reserve(m, lost)
             try:
-                fut = self._submit(self._fingerprint_for, m, slot)
-                try:
-                    raw, path = fut.result(timeout=self.cfg.generation_timeout)
-                except concurrent.futures.TimeoutError:
-                    fut.cancel()
-                    raise TimedOut("fingerprint generation timed out") from None
+                raw, path = self._fingerprint_for(m, slot)
                 if not still_wanted():
                     raise ClientGone("the client went away before the license was signed")
                 payload = lic.make_payload(
                     model_id=m.row.model_id,
                     user=user,
                     user_index=m.user_index(slot),
-                    fo=(slot[0], m.row.confidences[slot[1]]),
+                    fo=m.fo(slot),
                     epsilon=m.row.epsilon,
                     fingerprint=fingerprint_from_bytes(raw, m.row.input_shape),
                     key=self.key,
@@ -378,6 +478,7 @@ class Issuer:
                 except SlotTaken:
                     self.metrics.slot_conflicts.inc()
                     lost.add(slot)
+                    self._mark_taken(m, slot)
                     log_event(
                         logging.INFO,
                         "slot taken by a concurrent issuer; retrying",
@@ -388,6 +489,7 @@ class Issuer:
                     continue
             finally:
                 self._release(m.row.model_id, slot)
+            self._mark_taken(m, slot)
             self._refresh_free_slots(m)
             elapsed = time.perf_counter() - start
             self.metrics.issued.labels(m.row.model_id[:16]).inc()
@@ -399,7 +501,7 @@ class Issuer:
                 model_id=m.row.model_id[:16],
                 user=user,
                 fo_class=slot[0],
-                fo_confidence=payload.fo_confidence,
+                fo_index=slot[1],
                 path=path,
                 seconds=round(elapsed, 4),
             )
@@ -448,57 +550,102 @@ class Issuer:
         return bool(authorized[0]) and int(user[0]) == m.user_index(slot)
 
     def _fingerprint_for(self, m: LoadedModel, slot: Slot) -> tuple[bytes, str]:
-        """(raw fingerprint, 'pregenerated'|'generated'), re-checked; runs on the worker."""
-        raw = self.store.pregenerated_for(m.row.model_id, slot)
-        if raw is not None and self._recheck(m, slot, raw):
-            return raw, "pregenerated"
+        """(raw fingerprint, 'pregenerated'|'generated'), re-checked. A pooled one is read and checked
+        on the calling thread (one row through the model); a new one waits for the worker's next batch."""
+        if slot in m.pool:
+            raw = self.store.pregenerated_for(m.row.model_id, slot)
+            if raw is not None and self._recheck(m, slot, raw):
+                return raw, "pregenerated"
         for _ in range(3):
-            got = self._generate(m, [slot], seed=self._rng.randrange(2**31))
-            if slot in got:
-                return got[slot], "generated"
-        raise GenerationFailed(
-            f"no fingerprint reached class {slot[0]} at confidence {m.row.confidences[slot[1]]} ± {m.row.epsilon / 2} "
-            "after 3 attempts"
-        )
+            fut = self._on_demand(m, slot)
+            try:
+                raw = fut.result(timeout=self.cfg.generation_timeout)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+                raise TimedOut("fingerprint generation timed out") from None
+            if raw is not None:
+                return raw, "generated"
+        raise GenerationFailed(f"no fingerprint reached the FO ({m.fo(slot)}) ± {m.row.epsilon / 2} after 3 attempts")
+
+    def _on_demand(self, m: LoadedModel, slot: Slot) -> concurrent.futures.Future:
+        """Queue ``slot`` for the worker; every slot queued before the worker gets to it shares one batch."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._pending_lock:
+            queue = self._pending.setdefault(m.row.model_id, [])
+            queue.append((slot, fut))
+            first = len(queue) == 1
+        if first:
+            try:
+                self._submit(self._drain, m)
+            except Unavailable:
+                with self._pending_lock:
+                    self._pending.pop(m.row.model_id, None)
+                raise
+        return fut
+
+    def _drain(self, m: LoadedModel) -> None:
+        """On the worker: one optimization for every waiting request of ``m`` (a future gets None for a
+        slot whose fingerprint failed the re-check; its caller tries again)."""
+        with self._pending_lock:
+            waiting = self._pending.pop(m.row.model_id, [])
+        waiting = [(slot, fut) for slot, fut in waiting if fut.set_running_or_notify_cancel()]
+        if not waiting:
+            return
+        try:
+            got = self._generate(m, [slot for slot, _ in waiting], self._rng.randrange(2**31))
+        except BaseException as exc:
+            for _, fut in waiting:
+                fut.set_exception(exc)
+            return
+        self.metrics.generated.labels("on_demand").inc(len(got))
+        self.metrics.on_demand_batch.observe(len(waiting))
+        for slot, fut in waiting:
+            fut.set_result(got.get(slot))
 
     # -- slots ---------------------------------------------------------------------------------
 
     def _reserve(self, m: LoadedModel, exclude: set[Slot]) -> Slot:
+        """A free slot, pooled ones first; random draws while the space is mostly free, a full scan after."""
         mid = m.row.model_id
         with self._reserve_lock:
-            taken = self.store.taken_slots(mid)
             reserved = self._reserved.setdefault(mid, set())
-            free = [s for s in m.all_slots if s not in taken and s not in reserved and s not in exclude]
-            self._set_free_slots(m, len(taken))
-            if not free:
-                cap = len(m.all_slots)
-                k, t = m.row.num_classes, len(m.row.confidences)
-                if len(taken) >= cap:
-                    raise Exhausted(
-                        f"all {cap} license slots of model {mid[:16]}… are issued ({k} classes × {t} "
-                        "confidences); no FO is ever reused"
-                    )
-                raise Exhausted(
-                    f"all {cap} license slots of model {mid[:16]}… ({k} classes × {t} confidences) are "
-                    f"issued or being issued ({len(taken)} issued, {len(reserved)} in flight)"
-                )
-            pre = self.store.pregenerated_slots(mid)
-            ready = [s for s in free if s in pre]
-            slot = self._rng.choice(ready or free)
+            ready = m.pool - m.taken - reserved - exclude - m.blocked
+            slot = self._rng.choice(tuple(ready)) if ready else None
+            for _ in range(64 if slot is None else 0):
+                candidate = self._rng.choice(m.all_slots)
+                if candidate not in m.taken and candidate not in reserved and candidate not in exclude:
+                    if candidate not in m.blocked:
+                        slot = candidate
+                        break
+            if slot is None:
+                free = m.free(reserved, exclude)
+                if not free:
+                    raise Exhausted(self._exhausted(m, len(reserved)))
+                slot = self._rng.choice(free)
             reserved.add(slot)
             return slot
 
-    def _set_free_slots(self, m: LoadedModel, issued: int) -> None:
-        """Set the free-slot gauge; the caller holds ``_reserve_lock`` so counts are published in order."""
-        self.metrics.free_slots.labels(m.row.model_id[:16]).set(len(m.all_slots) - issued)
+    def _exhausted(self, m: LoadedModel, in_flight: int) -> str:
+        cap, issued, blocked = len(m.all_slots), len(m.taken), len(m.blocked)
+        space = m.config.space
+        what = f"{cap} license slots of model {m.row.model_id[:16]}… ({space.scheme} FO space, {space.describe()['formula']}"
+        what += f"; {blocked} reached by natural inputs are never issued)" if blocked else ")"
+        if in_flight:
+            return f"all {what} are issued or being issued ({issued} issued, {in_flight} in flight)"
+        return f"all {what} are issued; no FO is ever reused"
+
+    def _mark_taken(self, m: LoadedModel, slot: Slot) -> None:
+        with self._reserve_lock:
+            m.taken.add(slot)
+            m.pool.discard(slot)
+        self.metrics.pregenerated.labels(m.row.model_id[:16]).set(len(m.pool))
 
     def _refresh_free_slots(self, m: LoadedModel) -> None:
-        """Publish the free slots after registration, a model load or a committed license.
-
-        Setting the gauge only while reserving (as before) counted the slot being issued as free.
-        """
+        """Publish the slots still free to issue (neither issued nor reached by natural inputs)."""
         with self._reserve_lock:
-            self._set_free_slots(m, self.store.count_licenses(m.row.model_id))
+            free = len(m.all_slots) - len(m.taken | m.blocked)
+        self.metrics.free_slots.labels(m.row.model_id[:16]).set(free)
+        self.metrics.pregenerated.labels(m.row.model_id[:16]).set(len(m.pool))
 
     def _release(self, model_id: str, slot: Slot) -> None:
         with self._reserve_lock:
@@ -539,6 +686,16 @@ class Issuer:
         check_text("model_id", model_id, limit=MAX_ID)
         rows = self.store.list_revocations(since, model_id, min(page_size or 1000, MAX_REVOCATION_PAGE))
         return rows, rows[-1].seq if rows else since
+
+    def fo_of(self, r: LicenseRecord) -> FO:
+        """A license's whole FO, from its model's FO space (built once per model)."""
+        config = self._controls.get(r.model_id)
+        if config is None:
+            row = self.store.get_model(r.model_id)
+            if row is None:
+                return FO(r.fo_class, r.fo_confidence)
+            config = self._controls.setdefault(r.model_id, row.control)
+        return config.fo_of_user(r.user_index)
 
     def verification_keys(self) -> list[VerificationKey]:
         return [VerificationKey(key=k, current=k.key_id == self.key_id) for k in self.store.keys()]

@@ -34,4 +34,27 @@ class Metrics:
             "activeguard_slot_conflicts_total", "Slots lost to a concurrent issuer (retried)", registry=r
         )
         self.auth_failures = Counter("activeguard_admin_auth_failures_total", "Admin calls refused", registry=r)
-        self.free_slots = Gauge("activeguard_free_slots", "Unissued slots per model", ["model"], registry=r)
+        self.free_slots = Gauge(
+            "activeguard_free_slots",
+            "Slots still free to issue per model (not issued, not natural)",
+            ["model"],
+            registry=r,
+        )
+        self.pregenerated = Gauge(
+            "activeguard_pregenerated_fingerprints", "Ready fingerprints in the pool per model", ["model"], registry=r
+        )
+        self.pregeneration_target = Gauge(
+            "activeguard_pregeneration_target", "Pool size pre-generation is filling towards", ["model"], registry=r
+        )
+        self.generated = Counter(
+            "activeguard_fingerprints_generated_total",
+            "Fingerprints generated and re-checked, by path (pregenerated or on_demand)",
+            ["path"],
+            registry=r,
+        )
+        self.on_demand_batch = Histogram(
+            "activeguard_on_demand_batch_size",
+            "IssueLicense requests served by one on-demand optimization",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )

@@ -12,6 +12,7 @@ import logging
 import grpc
 
 from activeguard import licenses as lic
+from activeguard.fo_space import FO
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import common_pb2, license_pb2, license_pb2_grpc
 from license_server import errors as e
@@ -45,12 +46,12 @@ STATES = {
 STATE_NAMES = {v: k for k, v in STATES.items()}
 
 
-def license_msg(r: LicenseRecord, include_signed: bool = True) -> license_pb2.License:
+def license_msg(r: LicenseRecord, fo: FO, include_signed: bool = True) -> license_pb2.License:
     msg = license_pb2.License(
         license_id=r.license_id,
         model_id=r.model_id,
         user=r.user_name,
-        fo=common_pb2.FingerprintOutput(target_class=r.fo_class, confidence=r.fo_confidence, user_index=r.user_index),
+        fo=fo_msg(r, fo),
         issued_at=r.issued_at,
         expires_at=r.expires_at,
         key_id=r.key_id,
@@ -63,6 +64,17 @@ def license_msg(r: LicenseRecord, include_signed: bool = True) -> license_pb2.Li
     return msg
 
 
+def fo_msg(r: LicenseRecord, fo: FO) -> common_pb2.FingerprintOutput:
+    """The license's whole FO (``fo``: its model's FO of the license's user index)."""
+    return common_pb2.FingerprintOutput(
+        target_class=r.fo_class,
+        confidence=r.fo_confidence,
+        user_index=r.user_index,
+        runner_up_class=-1 if fo.runner_up is None else fo.runner_up,
+        runner_up_confidence=fo.runner_up_confidence or 0.0,
+    )
+
+
 def profile_msg(row: ModelRecord) -> common_pb2.ModelProfile:
     return common_pb2.ModelProfile(
         model_id=row.model_id,
@@ -72,6 +84,9 @@ def profile_msg(row: ModelRecord) -> common_pb2.ModelProfile:
         epsilon=row.epsilon,
         input_shape=list(row.input_shape),
         encoding=row.encoding,
+        fo_scheme=row.control.space.scheme,
+        runner_up_confidences=list(row.runner_up_confidences),
+        capacity=row.capacity,
     )
 
 
@@ -91,6 +106,9 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
             self.metrics.store_errors.labels(method).inc()
             log_event(logging.ERROR, "store error", method=method, error=str(exc), detail=getattr(exc, "detail", ""))
 
+    def _license(self, r: LicenseRecord, include_signed: bool = True) -> license_pb2.License:
+        return license_msg(r, self.issuer.fo_of(r), include_signed)
+
     def RegisterModel(self, request, context):  # noqa: N802
         def run() -> license_pb2.RegisterModelResponse:
             done = self.issuer.register(
@@ -107,6 +125,9 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
                     model_file_text=request.model_file_text,
                     model_class=request.model_class,
                     input_spec=request.input_spec,
+                    fo_scheme=request.fo_scheme,
+                    runner_up_confidences=tuple(request.runner_up_confidences),
+                    pregenerate_count=request.pregenerate_count,
                 )
             )
             return license_pb2.RegisterModelResponse(
@@ -125,7 +146,7 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
         return self._errors.run(
             "IssueLicense",
             context,
-            lambda: license_msg(
+            lambda: self._license(
                 self.issuer.issue(
                     request.model_id, request.user, request.validity_seconds, still_wanted=context.is_active
                 )
@@ -133,7 +154,7 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
         )
 
     def GetLicense(self, request, context):  # noqa: N802
-        return self._errors.run("GetLicense", context, lambda: license_msg(self.issuer.get(request.license_id)))
+        return self._errors.run("GetLicense", context, lambda: self._license(self.issuer.get(request.license_id)))
 
     def ListLicenses(self, request, context):  # noqa: N802
         def run() -> license_pb2.ListLicensesResponse:
@@ -149,7 +170,7 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
                 page_token=request.page_token,
             )
             return license_pb2.ListLicensesResponse(
-                licenses=[license_msg(r, request.include_signed) for r in page.licenses],
+                licenses=[self._license(r, request.include_signed) for r in page.licenses],
                 next_page_token=page.next_page_token,
             )
 
@@ -157,7 +178,7 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
 
     def RevokeLicense(self, request, context):  # noqa: N802
         return self._errors.run(
-            "RevokeLicense", context, lambda: license_msg(self.issuer.revoke(request.license_id, request.reason))
+            "RevokeLicense", context, lambda: self._license(self.issuer.revoke(request.license_id, request.reason))
         )
 
     def ListRevocations(self, request, context):  # noqa: N802

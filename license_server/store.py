@@ -3,7 +3,9 @@
 Invariants the schema itself enforces (not just the code):
 
 - one license per slot, ever: ``UNIQUE (model_id, fo_class, conf_index)`` on ``licenses``; a
-  revoked license keeps its row, so an FO is never handed out twice;
+  revoked license keeps its row, so an FO is never handed out twice. A slot is (class t, index j
+  of the FO among class t's FOs): the paper's confidence index, or the ranked space's FO number
+  (:mod:`activeguard.fo_space`), so the same constraint serves both spaces;
 - a license row is inserted whole (payload, signature, FO) in one transaction, together with the
   removal of the slot's pre-generated fingerprint, so a crash leaves the license or nothing;
 - ``schema_version`` holds the schema's version; a newer database is refused, an older one is
@@ -45,7 +47,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-SCHEMA_VERSION = 2
+from activeguard.control import ControlConfig
+
+SCHEMA_VERSION = 3
 # version -> list of SQL statements that migrate from version-1 to version.
 MIGRATIONS: dict[int, list[str]] = {
     # 2: any model source (activeguard.sources), not only project checkpoints: how to load each model
@@ -55,6 +59,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE ag_models ADD COLUMN model_file_text TEXT",
         "ALTER TABLE ag_models ADD COLUMN input_spec TEXT",
     ],
+    # 3: the ranked FO space (activeguard.fo_space); NULL: the paper's space, as every older model
+    3: ["ALTER TABLE ag_models ADD COLUMN runner_up_confidences TEXT"],
 }
 
 metadata = MetaData()
@@ -84,6 +90,7 @@ models = Table(
     Column("model_class", Text, nullable=True),
     Column("model_file_text", Text, nullable=True),
     Column("input_spec", Text, nullable=True),  # JSON InputSpec.to_dict(); NULL: registered before schema 2
+    Column("runner_up_confidences", Text, nullable=True),  # JSON list; NULL: the paper's FO space
 )
 
 licenses = Table(
@@ -172,10 +179,17 @@ class ModelRecord:
     model_class: str | None = None
     model_file_text: str | None = None  # the eager convention's network code (the server imports it)
     input_spec: str | None = None  # JSON InputSpec.to_dict(); None for models registered before schema 2
+    runner_up_confidences: tuple[float, ...] = ()  # the ranked FO space's Q; () the paper's space
+
+    @property
+    def control(self) -> ControlConfig:
+        return ControlConfig(
+            self.num_classes, self.confidences, self.epsilon, runner_up_confidences=self.runner_up_confidences
+        )
 
     @property
     def capacity(self) -> int:
-        return self.num_classes * len(self.confidences)
+        return self.control.num_users
 
 
 @dataclass(frozen=True)
@@ -240,6 +254,7 @@ def _model_row(r: Any) -> ModelRecord:
         model_class=r.model_class,
         model_file_text=r.model_file_text,
         input_spec=r.input_spec,
+        runner_up_confidences=tuple(json.loads(r.runner_up_confidences or "[]")),
     )
 
 
@@ -391,9 +406,17 @@ class Store:
             existing = conn.execute(select(models).where(models.c.model_id == row.model_id)).first()
             if existing is not None:
                 old = _model_row(existing)
-                same = (old.num_classes, old.confidences, old.epsilon, old.input_shape, old.encoding) == (
+                same = (
+                    old.num_classes,
+                    old.confidences,
+                    old.runner_up_confidences,
+                    old.epsilon,
+                    old.input_shape,
+                    old.encoding,
+                ) == (
                     row.num_classes,
                     row.confidences,
+                    row.runner_up_confidences,
                     row.epsilon,
                     row.input_shape,
                     row.encoding,
@@ -401,7 +424,8 @@ class Store:
                 if not same:
                     raise AlreadyExists(
                         f"model {row.model_id[:16]}… is already registered with another profile "
-                        f"(K={old.num_classes}, C_fp={list(old.confidences)}, epsilon={old.epsilon}, "
+                        f"(K={old.num_classes}, C_fp={list(old.confidences)}, "
+                        f"runner-up grid={list(old.runner_up_confidences)}, epsilon={old.epsilon}, "
                         f"encoding={old.encoding}, input {old.input_spec or list(old.input_shape)}); "
                         "a profile cannot change once licenses may exist"
                     )
@@ -421,6 +445,9 @@ class Store:
                     model_class=row.model_class,
                     model_file_text=row.model_file_text,
                     input_spec=row.input_spec,
+                    runner_up_confidences=json.dumps(list(row.runner_up_confidences))
+                    if row.runner_up_confidences
+                    else None,
                 )
             )
         return row, True
@@ -498,6 +525,15 @@ class Store:
                 )
             ).first()
         return None if r is None else bytes(r.fingerprint)
+
+    @_guarded("counting pre-generated fingerprints")
+    def count_pregenerated(self, model_id: str) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(pregenerated).where(pregenerated.c.model_id == model_id)
+                ).scalar_one()
+            )
 
     @_guarded("reading pre-generated slots")
     def pregenerated_slots(self, model_id: str) -> set[tuple[int, int]]:

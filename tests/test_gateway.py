@@ -37,7 +37,9 @@ def stack(lenet, deployment, tmp_path_factory):
     ts = gw = None
     try:
         with ls.client() as admin:
-            reg = admin.register_model(model_path=str(deployment.model_path), name="mnist", pregenerate=True)
+            reg = admin.register_model(
+                model_path=str(deployment.model_path), name="mnist", pregenerate=True, fo_scheme="paper"
+            )
             mid = reg.profile.model_id
             issued = {user: to_signed(admin.issue(mid, user, 3600)) for user in ("alice", "bob", "carol")}
             pems = {kid: licenses.public_key_pem(key).decode() for kid, key in admin.verification_keys().items()}

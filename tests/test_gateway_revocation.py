@@ -23,7 +23,9 @@ def test_a_revocation_reaches_the_gateway_within_poll_plus_one_second_after_a_re
     port = free_port()
     ls_config = ServerConfig(data_dir=tmp_path / "ls", port=port, metrics_port=None, max_workers=4)
     with in_process(ls_config, TOKEN), LicenseClient(f"127.0.0.1:{port}", TOKEN, timeout=120) as admin:
-        mid = admin.register_model(model_path=str(deployment.model_path), name="mnist").profile.model_id
+        mid = admin.register_model(
+            model_path=str(deployment.model_path), name="mnist", fo_scheme="paper"
+        ).profile.model_id
         license_id = admin.issue(mid, "alice", 3600).license_id
     gw_config = GatewayConfig(
         models=[ModelRoute("mnist", mid, ["127.0.0.1:1"])],

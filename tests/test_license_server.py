@@ -144,7 +144,7 @@ def _check_licenses(ok: list, lenet, keys: dict, mid: str) -> None:
 
 def _concurrent_50(server: ServerProcess, url: str, model_path: Path, lenet) -> None:
     with server.client() as c:
-        reg = c.register_model(model_path=str(model_path))
+        reg = c.register_model(model_path=str(model_path), fo_scheme="paper")
         mid = reg.profile.model_id
         assert reg.capacity == 30 and reg.created
         ok, errors = _issue_many([c], mid, 50)
@@ -176,8 +176,8 @@ def test_postgres_two_servers_never_share_an_fo(servers, tmp_path, model_paths, 
     a = servers(tmp_path / "a", pg_url)
     b = servers(tmp_path / "b", pg_url)
     with a.client() as ca, b.client() as cb:
-        mid = ca.register_model(model_path=str(model_paths[1])).profile.model_id
-        assert not cb.register_model(model_path=str(model_paths[1])).created  # one shared registry
+        mid = ca.register_model(model_path=str(model_paths[1]), fo_scheme="paper").profile.model_id
+        assert not cb.register_model(model_path=str(model_paths[1]), fo_scheme="paper").created  # one shared registry
         ok, errors = _issue_many([ca, cb], mid, 40)
         keys = {**ca.verification_keys(), **cb.verification_keys()}
     assert len(ok) == 30 and len(errors) == 10
@@ -206,7 +206,7 @@ def test_restart_keeps_licenses_and_revocations(servers, tmp_path, model_paths, 
     data = tmp_path / "ls"
     first = servers(data)
     with first.client() as c:
-        mid = c.register_model(model_path=str(model_paths[2])).profile.model_id
+        mid = c.register_model(model_path=str(model_paths[2]), fo_scheme="paper").profile.model_id
         issued = [c.issue(mid, f"u{i}", 3600) for i in range(3)]
         revoked = c.revoke(issued[1].license_id, "leaked")
         assert revoked.state == license_pb2.LICENSE_STATE_REVOKED and revoked.revoke_reason == "leaked"
@@ -235,11 +235,13 @@ def test_kill_during_issuance_leaves_whole_licenses_only(servers, tmp_path, mode
     data = tmp_path / "ls"
     server = servers(data)
     with server.client() as c:
-        mid = c.register_model(model_path=str(model_paths[3])).profile.model_id
+        mid = c.register_model(model_path=str(model_paths[3])).profile.model_id  # the ranked space
+        for i in range(3):
+            c.issue(mid, f"before-{i}", 3600)
     clients = [LicenseClient(server.target, TOKEN, timeout=60) for _ in range(4)]
     with concurrent.futures.ThreadPoolExecutor(30) as pool:
-        # All 30 slots at once: generation is serialized, so at the kill some are issued, one is
-        # being generated or written, and the rest wait.
+        # 30 more at once: they share one batched optimization (over a second for ranked FOs), so at
+        # the kill three are issued and the rest are being generated or wait.
         futures = [pool.submit(clients[i % 4].issue, mid, f"k{i}", 3600) for i in range(30)]
         time.sleep(0.6)
         server.kill()
@@ -251,7 +253,7 @@ def test_kill_during_issuance_leaves_whole_licenses_only(servers, tmp_path, mode
     try:
         rows = store.list_licenses(model_id=mid, limit=100)
         assert len(rows) >= sum(outcomes)  # every acknowledged license is durable
-        assert len(rows) < 30, "the kill came too late to interrupt an issuance"
+        assert 3 <= len(rows) < 33, "the kill came too late to interrupt an issuance"
         for r in rows:  # each row is a whole, valid license whose columns match the signed payload
             payload = lic.verify_license(
                 lic.SignedLicense(bytes(r.payload), bytes(r.signature), r.key_id), key.public_key(), model_id=mid
@@ -265,9 +267,7 @@ def test_kill_during_issuance_leaves_whole_licenses_only(servers, tmp_path, mode
     again = servers(data)  # the server comes back on the same store and keeps allocating cleanly
     with again.client() as c:
         more = c.issue(mid, "after-crash", 3600)
-    assert (more.fo.target_class, round(more.fo.confidence, 6)) not in {
-        (r.fo_class, round(r.fo_confidence, 6)) for r in rows
-    }
+    assert more.fo.user_index not in {r.user_index for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def _code(fn) -> tuple[grpc.StatusCode, str]:
 
 def test_bad_input_is_refused_and_writes_nothing(shared_server, model_paths):
     with shared_server.client() as c:
-        mid = c.register_model(model_path=str(model_paths[0])).profile.model_id
+        mid = c.register_model(model_path=str(model_paths[0]), fo_scheme="paper").profile.model_id
         before = len(c.list())
         cases = {
             "unknown model": (lambda: c.issue("0" * 64, "alice", 60), grpc.StatusCode.NOT_FOUND),
@@ -336,7 +336,7 @@ def test_health_reflection_and_metrics(shared_server, model_paths):
         names = {s.name for s in reply.list_services_response.service}
         assert {"activeguard.v1.LicenseService", "grpc.health.v1.Health"} <= names
     with shared_server.client() as c:
-        mid = c.register_model(model_path=str(model_paths[1])).profile.model_id
+        mid = c.register_model(model_path=str(model_paths[1]), fo_scheme="paper").profile.model_id
         c.issue(mid, "metrics-user", 60)
     text = urllib.request.urlopen(f"http://127.0.0.1:{shared_server.metrics_port}/metrics", timeout=10).read().decode()
     for name in (
@@ -350,9 +350,9 @@ def test_health_reflection_and_metrics(shared_server, model_paths):
 
 def test_pregeneration_makes_issuance_fast(shared_server, model_paths, capsys):
     with shared_server.client() as c:
-        pre = c.register_model(model_path=str(model_paths[2]), pregenerate=True)
+        pre = c.register_model(model_path=str(model_paths[2]), pregenerate=True, fo_scheme="paper")
         assert pre.pregenerated == 30
-        cold = c.register_model(model_path=str(model_paths[3])).profile.model_id
+        cold = c.register_model(model_path=str(model_paths[3]), fo_scheme="paper").profile.model_id
 
         def timed(mid: str, n: int = 10) -> list[float]:
             out = []
@@ -381,7 +381,7 @@ def test_cli_issue_list_show_revoke_verify(shared_server, model_paths, tmp_path,
         rc = license_main(list(argv))
         return rc, capsys.readouterr().out
 
-    assert run("register", "--model", str(model_paths[0]))[0] == 0
+    assert run("register", "--model", str(model_paths[0]), "--fo-scheme", "paper")[0] == 0
     out = tmp_path / "carol.aglicense"
     rc, text = run("issue", "--model-id", mid, "--user", "carol", "--validity-days", "1", "--out", str(out), "--json")
     assert rc == 0 and out.exists() and oct(out.stat().st_mode & 0o777) == "0o600"
@@ -459,7 +459,7 @@ def test_free_slots_gauge_counts_unissued_slots(tmp_path, model_paths):
         in_process(_local_config(tmp_path / "ls"), TOKEN) as server,
         LicenseClient(f"127.0.0.1:{server.port}", TOKEN, timeout=120) as c,
     ):
-        mid = c.register_model(model_path=str(model_paths[0])).profile.model_id
+        mid = c.register_model(model_path=str(model_paths[0]), fo_scheme="paper").profile.model_id
 
         def free() -> float | None:
             return server.metrics.registry.get_sample_value("activeguard_free_slots", {"model": mid[:16]})
@@ -546,7 +546,7 @@ def test_register_refuses_files_that_are_not_checkpoints(shared_server, tmp_path
     """Every refusal names the file and the problem; none leaks an internal error (e.g. IndexError)."""
     with shared_server.client() as c:
         for name, (path, want, words) in _not_checkpoints(tmp_path / "files").items():
-            code, details = _code(lambda path=path: c.register_model(model_path=str(path)))
+            code, details = _code(lambda path=path: c.register_model(model_path=str(path), fo_scheme="paper"))
             assert (code, words in details, str(path) in details) == (want, True, True), (name, details)
             assert len(details) < 500, name
         code, details = _code(lambda: c.register_model(checkpoint=b"not a checkpoint"))

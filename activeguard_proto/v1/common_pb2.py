@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63tiveguard/v1/common.proto\x12\x0e\x61\x63tiveguard.v1\"Q\n\x11\x46ingerprintOutput\x12\x14\n\x0ctarget_class\x18\x01 \x01(\r\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12\x12\n\nuser_index\x18\x03 \x01(\r\"C\n\rSignedLicense\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\x90\x01\n\x0cModelProfile\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x13\n\x0b\x63onfidences\x18\x04 \x03(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12\x13\n\x0binput_shape\x18\x06 \x03(\r\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x63tiveguard/v1/common.proto\x12\x0e\x61\x63tiveguard.v1\"\x88\x01\n\x11\x46ingerprintOutput\x12\x14\n\x0ctarget_class\x18\x01 \x01(\r\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12\x12\n\nuser_index\x18\x03 \x01(\r\x12\x17\n\x0frunner_up_class\x18\x04 \x01(\x05\x12\x1c\n\x14runner_up_confidence\x18\x05 \x01(\x01\"C\n\rSignedLicense\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\xd4\x01\n\x0cModelProfile\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x13\n\x0b\x63onfidences\x18\x04 \x03(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12\x13\n\x0binput_shape\x18\x06 \x03(\r\x12\x10\n\x08\x65ncoding\x18\x07 \x01(\t\x12\x11\n\tfo_scheme\x18\x08 \x01(\t\x12\x1d\n\x15runner_up_confidences\x18\t \x03(\x01\x12\x10\n\x08\x63\x61pacity\x18\n \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'activeguard.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINGERPRINTOUTPUT']._serialized_start=47
-  _globals['_FINGERPRINTOUTPUT']._serialized_end=128
-  _globals['_SIGNEDLICENSE']._serialized_start=130
-  _globals['_SIGNEDLICENSE']._serialized_end=197
-  _globals['_MODELPROFILE']._serialized_start=200
-  _globals['_MODELPROFILE']._serialized_end=344
+  _globals['_FINGERPRINTOUTPUT']._serialized_start=48
+  _globals['_FINGERPRINTOUTPUT']._serialized_end=184
+  _globals['_SIGNEDLICENSE']._serialized_start=186
+  _globals['_SIGNEDLICENSE']._serialized_end=253
+  _globals['_MODELPROFILE']._serialized_start=256
+  _globals['_MODELPROFILE']._serialized_end=468
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FingerprintOutput(_message.Message):
-    __slots__ = ("target_class", "confidence", "user_index")
+    __slots__ = ("target_class", "confidence", "user_index", "runner_up_class", "runner_up_confidence")
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     USER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_CLASS_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     target_class: int
     confidence: float
     user_index: int
-    def __init__(self, target_class: _Optional[int] = ..., confidence: _Optional[float] = ..., user_index: _Optional[int] = ...) -> None: ...
+    runner_up_class: int
+    runner_up_confidence: float
+    def __init__(self, target_class: _Optional[int] = ..., confidence: _Optional[float] = ..., user_index: _Optional[int] = ..., runner_up_class: _Optional[int] = ..., runner_up_confidence: _Optional[float] = ...) -> None: ...
 
 class SignedLicense(_message.Message):
     __slots__ = ("payload", "signature", "key_id")
@@ -28,7 +32,7 @@ class SignedLicense(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
-    __slots__ = ("model_id", "name", "num_classes", "confidences", "epsilon", "input_shape", "encoding")
+    __slots__ = ("model_id", "name", "num_classes", "confidences", "epsilon", "input_shape", "encoding", "fo_scheme", "runner_up_confidences", "capacity")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +40,9 @@ class ModelProfile(_message.Message):
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    FO_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     name: str
     num_classes: int
@@ -43,4 +50,7 @@ class ModelProfile(_message.Message):
     epsilon: float
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     encoding: str
-    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., input_shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[str] = ...) -> None: ...
+    fo_scheme: str
+    runner_up_confidences: _containers.RepeatedScalarFieldContainer[float]
+    capacity: int
+    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., input_shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[str] = ..., fo_scheme: _Optional[str] = ..., runner_up_confidences: _Optional[_Iterable[float]] = ..., capacity: _Optional[int] = ...) -> None: ...

@@ -21,7 +21,7 @@ LICENSE_STATE_REVOKED: LicenseState
 LICENSE_STATE_EXPIRED: LicenseState
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("name", "model_path", "checkpoint", "expected_model_id", "num_classes", "confidences", "epsilon", "encoding", "pregenerate", "model_file_text", "model_class", "input_spec")
+    __slots__ = ("name", "model_path", "checkpoint", "expected_model_id", "num_classes", "confidences", "epsilon", "encoding", "pregenerate", "model_file_text", "model_class", "input_spec", "fo_scheme", "runner_up_confidences", "pregenerate_count")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class RegisterModelRequest(_message.Message):
     MODEL_FILE_TEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SPEC_FIELD_NUMBER: _ClassVar[int]
+    FO_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_UP_CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
+    PREGENERATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_path: str
     checkpoint: bytes
@@ -46,7 +49,10 @@ class RegisterModelRequest(_message.Message):
     model_file_text: str
     model_class: str
     input_spec: str
-    def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., checkpoint: _Optional[bytes] = ..., expected_model_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., encoding: _Optional[str] = ..., pregenerate: _Optional[bool] = ..., model_file_text: _Optional[str] = ..., model_class: _Optional[str] = ..., input_spec: _Optional[str] = ...) -> None: ...
+    fo_scheme: str
+    runner_up_confidences: _containers.RepeatedScalarFieldContainer[float]
+    pregenerate_count: int
+    def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., checkpoint: _Optional[bytes] = ..., expected_model_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., encoding: _Optional[str] = ..., pregenerate: _Optional[bool] = ..., model_file_text: _Optional[str] = ..., model_class: _Optional[str] = ..., input_spec: _Optional[str] = ..., fo_scheme: _Optional[str] = ..., runner_up_confidences: _Optional[_Iterable[float]] = ..., pregenerate_count: _Optional[int] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
     __slots__ = ("profile", "created", "capacity", "issued", "pregenerated", "source", "input_spec")
