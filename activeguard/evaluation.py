@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from activeguard.control import ControlConfig, apply_policy, decide
-from activeguard.fingerprints import FingerprintSet, authenticate, generate_fingerprints
+from activeguard.fingerprints import FingerprintSet, authenticate, generate_fingerprints, natural_users
 from activeguard.models import predict
 
 
@@ -107,3 +107,30 @@ def false_acceptance(
         admitted, _ = authenticate(model, inputs, config)
         rates[name] = float(admitted.float().mean())
     return rates
+
+
+@torch.no_grad()
+def signed_capacity(
+    model: nn.Module, num_classes: int, x_clean: torch.Tensor, *, noise_count: int = 20000, seed: int = 99
+) -> dict:
+    """Signed mode's default (ranked) FO space on this model: capacity, the FOs natural inputs reach
+    (never issued), and per-license false acceptance on clean inputs and fresh uniform noise: the
+    largest share of either set that decodes to one issuable FO."""
+    config = ControlConfig.signed_default(num_classes)
+    shape = tuple(x_clean.shape[1:])
+    blocked = natural_users(model, config, shape)
+    noise = torch.rand(noise_count, *shape, generator=torch.Generator().manual_seed(seed))
+    rates = {}
+    for name, inputs in (("clean", x_clean), ("uniform_noise", noise)):
+        _, who = authenticate(model, inputs, config)
+        hits = torch.bincount(who[who >= 0], minlength=config.num_users)
+        if blocked:
+            hits[torch.tensor(sorted(blocked))] = 0
+        rates[name] = float(hits.max()) / len(inputs)
+    return {
+        "scheme": config.space.scheme,
+        "capacity": config.num_users,
+        "reached_by_noise_not_issued": len(blocked),
+        "issuable": config.num_users - len(blocked),
+        "max_false_acceptance_per_license": rates,
+    }

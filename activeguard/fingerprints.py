@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,71 +142,132 @@ class _Targets:
             self.config,
         )
 
+    @staticmethod
+    def cat(a: _Targets, b: _Targets) -> _Targets:
+        return _Targets(
+            torch.cat([a.users, b.users]),
+            torch.cat([a.classes, b.classes]),
+            torch.cat([a.confs, b.confs]),
+            torch.cat([a.runner_up, b.runner_up]),
+            torch.cat([a.runner_up_confs, b.runner_up_confs]),
+            torch.cat([a.distribution, b.distribution]),
+            a.config,
+        )
+
     def hit(self, probs: torch.Tensor, tolerance: float) -> torch.Tensor:
         """Rows whose output already decodes to their own user at the tighter generation tolerance."""
         return self.config.space.decode(probs, tolerance) == self.users
 
 
-def _optimize(
-    model: nn.Module,
-    x0: torch.Tensor,
-    start: torch.Tensor,
-    aims: _Targets,
-    *,
-    tolerance: float,
-    alpha: float,
-    lr: float,
-    max_steps: int,
-    encoding: str,
-    bounds: tuple[float, float],
-    progress: bool,
-    margin: float = 0.05,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batched C&W run with per-row early stopping. Returns (x, done, steps).
+@dataclass
+class Finished:
+    """A row that left the search: its encoded input, whether it reached its FO, and steps used."""
 
-    Adam is applied per row with its own step size, halved whenever that row's p_t crosses c:
-    a fixed step makes |p_t - c| oscillate around the narrow ε/2 window instead of landing in it.
-    Finished rows leave the batch, so late steps only pay for the rows still running.
+    row: int  # the id :meth:`FingerprintSearch.add` returned
+    x: torch.Tensor  # (*input_shape), in the wire encoding
+    hit: bool
+    steps: int
+
+
+class FingerprintSearch:
+    """A batched C&W search that rows may join at any step and leave as soon as they are done.
+
+    Adam is applied per row with its own step size, halved whenever that row's p_t (or runner-up
+    p_r) crosses its target: a fixed step makes |p_t - c| oscillate around the narrow ε/2 window
+    instead of landing in it. A row leaves when its *encoded* form decodes to its own user at
+    ``tolerance`` (a hit) or after ``max_steps`` (a miss), so late steps only pay for the rows still
+    running, and a license server can add requests to a search already under way (one
+    optimization for every waiting request, each answered when its own row is done).
     """
-    n = len(x0)
-    view = (-1,) + (1,) * (x0.ndim - 1)
-    w = _to_tanh_space(start, bounds)
-    span = bounds[1] - bounds[0]
-    m = torch.zeros_like(w)
-    v = torch.zeros_like(w)
-    row_lr = torch.full((n,), lr)
-    last_side = torch.zeros(n, 2)  # sides of c and of q last step
-    best = encode(start, encoding, bounds).clone()
-    done = torch.zeros(n, dtype=torch.bool)
-    steps = torch.zeros(n, dtype=torch.int64)
-    beta1, beta2 = 0.9, 0.999
-    bar = tqdm(total=n, desc="fingerprints", unit="fp", disable=not progress, leave=False)
-    for step in range(1, max_steps + 1):
-        active = (~done).nonzero().squeeze(1)
-        if active.numel() == 0:
-            break
-        aim = aims[active]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tolerance: float,
+        alpha: float,
+        lr: float,
+        max_steps: int,
+        encoding: str,
+        bounds: tuple[float, float],
+        margin: float = 0.05,
+    ):
+        self.model, self.tolerance, self.alpha, self.lr = model, tolerance, alpha, lr
+        self.max_steps, self.encoding, self.bounds, self.margin = max_steps, encoding, bounds, margin
+        self._next_id = 0
+        self._state: dict[str, torch.Tensor] | None = None
+        self._aims: _Targets | None = None
+
+    @property
+    def active(self) -> int:
+        return 0 if self._state is None else len(self._state["id"])
+
+    def add(
+        self, aims: _Targets, x0: torch.Tensor, start: torch.Tensor | None = None, lr: float | None = None
+    ) -> list[int]:
+        """Rows aiming at ``aims`` (one per row), anchored at ``x0``, starting from ``start`` (x0), with
+        step size ``lr`` (the search's)."""
+        n = len(x0)
+        start = x0 if start is None else start
+        w = _to_tanh_space(start, self.bounds)
+        ids = torch.arange(self._next_id, self._next_id + n)
+        self._next_id += n
+        new = {
+            "id": ids,
+            "x0": x0,
+            "w": w,
+            "m": torch.zeros_like(w),
+            "v": torch.zeros_like(w),
+            "lr": torch.full((n,), self.lr if lr is None else lr),
+            "side": torch.zeros(n, 2),  # sides of c and of q last step
+            "age": torch.zeros(n, dtype=torch.int64),  # steps taken (Adam's bias correction)
+            "misses": torch.zeros(n, dtype=torch.int64),  # steps whose encoded input was not yet a hit
+        }
+        if self._state is None:
+            self._state, self._aims = new, aims
+        else:
+            self._state = {k: torch.cat([self._state[k], v]) for k, v in new.items()}
+            self._aims = _Targets.cat(self._aims, aims)
+        return ids.tolist()
+
+    def add_users(
+        self, config: ControlConfig, users: Sequence[int], x0: torch.Tensor, lr: float | None = None
+    ) -> list[int]:
+        """Rows for ``users`` of ``config``'s FO space, anchored at and starting from ``x0``."""
+        return self.add(_Targets.of(torch.as_tensor(list(users), dtype=torch.int64), config), x0, lr=lr)
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        assert self._state is not None and self._aims is not None
+        if len(rows) == 0:
+            self._state, self._aims = None, None
+        else:
+            self._state = {k: v[rows] for k, v in self._state.items()}
+            self._aims = self._aims[rows]
+
+    def step(self) -> list[Finished]:
+        """One Adam step for every active row; returns the rows that left."""
+        if self._state is None or self._aims is None:
+            return []
+        st, aim, bounds, model = self._state, self._aims, self.bounds, self.model
+        view = (-1,) + (1,) * (st["x0"].ndim - 1)
         t, c = aim.classes, aim.confs
-        rows = torch.arange(len(active))
-        wa = w[active].requires_grad_(True)
+        rows = torch.arange(len(t))
+        wa = st["w"].clone().requires_grad_(True)
         x = _from_tanh_space(wa, bounds)
         logits = model(x)
-        if encoding == "float32":
+        if self.encoding == "float32":
             p_sent = torch.softmax(logits.detach(), dim=1)
             x_sent = x.detach()
         else:
-            x_sent = encode(x.detach(), encoding, bounds)
+            x_sent = encode(x.detach(), self.encoding, bounds)
             with torch.no_grad():
                 p_sent = torch.softmax(model(x_sent), dim=1)
-        hit = aim.hit(p_sent, tolerance)
-        if hit.any():
-            best[active[hit]] = x_sent[hit]
-            done[active[hit]] = True
-            bar.update(int(hit.sum()))
-        steps[active] += (~hit).long()
+        hit = aim.hit(p_sent, self.tolerance)
+        st["misses"] += (~hit).long()
+        st["age"] += 1
         z_t = logits[rows, t]
         z_other = logits.masked_fill(nn.functional.one_hot(t, logits.shape[1]).bool(), -torch.inf).amax(1)
-        g0 = torch.relu(z_other - z_t + margin)
+        g0 = torch.relu(z_other - z_t + self.margin)
         log_p = torch.log_softmax(logits, dim=1)
         p_t = log_p[rows, t].exp()
         has_r = aim.runner_up >= 0
@@ -215,25 +277,62 @@ def _optimize(
             nn.functional.one_hot(aim.runner_up.clamp(min=0), logits.shape[1]).bool() & has_r[:, None]
         )
         z_rest = logits.masked_fill(named, -torch.inf).amax(1)
-        g_order = torch.relu(z_rest - logits[rows, aim.runner_up.clamp(min=0)] + margin)
+        g_order = torch.relu(z_rest - logits[rows, aim.runner_up.clamp(min=0)] + self.margin)
         g_r = torch.where(has_r, (p_r - aim.runner_up_confs).abs() + g_order, torch.zeros_like(p_r))
         target_dist = aim.distribution
         kl = (target_dist * (target_dist.log() - log_p)).sum(1)
-        distance = (((x - x0[active]) / span) ** 2).flatten(1).sum(1)
-        loss = ((distance + alpha * (g0 + (p_t - c).abs() + g_r + _KL_WEIGHT * kl)) * (~hit)).sum()
+        distance = (((x - st["x0"]) / (bounds[1] - bounds[0])) ** 2).flatten(1).sum(1)
+        task = g0 + (p_t - c).abs() + g_r + _KL_WEIGHT * kl
+        loss = ((distance + self.alpha * task) * (~hit)).sum()
         (grad,) = torch.autograd.grad(loss, wa)
         side = torch.stack([torch.sign(p_t.detach() - c), torch.sign(p_r.detach() - aim.runner_up_confs) * has_r], 1)
-        crossed = ((side * last_side[active]) < 0).any(1)
-        row_lr[active[crossed]] = (row_lr[active[crossed]] * _DECAY).clamp(min=lr * _FLOOR)
-        last_side[active] = side
-        m[active] = beta1 * m[active] + (1 - beta1) * grad
-        v[active] = beta2 * v[active] + (1 - beta2) * grad**2
-        m_hat = m[active] / (1 - beta1**step)
-        v_hat = v[active] / (1 - beta2**step)
-        w[active] = wa.detach() - row_lr[active].view(view) * m_hat / (v_hat.sqrt() + 1e-8)
-    bar.close()
-    rest = ~done
-    best[rest] = encode(_from_tanh_space(w[rest], bounds), encoding, bounds)
+        crossed = ((side * st["side"]) < 0).any(1)
+        st["lr"] = torch.where(crossed, (st["lr"] * _DECAY).clamp(min=self.lr * _FLOOR), st["lr"])
+        st["side"] = side
+        beta1, beta2 = 0.9, 0.999
+        st["m"] = beta1 * st["m"] + (1 - beta1) * grad
+        st["v"] = beta2 * st["v"] + (1 - beta2) * grad**2
+        age = st["age"].to(grad.dtype).view(view)
+        m_hat = st["m"] / (1 - beta1**age)
+        v_hat = st["v"] / (1 - beta2**age)
+        st["w"] = wa.detach() - st["lr"].view(view) * m_hat / (v_hat.sqrt() + 1e-8)
+        out_of_steps = ~hit & (st["age"] >= self.max_steps)
+        finished = [
+            Finished(int(st["id"][i]), x_sent[i], True, int(st["misses"][i])) for i in hit.nonzero().squeeze(1).tolist()
+        ]
+        if out_of_steps.any():
+            last = encode(_from_tanh_space(st["w"][out_of_steps], bounds), self.encoding, bounds)
+            ids, misses = st["id"][out_of_steps].tolist(), st["misses"][out_of_steps].tolist()
+            finished += [Finished(i, xi, False, s) for i, xi, s in zip(ids, last, misses)]
+        if finished:
+            self._keep((~(hit | out_of_steps)).nonzero().squeeze(1))
+        return finished
+
+
+def _optimize(
+    model: nn.Module,
+    x0: torch.Tensor,
+    start: torch.Tensor,
+    aims: _Targets,
+    *,
+    progress: bool,
+    **search: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batched C&W run of every row from the start. Returns (x, done, steps)."""
+    n = len(x0)
+    best = encode(start, search["encoding"], search["bounds"]).clone()
+    done = torch.zeros(n, dtype=torch.bool)
+    steps = torch.zeros(n, dtype=torch.int64)
+    runner = FingerprintSearch(model, **search)
+    ids = runner.add(aims, x0, start)
+    position = {row: i for i, row in enumerate(ids)}
+    with tqdm(total=n, desc="fingerprints", unit="fp", disable=not progress, leave=False) as bar:
+        while runner.active:
+            finished = runner.step()
+            for f in finished:
+                i = position[f.row]
+                best[i], done[i], steps[i] = f.x, f.hit, f.steps
+            bar.update(sum(f.hit for f in finished))
     return best, done, steps
 
 

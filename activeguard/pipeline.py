@@ -23,7 +23,7 @@ from activeguard import workloads
 from activeguard.attacks import fine_tune, prune_layer
 from activeguard.control import ControlConfig
 from activeguard.data import Split
-from activeguard.evaluation import authentication_table, control_accuracy, false_acceptance
+from activeguard.evaluation import authentication_table, control_accuracy, false_acceptance, signed_capacity
 from activeguard.models import accuracy, save_model
 
 PRUNING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -147,6 +147,7 @@ def run(
         return {
             **control_accuracy(model, config, split.x_test, split.y_test, seed=seed),
             "false_acceptance": false_acceptance(model, config, split.x_test, seed=seed),
+            "signed_capacity": signed_capacity(model, split.num_classes, split.x_test, seed=seed + 99),
         }
 
     def attack_step() -> dict:

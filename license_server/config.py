@@ -27,6 +27,9 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # mTLS: require client certificates signed by this CA
     generation_timeout: float = 300.0
     max_steps: int = 1000
+    # an on-demand row gives up after this many steps and its request starts again elsewhere: the rare
+    # row that would need 1,000 steps otherwise holds a client (and a slot in the batch) for seconds
+    on_demand_max_steps: int = 400
     pregeneration_batch: int = 500  # fingerprints per pre-generation batch (one optimization, one commit)
 
     def __post_init__(self) -> None:

@@ -34,7 +34,7 @@ import torch
 from activeguard import inputs, sources
 from activeguard import licenses as lic
 from activeguard.control import PAPER_EPSILON, ControlConfig, configured
-from activeguard.fingerprints import authenticate, encode, generate_fingerprints, natural_users
+from activeguard.fingerprints import FingerprintSearch, authenticate, encode, generate_fingerprints, natural_users
 from activeguard.fo_space import FO
 from license_server.checkpoints import (
     STORED_SUFFIXES,
@@ -80,6 +80,17 @@ from license_server.validation import (
 )
 
 Slot = tuple[int, int]  # (FO class t, index j of the FO among class t's): user t·T + j
+COLD_LR, WARM_LR = 0.2, 0.1  # on-demand step sizes from noise and from a neighbouring FO's fingerprint
+
+
+class _SlotFailed(Exception):
+    """No fingerprint reached this slot's FO: the issuer moves on to another slot."""
+
+
+def _pair(fo: FO) -> tuple[int, int | None]:
+    return fo.target, fo.runner_up
+
+
 MAX_REVOCATION_PAGE = 10000
 
 
@@ -96,6 +107,8 @@ class LoadedModel:
     taken: set[Slot] = field(default_factory=set)  # issued
     pool: set[Slot] = field(default_factory=set)  # with a pre-generated fingerprint
     blocked: set[Slot] = field(default_factory=set)  # reached by natural inputs: never issued
+    # the last good fingerprint per (class, runner-up): where the next on-demand search of that pair starts
+    neighbours: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
 
     def user_index(self, slot: Slot) -> int:
         return slot[0] * self.config.per_class + slot[1]
@@ -182,7 +195,10 @@ class Issuer:
         # One worker: torch already uses every core for one batch; requests queue, never block gRPC I/O.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint-gen")
         self._rng = random.Random()
-        self._pending: dict[str, list[tuple[Slot, concurrent.futures.Future]]] = {}  # on-demand, per model
+        # on-demand requests waiting to join their model's search: (slot, start cold, answer)
+        self._pending: dict[str, list[tuple[Slot, bool, concurrent.futures.Future]]] = {}
+        self._searching: set[str] = set()  # models whose on-demand search runs or is queued
+        self._noise = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
         self._pending_lock = threading.Lock()
         self._fillers: dict[str, threading.Thread] = {}  # background pre-generation, per model
         self._fillers_lock = threading.Lock()
@@ -357,12 +373,12 @@ class Issuer:
         """Every slot of a sparse (paper) space; 1,000 of a dense one (more on request)."""
         return 1000 if m.config.space.dense else len(m.all_slots)
 
-    def pregeneration_todo(self, m: LoadedModel, count: int) -> list[Slot]:
-        """Free slots without a fingerprint, in a fixed shuffled order, so that ``count`` in the pool is
-        the goal: a run stopped anywhere resumes where it was, and nothing is generated twice."""
+    def pregeneration_todo(self, m: LoadedModel, count: int, tried: frozenset[Slot] = frozenset()) -> list[Slot]:
+        """Free slots without a fingerprint (and not ``tried`` in this run) to bring the pool to ``count``.
+        The store is the progress: a run stopped anywhere resumes there, and nothing is generated twice."""
         with self._reserve_lock:
             missing = max(0, count - len(m.pool))
-            free = m.free(m.pool, self._reserved.get(m.row.model_id, set()))
+            free = m.free(m.pool, self._reserved.get(m.row.model_id, set()), tried) if missing else []
         random.Random(m.row.model_id).shuffle(free)
         return free[:missing]
 
@@ -371,7 +387,7 @@ class Issuer:
         a slot whose fingerprint failed the re-check is not tried again in the same run)."""
         tried: set[Slot] = set()
         while not self._closing.is_set():
-            todo = [s for s in self.pregeneration_todo(m, count + len(tried)) if s not in tried][:size]
+            todo = self.pregeneration_todo(m, count, frozenset(tried))[:size]
             if not todo:
                 return
             tried.update(todo)
@@ -384,6 +400,8 @@ class Issuer:
         self.store.save_pregenerated(m.row.model_id, [(c, j, raw) for (c, j), raw in got.items()])
         with self._reserve_lock:
             m.pool.update(s for s in got if s not in m.taken)
+        for slot, raw in got.items():
+            self._remember(m, slot, fingerprint_from_bytes(raw, m.row.input_shape))
         self.metrics.generated.labels("pregenerated").inc(len(got))
         self.metrics.pregenerated.labels(m.row.model_id[:16]).set(len(m.pool))
         return len(got)
@@ -440,10 +458,18 @@ class Issuer:
         validity = check_issue(user, model_id, validity_seconds, self.cfg.default_validity)
         m = self.model(model_id)
         lost: set[Slot] = set()
+        failed: list[str] = []
         for _attempt in range(len(m.all_slots) + 1):
             slot = self._reserve(m, lost)
             try:
-                raw, path = self._fingerprint_for(m, slot)
+                try:
+                    raw, path = self._fingerprint_for(m, slot)
+                except _SlotFailed as exc:  # a hard FO for this model: another slot, at most three
+                    lost.add(slot)
+                    failed.append(str(exc))
+                    if len(failed) >= 3:
+                        raise GenerationFailed("; ".join(failed) + f" (after {len(failed)} slots)") from None
+                    continue
                 if not still_wanted():
                     raise ClientGone("the client went away before the license was signed")
                 payload = lic.make_payload(
@@ -555,9 +581,10 @@ class Issuer:
         if slot in m.pool:
             raw = self.store.pregenerated_for(m.row.model_id, slot)
             if raw is not None and self._recheck(m, slot, raw):
+                self._remember(m, slot, fingerprint_from_bytes(raw, m.row.input_shape))
                 return raw, "pregenerated"
-        for _ in range(3):
-            fut = self._on_demand(m, slot)
+        for cold in (False, True):  # from a neighbour's fingerprint (if any), then from noise
+            fut = self._on_demand(m, slot, cold)
             try:
                 raw = fut.result(timeout=self.cfg.generation_timeout)
             except concurrent.futures.TimeoutError:
@@ -565,42 +592,88 @@ class Issuer:
                 raise TimedOut("fingerprint generation timed out") from None
             if raw is not None:
                 return raw, "generated"
-        raise GenerationFailed(f"no fingerprint reached the FO ({m.fo(slot)}) ± {m.row.epsilon / 2} after 3 attempts")
+        raise _SlotFailed(f"no fingerprint reached the FO ({m.fo(slot)}) ± {m.row.epsilon / 2}")
 
-    def _on_demand(self, m: LoadedModel, slot: Slot) -> concurrent.futures.Future:
-        """Queue ``slot`` for the worker; every slot queued before the worker gets to it shares one batch."""
+    def _on_demand(self, m: LoadedModel, slot: Slot, cold: bool = False) -> concurrent.futures.Future:
+        """Queue ``slot`` for the worker's running search of ``m`` (starting one if none runs)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        mid = m.row.model_id
         with self._pending_lock:
-            queue = self._pending.setdefault(m.row.model_id, [])
-            queue.append((slot, fut))
-            first = len(queue) == 1
-        if first:
+            self._pending.setdefault(mid, []).append((slot, cold, fut))
+            start = mid not in self._searching
+            self._searching.add(mid)
+        if start:
             try:
-                self._submit(self._drain, m)
+                self._submit(self._search, m)
             except Unavailable:
                 with self._pending_lock:
-                    self._pending.pop(m.row.model_id, None)
+                    self._pending.pop(mid, None)
+                    self._searching.discard(mid)
                 raise
         return fut
 
-    def _drain(self, m: LoadedModel) -> None:
-        """On the worker: one optimization for every waiting request of ``m`` (a future gets None for a
-        slot whose fingerprint failed the re-check; its caller tries again)."""
-        with self._pending_lock:
-            waiting = self._pending.pop(m.row.model_id, [])
-        waiting = [(slot, fut) for slot, fut in waiting if fut.set_running_or_notify_cancel()]
-        if not waiting:
-            return
+    def _search(self, m: LoadedModel) -> None:
+        """On the worker: one continuous batched optimization for ``m``'s on-demand requests. Requests
+        join it whenever they arrive and are answered as soon as their own row is done (the encoded
+        fingerprint re-checked as signed), so nobody waits for a slower row; a miss answers None and
+        its caller tries again. Returns once no request is running or waiting."""
+        mid = m.row.model_id
+        search = FingerprintSearch(
+            m.module,
+            tolerance=m.config.epsilon / 2,
+            alpha=m.config.space.task_weight,
+            lr=COLD_LR,
+            max_steps=min(self.cfg.max_steps, self.cfg.on_demand_max_steps),
+            encoding=m.row.encoding,
+            bounds=m.spec.bounds,
+        )
+        running: dict[int, tuple[Slot, concurrent.futures.Future]] = {}  # search row -> request
         try:
-            got = self._generate(m, [slot for slot, _ in waiting], self._rng.randrange(2**31))
+            while True:
+                with self._pending_lock:
+                    joining = self._pending.pop(mid, [])
+                    if not joining and not running:
+                        self._searching.discard(mid)
+                        return
+                joining = [(slot, cold, fut) for slot, cold, fut in joining if fut.set_running_or_notify_cancel()]
+                for slot, cold, fut in joining:
+                    start, lr = self._start(m, slot, cold)
+                    (row,) = search.add_users(m.config, [m.user_index(slot)], start, lr=lr)
+                    running[row] = (slot, fut)
+                if joining:
+                    self.metrics.on_demand_batch.observe(search.active)
+                for done in search.step():
+                    slot, fut = running.pop(done.row)
+                    raw = lic.fingerprint_bytes(done.x[None])[0] if done.hit else None
+                    ok = raw is not None and self._recheck(m, slot, raw)
+                    if ok:
+                        self.metrics.generated.labels("on_demand").inc()
+                        self._remember(m, slot, done.x[None])
+                    fut.set_result(raw if ok else None)
         except BaseException as exc:
-            for _, fut in waiting:
-                fut.set_exception(exc)
-            return
-        self.metrics.generated.labels("on_demand").inc(len(got))
-        self.metrics.on_demand_batch.observe(len(waiting))
-        for slot, fut in waiting:
-            fut.set_result(got.get(slot))
+            with self._pending_lock:
+                self._searching.discard(mid)
+                left = self._pending.pop(mid, [])
+            for fut in [f for _, f in running.values()] + [f for _, _, f in left]:
+                if not fut.done():
+                    fut.set_exception(exc)
+            raise
+
+    def _start(self, m: LoadedModel, slot: Slot, cold: bool) -> tuple[torch.Tensor, float]:
+        """(start, step size) of an on-demand row: the last good fingerprint of the same (class,
+        runner-up) pair when there is one (a neighbour in the FO grid: about half the steps,
+        measured), else of the same class, else, or when ``cold``, uniform noise over the input range."""
+        fo = m.fo(slot)
+        near = None if cold else m.neighbours.get(_pair(fo), m.neighbours.get((fo.target, -1)))
+        if near is not None:
+            return near, WARM_LR
+        low, high = m.spec.bounds
+        return low + (high - low) * torch.rand(1, *m.row.input_shape, generator=self._noise), COLD_LR
+
+    @staticmethod
+    def _remember(m: LoadedModel, slot: Slot, x: torch.Tensor) -> None:
+        fo = m.fo(slot)
+        m.neighbours[_pair(fo)] = m.neighbours[(fo.target, -1)] = x  # (t, −1): any runner-up of class t
 
     # -- slots ---------------------------------------------------------------------------------
 
