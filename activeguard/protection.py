@@ -273,6 +273,7 @@ class Guard:
         self._revoked: frozenset[str] = frozenset()
         self._revocation_mtime: float | None = None
         self._generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self._warned_fo_space = False  # a license of another FO space is logged once, not per request
         self.front = FrontEnd(self)
         # What a worker remembers between batches (bounded; successes only, so a bad credential is
         # checked in full every time). Signatures: a license text or session token verified once.
@@ -470,6 +471,9 @@ class Guard:
                 if passed is not None:  # this license's fingerprint already authenticated on this model
                     batch.passed[i] = (payload.user, passed)
                     return
+                if not self._same_fo(payload):
+                    batch.denied[i] = FO_MISMATCH
+                    return
                 batch.checks[i] = (
                     front.fingerprint_input(self._fingerprint(payload)),
                     payload.user_index,
@@ -486,6 +490,29 @@ class Guard:
             batch.denied[i] = _LICENSE_REASONS.get(type(exc), BAD_SIGNATURE)
         except InputError:
             batch.denied[i] = MALFORMED_LICENSE
+
+    def _same_fo(self, payload: licenses.LicensePayload) -> bool:
+        """Whether the license's FO is this archive's FO of its user index. When not, the license server
+        and the archive use different FO spaces (a configuration error, not a client's): say so once."""
+        try:
+            fo = self.config.fo_of_user(payload.user_index)
+        except ValueError:
+            fo = None
+        if fo is not None and (fo.target, fo.confidence) == (payload.fo_class, payload.fo_confidence):
+            return True
+        if not self._warned_fo_space:
+            self._warned_fo_space = True
+            logger.warning(
+                "license %s names FO (class %d at %g) for user index %d, which this archive's %s FO space "
+                "does not: register the model with the license server and package it with the same "
+                "--fo-scheme (and grids)",
+                payload.license_id,
+                payload.fo_class,
+                payload.fo_confidence,
+                payload.user_index,
+                self.config.space.scheme,
+            )
+        return False
 
     def _forward(self, batch: _Batch, front: FrontEnd) -> dict[tuple[str, int], tuple[Any, torch.Tensor]]:
         """One pass over every input and every fingerprint: (raw output rows, probabilities) keyed by

@@ -19,6 +19,7 @@ import torch
 
 from activeguard import inputs, sources
 from activeguard import licenses as lic
+from activeguard.control import ControlConfig
 from activeguard.data import load_digits8x8
 from activeguard.models import train
 from activeguard.protection import PROFILE_FILE, Profile
@@ -139,10 +140,13 @@ def served(byom, licensed, tmp_path_factory):
         == 0
     )
     pem = licensed["public_key"].read_text()
+    signed = ControlConfig.signed_default(10)  # the license server's default FO space, as registered
     profile = Profile(
         model_id=licensed["model_id"],
         input_shape=SPEC.shape,
         input_spec=SPEC.to_dict(),
+        confidences=signed.confidences,
+        runner_up_confidences=signed.runner_up_confidences,
         policy="random",
         license_public_keys={lic.key_id(lic.load_public_key(key)): pem},
     )
@@ -200,19 +204,28 @@ def test_a_model_that_does_not_match_the_profile_is_refused(byom, licensed, tmp_
 
 
 def test_a_version_1_license_database_is_migrated(tmp_path):
-    """Schema 2 adds how to load each model; a database written by the previous server gains the columns."""
+    """Schema 2 adds how to load each model, schema 3 the ranked FO space's grid; a database written by
+    a schema-1 server gains every column, and its models stay in the paper's FO space."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     store = Store(url)
+    added = ("source", "model_class", "model_file_text", "input_spec", "runner_up_confidences")
     with store.engine.begin() as conn:
-        for column in ("source", "model_class", "model_file_text", "input_spec"):
+        for column in added:
             conn.exec_driver_sql(f"ALTER TABLE ag_models DROP COLUMN {column}")
         conn.exec_driver_sql("UPDATE ag_schema_version SET version = 1")
+        conn.exec_driver_sql(
+            "INSERT INTO ag_models (model_id, name, num_classes, confidences, epsilon, input_shape, encoding, "
+            "model_path, created_at) VALUES ('m1', 'old', 10, '[0.2, 0.3, 0.4]', 0.01, '[1, 28, 28]', 'float32', "
+            "'/nowhere.pt', 0)"
+        )
     store.close()
     store = Store(url)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         with store.engine.connect() as conn:
             columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(ag_models)")}
-        assert {"source", "model_class", "model_file_text", "input_spec"} <= columns
+        assert set(added) <= columns
+        old = store.get_model("m1")
+        assert old.runner_up_confidences == () and old.capacity == 30 and old.control.space.scheme == "paper"
     finally:
         store.close()
