@@ -39,7 +39,7 @@ FASHION_LABELS = [
     "Bag",
     "Ankle boot",
 ]
-CONFIG = ControlConfig()
+CONFIG = ControlConfig.signed_default(10)  # what `activeguard protect` uses by default
 
 
 def png(image: torch.Tensor) -> bytes:
