@@ -212,6 +212,11 @@ def render_markdown(report: dict) -> str:
         f"| authorized / unauthorized accuracy | {ctl['authorized_accuracy']:.2%} / {ctl['unauthorized_accuracy']:.2%} |",
         f"| paper-mode false acceptance clean / noise | {ctl['false_acceptance']['clean']:.2%} / "
         f"{ctl['false_acceptance']['uniform_noise']:.2%} |",
+        f"| signed mode ({ctl['signed_capacity']['scheme']} FO space): users issuable / capacity | "
+        f"{ctl['signed_capacity']['issuable']} / {ctl['signed_capacity']['capacity']} |",
+        f"| signed mode: largest per-license false acceptance clean / noise | "
+        f"{ctl['signed_capacity']['max_false_acceptance_per_license']['clean']:.1e} / "
+        f"{ctl['signed_capacity']['max_false_acceptance_per_license']['uniform_noise']:.1e} |",
         f"| wm1 after {atk['fine_tuning']['epochs']} fine-tuning epochs | {atk['fine_tuning']['verified']} |",
         "",
         "## Pruning the watermarked layer (Table 4 analog)",

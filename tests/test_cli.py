@@ -157,6 +157,10 @@ def test_core_evaluation_runs_end_to_end_and_reports(tmp_path):
     assert not steps["embed"]["unmarked_model"]["verified"]
     assert steps["fingerprints"]["minimum"] >= 0.95 and steps["fingerprints"]["wrong_identity"] == 0
     assert abs(steps["control"]["unauthorized_accuracy"] - 0.1) <= 0.05
+    signed = steps["control"]["signed_capacity"]
+    assert signed["scheme"] == "ranked" and signed["issuable"] >= 10_000
+    assert 0 < signed["reached_by_noise_not_issued"] < signed["capacity"] // 10
+    assert max(signed["max_false_acceptance_per_license"].values()) <= 2e-3
     assert len(steps["attacks"]["pruning_wm1"]) == 9
     assert (out / "report.md").read_text().startswith("# ActiveGuard core report")
     assert (out / "pruning.png").stat().st_size > 1000
