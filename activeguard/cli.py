@@ -248,12 +248,41 @@ def cmd_watermark_embed(args: argparse.Namespace) -> int:
     return EXIT_OK if result.success else EXIT_NEGATIVE
 
 
+def owner_reference(args: argparse.Namespace):
+    """(the owner's original model, noise probes over its input range) for ``--owner``, else (None, None)."""
+    if getattr(args, "owner", None) is None:
+        return None, None
+    import torch
+
+    from activeguard import sources
+    from activeguard.cli_support import spec_overrides
+
+    if hasattr(args, "model_file"):  # `watermark verify`: the suspect's model flags describe the owner too
+        options = sources.SourceOptions(args.model_file, args.model_class, spec_overrides(args))
+    else:  # `audit all`: the suspect's network code, if any
+        options = sources.SourceOptions(args.suspect_model_file, args.suspect_model_class)
+    owner = sources.load(args.owner, options)
+    low, high = owner.spec.bounds
+    noise = torch.rand(256, *owner.spec.shape, generator=torch.Generator().manual_seed(0))
+    return owner.model, low + (high - low) * noise
+
+
+def add_owner_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--owner",
+        type=Path,
+        help="your original (watermarked) model: the suspect's filters and their input channels are "
+        "matched to it first, so a suspect whose filters were permuted or positively rescaled keeps the mark",
+    )
+
+
 def cmd_watermark_verify(args: argparse.Namespace) -> int:
     from activeguard import watermark as wm
 
     loaded = load_model_argument(args)
     key = wm.load_key(args.key, read_passphrase(args))
-    result = wm.verify(loaded.model, key)
+    reference, probes = owner_reference(args)
+    result = wm.verify(loaded.model, key, reference=reference, probes=probes)
     payload = {
         "model": str(args.model),
         "model_id": loaded.model_id,
@@ -262,6 +291,9 @@ def cmd_watermark_verify(args: argparse.Namespace) -> int:
         "digits_matched": result.matched,
         "digits": result.total,
         "chance_probability": result.chance_probability,
+        "threshold": result.threshold,
+        "aligned_to_owner": result.aligned,
+        "alignment_similarity": result.alignment_similarity,
     }
     verdict = "OWNERSHIP VERIFIED" if result.success else "not verified"
     emit(
@@ -269,7 +301,9 @@ def cmd_watermark_verify(args: argparse.Namespace) -> int:
         payload,
         lambda: (
             f"{verdict}: {result.matched}/{result.total} digits match "
-            f"(an unmarked model matches that many with probability {result.chance_probability:.2g})"
+            f"(an unmarked model matches that many with probability {result.chance_probability:.2g}; "
+            f"verified at <= {result.threshold:g})"
+            + (f"; aligned to the owner's model (cosine {result.alignment_similarity:.3f})" if result.aligned else "")
         ),
     )
     return EXIT_OK if result.success else EXIT_NEGATIVE
@@ -430,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(p)
     p.add_argument("--key", required=True, type=Path)
+    add_owner_argument(p)
     add_passphrase(p)
     add_common(p, seed=False)
     p.set_defaults(func=cmd_watermark_verify)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from activeguard.alignment import align_layer, aligned_weight
 from activeguard.inputs import network_of
 from activeguard.models import train
 from activeguard.sources import default_watermark_layer
@@ -54,6 +55,9 @@ WM1: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 1, 0)
 WM2: tuple[int, ...] = (3, 8, 7, 6, 8, 7, 6, 9, 9, 4, 8, 6, 5)
 DEFAULT_LAMBDA = 0.01
 CHANCE_PER_DIGIT = 0.1
+# A graded verdict: verified when an unmarked model would match as many digits with probability at
+# most this (13 digits: 9 or more; 12 of 13 after heavy fine-tuning is 1.2e-11, verified).
+CHANCE_THRESHOLD = 1e-6
 # The filter is drawn from the upper half by norm: low-norm filters are the first that filter
 # pruning removes, and half of a layer's filters are too many for an attacker who cannot guess the
 # key to overwrite without hurting the model.
@@ -129,13 +133,19 @@ class WatermarkKey:
 
 @dataclass(frozen=True)
 class WatermarkResult:
-    """Outcome of ``verify``. ``chance_probability``: P(unmarked model matches ≥ matched digits)."""
+    """Outcome of ``verify``. ``chance_probability``: P(unmarked model matches ≥ matched digits);
+    ``success``: that probability is at most ``threshold``. ``aligned``: the suspect's channels were
+    matched to the owner's first (``alignment_similarity``: the weakest matched channel's cosine at
+    the watermarked filter, 1.0 for an unchanged or purely permuted/rescaled copy)."""
 
     success: bool
     matched: int
     total: int
     extracted: list[int] = field(repr=False)
     chance_probability: float
+    threshold: float = CHANCE_THRESHOLD
+    aligned: bool = False
+    alignment_similarity: float | None = None
 
 
 def _check_int(value: Any, what: str) -> int:
@@ -296,11 +306,32 @@ def embed(
     )
 
 
-def extract(model: nn.Module, key: WatermarkKey) -> list[int]:
-    """round(map(v)) at the key's positions; values outside 0-9 are kept (see module docstring)."""
-    with torch.no_grad():
-        values = key.map(_target_weights(model, key).double())
-    return [int(v) for v in torch.round(values).tolist()]
+def extract(
+    model: nn.Module, key: WatermarkKey, *, reference: nn.Module | None = None, probes: torch.Tensor | None = None
+) -> list[int]:
+    """round(map(v)) at the key's positions; values outside 0-9 are kept (see module docstring).
+
+    With ``reference`` (the owner's original model) and ``probes`` (inputs both accept), the
+    suspect's channels are aligned to the owner's first (:mod:`activeguard.alignment`)."""
+    return _extract(model, key, reference, probes)[0]
+
+
+def _extract(
+    model: nn.Module, key: WatermarkKey, reference: nn.Module | None, probes: torch.Tensor | None
+) -> tuple[list[int], float | None]:
+    if reference is None:
+        with torch.no_grad():
+            values = key.map(_target_weights(model, key).double())
+        return [int(v) for v in torch.round(values).tolist()], None
+    if probes is None:
+        raise ValueError("aligning to the owner's model needs probe inputs")
+    _target_weights(model, key)  # the same shape checks (a clear error for another architecture)
+    alignment = align_layer(reference, model, key.layer, probes)
+    weight = aligned_weight(_conv_weight(model, key.layer), alignment)
+    index = torch.tensor(key.positions, dtype=torch.long)
+    values = key.map(weight[key.filter].reshape(-1)[index].double())
+    similarity = float(alignment.outputs.similarity[key.filter])
+    return [int(v) for v in torch.round(values).tolist()], similarity
 
 
 def chance_probability(matched: int, total: int) -> float:
@@ -310,17 +341,30 @@ def chance_probability(matched: int, total: int) -> float:
     return float(binom.sf(matched - 1, total, CHANCE_PER_DIGIT))
 
 
-def verify(model: nn.Module, key: WatermarkKey) -> WatermarkResult:
-    """Extract and compare. A suspect whose layer does not fit the key raises ValueError."""
-    extracted = extract(model, key)
+def verify(
+    model: nn.Module,
+    key: WatermarkKey,
+    *,
+    reference: nn.Module | None = None,
+    probes: torch.Tensor | None = None,
+    threshold: float = CHANCE_THRESHOLD,
+) -> WatermarkResult:
+    """Extract and compare, graded by the chance probability. A suspect whose layer does not fit the
+    key raises ValueError. With ``reference`` and ``probes``, the suspect is aligned to the owner's
+    model first, so permuted and positively rescaled filters keep the mark."""
+    extracted, similarity = _extract(model, key, reference, probes)
     matched = sum(e == d for e, d in zip(extracted, key.digits))
     total = len(key.digits)
+    chance = chance_probability(matched, total)
     return WatermarkResult(
-        success=matched == total,
+        success=chance <= threshold,
         matched=matched,
         total=total,
         extracted=extracted,
-        chance_probability=chance_probability(matched, total),
+        chance_probability=chance,
+        threshold=threshold,
+        aligned=reference is not None,
+        alignment_similarity=similarity,
     )
 
 

@@ -115,3 +115,66 @@ def test_bad_inputs_name_the_problem(checkpoints, capsys, tmp_path):
         capsys,
     )
     assert code == 2 and "127.0.0.1:9" in err  # nothing listens on the discard port: a named connection error
+
+
+def test_audit_all_combines_every_method_into_one_verdict(checkpoints, capsys, tmp_path):
+    """`audit all`: each fingerprint's method with its own threshold, plus the watermark for a local
+    suspect (aligned to the owner with --owner); the suspect is a copy when any method says so."""
+    from activeguard import watermark as wm
+    from tests.test_cli import PASS_ENV
+
+    d = checkpoints
+    fps = []
+    for kind, extra in (("ipguard", []), ("tafa", ["--solver", "gradient"])):
+        fps.append(tmp_path / f"owner.{kind}")
+        args = ["audit", "fingerprint", kind, "--model", str(d / "owner.pt"), "--out", str(fps[-1]), "--points", "20"]
+        assert run_cli([*args, *extra], capsys)[0] == 0
+    key = wm.generate_key(_lenet(d / "owner.pt"), wm.WM1)  # the owner was never marked: the mark reads as absent
+    wm.save_key(key, tmp_path / "owner.agkey", PASS_ENV["ACTIVEGUARD_WM_PASSPHRASE"])
+    common = [arg for fp in fps for arg in ("--fingerprint", str(fp))]
+    verdicts = {}
+    for name in ("pruned", "stranger"):
+        code, out, err = run_cli(
+            ["audit", "all", *common, "--suspect", str(d / f"{name}.pt"), "--json"], capsys, PASS_ENV
+        )
+        verdicts[name] = json.loads(out)
+        assert code == (0 if verdicts[name]["verified"] else 1), err
+    pruned, stranger = verdicts["pruned"], verdicts["stranger"]
+    assert [r["method"] for r in pruned["methods"]] == ["ipguard", "tafa"]
+    assert pruned["verified"] and any(r["verified"] for r in pruned["methods"])
+    assert not stranger["verified"] and not any(r["verified"] for r in stranger["methods"])
+    for row in pruned["methods"] + stranger["methods"]:
+        assert {"score", "threshold", "explanation", "score_name"} <= set(row)
+    # the watermark joins for a local suspect, aligned to the owner's model
+    keyed = ["--key", str(tmp_path / "owner.agkey"), "--owner", str(d / "owner.pt")]
+    code, out, err = run_cli(
+        ["audit", "all", *common, *keyed, "--suspect", str(d / "pruned.pt"), "--json"], capsys, PASS_ENV
+    )
+    found = json.loads(out)
+    mark = found["methods"][-1]
+    assert code == 0 and found["verified"] and mark["method"] == "watermark" and mark["aligned_to_owner"]
+    assert not mark["verified"] and mark["threshold"] == 1e-6 and mark["digits"] == 13
+    code, out, err = run_cli(
+        [
+            "audit",
+            "all",
+            "--key",
+            str(tmp_path / "owner.agkey"),
+            "--owner",
+            str(d / "owner.pt"),
+            "--suspect",
+            str(d / "stranger.pt"),
+            "--json",
+        ],
+        capsys,
+        PASS_ENV,
+    )
+    assert code == 2 and "conv" in err  # the MLP stranger has no conv layer for the key: a clear usage error
+    code, out, err = run_cli(["audit", "all", "--suspect", str(d / "owner.pt")], capsys)
+    assert code == 2 and "--fingerprint" in err
+
+
+def _lenet(path):
+    from activeguard import sources
+
+    return sources.load(path).model

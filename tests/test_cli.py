@@ -77,6 +77,23 @@ def test_watermark_embed_and_verify_with_exit_codes(model_file, tmp_path, capsys
         {"ACTIVEGUARD_WM_PASSPHRASE": "wrong"},
     )
     assert code == 2 and "wrong passphrase" in err
+    # a pirate permutes and rescales the watermarked filters (the outputs stay); with --owner the
+    # suspect is aligned to the original first and verifies again, through `audit watermark` too
+    from activeguard import attacks, sources
+    from activeguard.inputs import network_of
+
+    model = network_of(sources.load(marked).model)
+    pirate = attacks.rescale_channels(attacks.permute_channels(model, "conv2", "fc1", seed=1), "conv2", "fc1")
+    pirated = tmp_path / "pirated.pt"
+    save_model(pirate, pirated)
+    base = ["--model", str(pirated), "--key", str(key), "--json"]
+    code, stdout, _ = run_cli(["watermark", "verify", *base], capsys, PASS_ENV)
+    assert code == 1 and json.loads(stdout)["digits_matched"] < 13
+    for command in (["watermark", "verify"], ["audit", "watermark"]):
+        code, stdout, _ = run_cli([*command, *base, "--owner", str(marked)], capsys, PASS_ENV)
+        found = json.loads(stdout)
+        assert code == 0 and found["verified"] and found["aligned_to_owner"] and found["digits_matched"] == 13
+        assert found["threshold"] == 1e-6 and found["alignment_similarity"] > 0.999
 
 
 def test_watermark_key_is_secret_unless_an_experiment_seed_is_given(model_file, tmp_path, capsys, monkeypatch):

@@ -147,10 +147,11 @@ def test_extract_reads_mapped_weights_without_clamping(small_key):
         flat = model.conv2.weight[small_key.filter].view(-1)
         for pos, digit in zip(small_key.positions, (3, 8, 0)):
             flat[pos] = (digit + 0.3 - small_key.b) / small_key.a
-    assert wm.verify(model, small_key).success
+    assert wm.verify(model, small_key, threshold=0.01).success  # 3 digits can only ever say p = 1e-3
+    assert not wm.verify(model, small_key).success  # not enough evidence at the default 1e-6
     with torch.no_grad():
         flat[small_key.positions[1]] = 0.0  # pruned: map(0) = b = -2
-    result = wm.verify(model, small_key)
+    result = wm.verify(model, small_key, threshold=0.01)
     assert result.extracted == [3, -2, 0]
     assert (result.success, result.matched, result.total) == (False, 2, 3)
     assert result.chance_probability == pytest.approx(0.028)  # P(Bin(3, 0.1) >= 2)
@@ -313,3 +314,35 @@ def test_function_preserving_edits_keep_every_answer_and_move_the_mark(split, wm
         assert wm.verify(edited[name], key).matched < len(key.digits) // 2, name
     with pytest.raises(ValueError, match="not a multiple"):
         attacks.permute_channels(marked, "conv2", "fc3")
+
+
+def test_aligned_to_the_owner_the_mark_survives_permutation_and_rescaling(split, base, wm1):
+    """Issue 15: with the original model at hand, the suspect's filters (conv2's outputs) and their
+    input channels (conv1's outputs) are matched by activations on noise probes, so permuting,
+    rescaling and both together keep every digit; an independent model still matches only by chance."""
+    key, marked = wm1
+    probes = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    both = attacks.permute_channels(marked, "conv2", "fc1", seed=1)
+    both = attacks.rescale_channels(both, "conv2", "fc1", seed=3)
+    both = attacks.permute_channels(both, "conv1", "conv2", seed=2)
+    both = attacks.rescale_channels(both, "conv1", "conv2", seed=4)
+    edited = {
+        "permute conv2": attacks.permute_channels(marked, "conv2", "fc1", seed=1),
+        "permute conv1 (conv2's inputs)": attacks.permute_channels(marked, "conv1", "conv2", seed=2),
+        "rescale conv2": attacks.rescale_channels(marked, "conv2", "fc1", seed=3),
+        "rescale conv1 (conv2's inputs)": attacks.rescale_channels(marked, "conv1", "conv2", seed=4),
+        "all four": both,
+    }
+    for name, model in edited.items():
+        plain = wm.verify(model, key)
+        aligned = wm.verify(model, key, reference=marked, probes=probes)
+        assert aligned.aligned and aligned.matched == 13 and aligned.success, (name, aligned.matched)
+        assert aligned.alignment_similarity > 0.999, name
+        if "conv1" not in name or name == "all four":
+            assert plain.matched < 13, name  # the fixed-position reading is what broke
+    assert wm.verify(marked, key, reference=marked, probes=probes).matched == 13
+    independent = train_lenet5(split, epochs=3, seed=7)
+    result = wm.verify(independent, key, reference=marked, probes=probes)
+    assert not result.success and result.matched <= 5 and result.chance_probability > 1e-3
+    with pytest.raises(ValueError, match="probe"):
+        wm.verify(both, key, reference=marked)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from activeguard.audit import base
-from activeguard.cli import cmd_watermark_verify
+from activeguard.cli import add_owner_argument, cmd_watermark_verify
 from activeguard.cli_support import (
     EXIT_NEGATIVE,
     EXIT_OK,
@@ -118,17 +118,20 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 # --- activeguard audit METHOD --------------------------------------------------------------------
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _check_transport(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.timeout <= 0:
+        raise UsageError("--batch-size must be at least 1 and --timeout positive")
+
+
+def _black_box(method: base.AuditMethod, fingerprint: Path, threshold: float | None, args: argparse.Namespace) -> dict:
+    """One method's judgement of ``args.suspect`` with one fingerprint file: score, threshold, evidence."""
     from activeguard.audit import files
     from activeguard.audit.remote import open_suspect
 
-    method = base.get(args.audit_command)
-    threshold = method.threshold if args.threshold is None else args.threshold
+    threshold = method.threshold if threshold is None else threshold
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
-    if args.batch_size < 1 or args.timeout <= 0:
-        raise UsageError("--batch-size must be at least 1 and --timeout positive")
-    loaded = files.load(args.fingerprint, kind=method.name)
+    loaded = files.load(fingerprint, kind=method.name)
     start = time.perf_counter()
     with open_suspect(
         args.suspect,
@@ -142,9 +145,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             loaded.fingerprint, suspect, num_classes=loaded.meta.get("num_classes"), **method.score_options(args)
         )
     verified = score.value >= threshold
-    payload = {
+    return {
         "method": method.name,
-        "fingerprint": str(args.fingerprint),
+        "fingerprint": str(fingerprint),
         "suspect": str(args.suspect),
         "owner_model_id": loaded.meta.get("owner_model_id"),
         "verified": verified,
@@ -152,20 +155,94 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "score": score.value,
         "score_name": method.score_name,
         "threshold": threshold,
+        "explanation": method.explain(score),
         **score.evidence,
         "seconds": time.perf_counter() - start,
     }
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    method = base.get(args.audit_command)
+    _check_transport(args)
+    payload = _black_box(method, args.fingerprint, args.threshold, args)
+    verified, threshold = payload["verified"], payload["threshold"]
 
     def human() -> str:
         head = "OWNERSHIP VERIFIED" if verified else "not verified"
         cmp = ">=" if verified else "<"
         return (
-            f"{head}: {method.title} {method.score_name} {score.value:.3f} {cmp} threshold {threshold:.2f}"
-            f" ({method.explain(score)})\n  suspect {args.suspect}"
+            f"{head}: {method.title} {method.score_name} {payload['score']:.3f} {cmp} threshold {threshold:.2f}"
+            f" ({payload['explanation']})\n  suspect {args.suspect}"
         )
 
     emit(args, payload, human)
     return EXIT_OK if verified else EXIT_NEGATIVE
+
+
+def _watermark(args: argparse.Namespace) -> dict:
+    """The white-box check of ``audit all``: the suspect must be a local file."""
+    from activeguard import sources
+    from activeguard import watermark as wm
+    from activeguard.cli import owner_reference
+    from activeguard.cli_support import read_passphrase
+
+    if str(args.suspect).startswith(("http://", "https://")):
+        return {"method": "watermark", "skipped": "the suspect is an endpoint: the watermark needs its weights"}
+    suspect = sources.load(args.suspect, sources.SourceOptions(args.suspect_model_file, args.suspect_model_class))
+    key = wm.load_key(args.key, read_passphrase(args))
+    reference, probes = owner_reference(args)
+    result = wm.verify(suspect.model, key, reference=reference, probes=probes)
+    return {
+        "method": "watermark",
+        "verified": result.success,
+        "verdict": "copy of the owner's model" if result.success else "not shown to be a copy",
+        "score": result.chance_probability,
+        "score_name": "chance probability (lower is stronger)",
+        "threshold": result.threshold,
+        "explanation": f"{result.matched}/{result.total} digits match"
+        + (f", aligned to the owner's model (cosine {result.alignment_similarity:.3f})" if result.aligned else ""),
+        "digits_matched": result.matched,
+        "digits": result.total,
+        "aligned_to_owner": result.aligned,
+    }
+
+
+def cmd_all(args: argparse.Namespace) -> int:
+    """Every method the owner has material for, one combined verdict: a copy when any method says so
+    (each method's threshold is set so that it accuses no model of the negative set)."""
+    from activeguard.audit import files
+
+    _check_transport(args)
+    if not args.fingerprint and args.key is None:
+        raise UsageError("give at least one --fingerprint (black-box) or --key (watermark)")
+    rows = [_black_box(base.get(files.load(path).kind), path, None, args) for path in args.fingerprint]
+    if args.key is not None:
+        rows.append(_watermark(args))
+    judged = [r for r in rows if "verified" in r]
+    copy = any(r["verified"] for r in judged)
+    payload = {
+        "suspect": str(args.suspect),
+        "verified": copy,
+        "verdict": "copy of the owner's model" if copy else "not shown to be a copy",
+        "rule": "a copy when any method's score passes its threshold",
+        "methods": rows,
+    }
+
+    def human() -> str:
+        lines = [f"{'OWNERSHIP VERIFIED' if copy else 'not verified'}: {args.suspect}"]
+        for r in rows:
+            if "skipped" in r:
+                lines.append(f"  {r['method']:<12} skipped: {r['skipped']}")
+                continue
+            mark = "COPY " if r["verified"] else "clear"
+            lines.append(
+                f"  {r['method']:<12} {mark} {r['score_name']} {r['score']:.3g} (threshold {r['threshold']:g}): "
+                f"{r['explanation']}"
+            )
+        return "\n".join(lines)
+
+    emit(args, payload, human)
+    return EXIT_OK if copy else EXIT_NEGATIVE
 
 
 # --- activeguard evaluate audit ------------------------------------------------------------------
@@ -198,6 +275,33 @@ def _add_params(p: argparse.ArgumentParser, params_type: type[base.Params]) -> N
             help=f.metadata["help"].format(default=f.default),
             **extra,
         )
+
+
+def _add_suspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--suspect",
+        required=True,
+        metavar="PATH_OR_URL",
+        help="a model file (checkpoint, TorchScript, .pt2, or a state dict with --suspect-model-file), or an "
+        "endpoint such as http://127.0.0.1:8080/predictions/mnist; a file that does not carry its input "
+        "spec is fed as the fingerprint records the owner's",
+    )
+    p.add_argument(
+        "--suspect-model-file",
+        type=Path,
+        metavar="FILE.py",
+        help="Python file defining the suspect's network, for a state dict suspect",
+    )
+    p.add_argument(
+        "--suspect-model-class",
+        metavar="NAME",
+        help="the network class in --suspect-model-file (default: its only nn.Module class)",
+    )
+
+
+def _add_transport_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per HTTP request (default 64)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -253,25 +357,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--fingerprint", required=True, type=Path, help=f"file written by 'activeguard audit fingerprint {name}'"
         )
-        p.add_argument(
-            "--suspect",
-            required=True,
-            metavar="PATH_OR_URL",
-            help="a model file (checkpoint, TorchScript, .pt2, or a state dict with --suspect-model-file), or an "
-            "endpoint such as http://127.0.0.1:8080/predictions/mnist; a file that does not carry its input "
-            "spec is fed as the fingerprint records the owner's",
-        )
-        p.add_argument(
-            "--suspect-model-file",
-            type=Path,
-            metavar="FILE.py",
-            help="Python file defining the suspect's network, for a state dict suspect",
-        )
-        p.add_argument(
-            "--suspect-model-class",
-            metavar="NAME",
-            help="the network class in --suspect-model-file (default: its only nn.Module class)",
-        )
+        _add_suspect_arguments(p)
         p.add_argument(
             "--threshold",
             type=float,
@@ -280,10 +366,30 @@ def register(sub: argparse._SubParsersAction) -> None:
             "measured by 'activeguard evaluate audit')",
         )
         method.add_score_arguments(p)
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
-        p.add_argument("--batch-size", type=int, default=64, help="rows per HTTP request (default 64)")
+        _add_transport_arguments(p)
         add_common(p, seed=False)
         p.set_defaults(func=cmd_verify)
+
+    p = audit_sub.add_parser(
+        "all",
+        help="every method you have a fingerprint or key for, one combined verdict",
+        description="Audit one suspect with every black-box fingerprint given (each with its method's "
+        "measured threshold) and, for a local suspect, the watermark; the suspect is judged a copy when "
+        "any method says so. --json lists each method's score, threshold and evidence.",
+        epilog="Exit codes: 0 ownership verified, 1 not verified, 2 usage or input error.",
+    )
+    p.add_argument(
+        "--fingerprint", action="append", default=[], type=Path, help="a fingerprint file (repeat for each method)"
+    )
+    _add_suspect_arguments(p)
+    p.add_argument("--key", type=Path, help="your encrypted watermark key (.agkey): adds the white-box check")
+    add_owner_argument(p)
+    add_passphrase(p)
+    for method in methods.values():
+        method.add_score_arguments(p)
+    _add_transport_arguments(p)
+    add_common(p, seed=False)
+    p.set_defaults(func=cmd_all)
 
     p = audit_sub.add_parser(
         "watermark",
@@ -294,6 +400,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(p, help="the suspect's model (" + MODEL_HELP_TAIL + ")")
     p.add_argument("--key", required=True, type=Path, help="the encrypted watermark key (.agkey)")
+    add_owner_argument(p)
     add_passphrase(p)
     add_common(p, seed=False)
     p.set_defaults(func=cmd_watermark_verify)  # the core's check, reached from here
