@@ -85,9 +85,15 @@ def test_unmarked_models_do_not_verify(split, base, wm1):
 @pytest.mark.slow
 def test_watermark_survives_fine_tuning(split, wm1):
     key, marked = wm1
-    attacked = fine_tune(marked, split.x_train, split.y_train, epochs=10, seed=1)
-    print(f"\nTable 3 analog: accuracy after 10 SGD epochs {accuracy(attacked, split.x_test, split.y_test):.4f}")
-    assert wm.verify(attacked, key).success
+    attacked = fine_tune(marked, split.x_train, split.y_train, epochs=15, seed=1)
+    print(f"\nTable 3 analog: accuracy after 15 SGD epochs {accuracy(attacked, split.x_test, split.y_test):.4f}")
+    result = wm.verify(attacked, key)
+    assert result.success and result.matched >= 9  # graded: 9+ of 13 digits is p <= 1e-6
+    # fine-tuned, then its watermarked filters permuted and rescaled: aligned to the owner it still verifies
+    pirate = attacks.rescale_channels(attacks.permute_channels(attacked, "conv2", "fc1", seed=5), "conv2", "fc1")
+    probes = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    aligned = wm.verify(pirate, key, reference=marked, probes=probes)
+    assert aligned.success and aligned.matched == result.matched, (aligned.matched, result.matched)
 
 
 @pytest.mark.slow
