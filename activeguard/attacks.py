@@ -242,3 +242,25 @@ def rescale_channels(
     u = torch.rand(channels, generator=torch.Generator().manual_seed(seed))
     scale = torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
     return _edit_channels(model, producer, consumer, torch.arange(channels), scale)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Every weight tensor stored as int8 and read back: symmetric per-tensor scale max|W| / 127
+    (what an int8 export keeps of the weights; biases stay float, as in int8 inference)."""
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in quantized.named_parameters():
+            if name.endswith("weight") and p.dim() > 1:
+                scale = p.abs().max().clamp_min(1e-12) / 127.0
+                p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
+    return quantized
+
+
+def distill(owner: nn.Module, student: nn.Module, x: torch.Tensor, *, epochs: int = 15, seed: int = 0) -> nn.Module:
+    """Train a fresh ``student`` on the owner's soft labels for ``x`` (a model extraction by
+    distillation: no weight of the owner's survives, only its behaviour)."""
+    from activeguard.models import predict
+
+    with torch.no_grad():
+        soft = torch.softmax(predict(owner, x), dim=1)
+    return train(student, x, soft, epochs=epochs, seed=seed, desc="distilling")
