@@ -59,7 +59,10 @@ def parse_users(text: str, total: int) -> list[int]:
     return users
 
 
-def parse_floats(text: str) -> tuple[float, ...]:
+def parse_floats(text: str | None) -> tuple[float, ...]:
+    """'0.2,0.3' → (0.2, 0.3); an absent flag (None or '') → ()."""
+    if not text:
+        return ()
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -130,6 +133,29 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help:
         "--model-class", metavar="NAME", help="the network class in --model-file (default: its only nn.Module class)"
     )
     add_spec_arguments(g)
+
+
+def add_fo_space_arguments(p: argparse.ArgumentParser, must_match: str) -> None:
+    """The FO-space flags (resolved by :func:`activeguard.control.configured`); the archive and the
+    license server must agree on them, which ``must_match`` tells the user."""
+    from activeguard.control import FO_SCHEMES, PAPER_CONFIDENCES
+
+    p.add_argument(
+        "--fo-scheme",
+        choices=FO_SCHEMES,
+        default="",
+        help="FO space: 'ranked' (default in signed mode: top class + confidence and runner-up + probability, "
+        "about 19,000 users per 10-class model) or 'paper' (class + confidence, K x |C_fp| users; always in "
+        f"paper mode). Must match {must_match}",
+    )
+    p.add_argument(
+        "--confidences",
+        help=f"top-class confidence grid C (default: the scheme's; paper {','.join(map(str, PAPER_CONFIDENCES))})",
+    )
+    p.add_argument(
+        "--runner-up-confidences",
+        help="runner-up probability grid Q of the ranked scheme (default: steps of 2.5 epsilon)",
+    )
 
 
 def add_spec_arguments(g: argparse._ActionsContainer) -> None:

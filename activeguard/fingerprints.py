@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -131,28 +131,16 @@ class _Targets:
             config=config,
         )
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
+
     def __getitem__(self, rows: torch.Tensor) -> _Targets:
-        return _Targets(
-            self.users[rows],
-            self.classes[rows],
-            self.confs[rows],
-            self.runner_up[rows],
-            self.runner_up_confs[rows],
-            self.distribution[rows],
-            self.config,
-        )
+        return _Targets(**{k: v[rows] for k, v in self._tensors().items()}, config=self.config)
 
     @staticmethod
     def cat(a: _Targets, b: _Targets) -> _Targets:
-        return _Targets(
-            torch.cat([a.users, b.users]),
-            torch.cat([a.classes, b.classes]),
-            torch.cat([a.confs, b.confs]),
-            torch.cat([a.runner_up, b.runner_up]),
-            torch.cat([a.runner_up_confs, b.runner_up_confs]),
-            torch.cat([a.distribution, b.distribution]),
-            a.config,
-        )
+        more = b._tensors()
+        return _Targets(**{k: torch.cat([v, more[k]]) for k, v in a._tensors().items()}, config=a.config)
 
     def hit(self, probs: torch.Tensor, tolerance: float) -> torch.Tensor:
         """Rows whose output already decodes to their own user at the tighter generation tolerance."""

@@ -135,8 +135,8 @@ class WatermarkKey:
 class WatermarkResult:
     """Outcome of ``verify``. ``chance_probability``: P(unmarked model matches ≥ matched digits);
     ``success``: that probability is at most ``threshold``. ``aligned``: the suspect's channels were
-    matched to the owner's first (``alignment_similarity``: the weakest matched channel's cosine at
-    the watermarked filter, 1.0 for an unchanged or purely permuted/rescaled copy)."""
+    matched to the owner's first (``alignment_similarity``: the activation cosine of the suspect
+    filter matched to the watermarked one, 1.0 for an unchanged or purely permuted/rescaled copy)."""
 
     success: bool
     matched: int

@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from activeguard.data import load_mnist
+from activeguard.evaluation import license_false_acceptance
 from activeguard.fingerprints import authenticate, generate_fingerprints
 from activeguard.models import save_model, train_lenet5
 from benchmarks.bench_license_server import start_server
@@ -61,19 +61,6 @@ def pooled(store: Store, model_id: str, shape: tuple[int, ...]) -> tuple[list[in
     slots = sorted(store.pregenerated_slots(model_id))
     xs = [fingerprint_from_bytes(store.pregenerated_for(model_id, s), shape) for s in slots]
     return [t * per_class + j for t, j in slots], torch.cat(xs), per_class
-
-
-def false_acceptance(model, config, users: list[int], inputs: torch.Tensor) -> dict:
-    """Per pooled license: the share of ``inputs`` that decode to its FO."""
-    _, who = authenticate(model, inputs, config)
-    counts = np.bincount(who[who >= 0].numpy(), minlength=config.num_users)[users]
-    rates = counts / len(inputs)
-    return {
-        "inputs": len(inputs),
-        "max_per_license": float(rates.max()),
-        "mean_per_license": float(rates.mean()),
-        "licenses_hit": int((counts > 0).sum()),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         # 5. per-license false acceptance
         noise = torch.rand(20_000, 1, 28, 28, generator=torch.Generator().manual_seed(99))
         result["false_acceptance"] = {
-            "clean_test_digits": false_acceptance(lenet, config, pool_users, split.x_test),
-            "uniform_noise": false_acceptance(lenet, config, pool_users, noise),
+            "clean_test_digits": license_false_acceptance(lenet, config, split.x_test, pool_users),
+            "uniform_noise": license_false_acceptance(lenet, config, noise, pool_users),
         }
         store.close()
 

@@ -9,8 +9,15 @@ import sys
 import threading
 from pathlib import Path
 
-from activeguard.cli_support import add_model_arguments, add_spec_arguments, load_model_argument, spec_overrides
-from activeguard.control import FO_SCHEMES, PAPER_CONFIDENCES, PAPER_EPSILON, POLICIES, configured
+from activeguard.cli_support import (
+    add_fo_space_arguments,
+    add_model_arguments,
+    add_spec_arguments,
+    load_model_argument,
+    parse_floats,
+    spec_overrides,
+)
+from activeguard.control import PAPER_EPSILON, POLICIES, configured
 from activeguard.licenses import key_id, load_public_key, public_key_pem
 from activeguard.protection import Profile
 from handlers.packaging import classes_of, package_model, protect
@@ -25,10 +32,6 @@ def _pem(path: str) -> tuple[str, str]:
     return key_id(key), public_key_pem(key).decode()
 
 
-def _floats(text: str | None) -> tuple[float, ...]:
-    return tuple(float(c) for c in text.split(",")) if text else ()
-
-
 def _profile(args: argparse.Namespace, loaded) -> Profile:
     """The protection profile the flags describe, for ``loaded`` (validated before anything is built)."""
     keys = dict(_pem(p) for p in args.license_key)
@@ -40,8 +43,8 @@ def _profile(args: argparse.Namespace, loaded) -> Profile:
     control = configured(
         classes_of(loaded),
         scheme=args.fo_scheme,
-        confidences=_floats(args.confidences),
-        runner_up_confidences=_floats(args.runner_up_confidences),
+        confidences=parse_floats(args.confidences),
+        runner_up_confidences=parse_floats(args.runner_up_confidences),
         epsilon=args.epsilon,
         policy=args.policy,
         paper_mode=args.paper_mode,
@@ -148,22 +151,7 @@ def _add_protection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--paper-mode", action="store_true", help="also admit bare fingerprints (forgeable; reproduction only)"
     )
-    p.add_argument(
-        "--fo-scheme",
-        choices=FO_SCHEMES,
-        default="",
-        help="FO space: 'ranked' (default in signed mode: top class + confidence and runner-up + probability, "
-        "about 19,000 users per 10-class model) or 'paper' (class + confidence, K x |C_fp| users; always in "
-        "--paper-mode). Must match the license server's registration of the model",
-    )
-    p.add_argument(
-        "--confidences",
-        help=f"top-class confidence grid C (default: the scheme's; paper {','.join(map(str, PAPER_CONFIDENCES))})",
-    )
-    p.add_argument(
-        "--runner-up-confidences",
-        help="runner-up probability grid Q of the ranked scheme (default: steps of 2.5 epsilon)",
-    )
+    add_fo_space_arguments(p, "the license server's registration of the model (activeguard license register)")
     p.add_argument("--epsilon", type=float, default=PAPER_EPSILON)
     p.add_argument(
         "--license-key",

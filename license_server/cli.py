@@ -35,8 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from activeguard.cli_support import add_model_arguments, load_model_argument
-from activeguard.control import FO_SCHEMES
+from activeguard.cli_support import (
+    UsageError,
+    add_fo_space_arguments,
+    add_model_arguments,
+    load_model_argument,
+    parse_floats,
+)
 from activeguard.processes import write_ready_file
 
 DB_ENV = "ACTIVEGUARD_LICENSE_DB"
@@ -242,8 +247,8 @@ def cmd_register(args) -> int:
             pregenerate=args.pregenerate or bool(args.pregenerate_count),
             pregenerate_count=args.pregenerate_count or 0,
             fo_scheme=args.fo_scheme,
-            confidences=_floats(args.confidences),
-            runner_up_confidences=_floats(args.runner_up_confidences),
+            confidences=parse_floats(args.confidences),
+            runner_up_confidences=parse_floats(args.runner_up_confidences),
             expected_model_id=loaded.model_id,
             model_file_text=loaded.model_file.read_text() if loaded.model_file else "",
             model_class=loaded.model_class or "",
@@ -267,10 +272,6 @@ def cmd_register(args) -> int:
         f"{d['fo_scheme']} FO space, {d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated",
     )
     return 0
-
-
-def _floats(text: str | None) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",")) if text else ()
 
 
 def cmd_pregenerate(args) -> int:
@@ -407,15 +408,7 @@ def add_license_commands(sub) -> None:
         "first batch before returning, the rest in the server's background",
     )
     p.add_argument("--pregenerate-count", type=int, default=None, help="pool size to fill instead of the default")
-    p.add_argument(
-        "--fo-scheme",
-        choices=FO_SCHEMES,
-        default="",
-        help="FO space (default ranked: ~19,000 users per 10-class model; paper: K x |C_fp|). Must match the "
-        "model's archive (activeguard package --fo-scheme)",
-    )
-    p.add_argument("--confidences", default=None, help="top-class confidence grid (default: the scheme's)")
-    p.add_argument("--runner-up-confidences", default=None, help="runner-up grid of the ranked scheme")
+    add_fo_space_arguments(p, "the model's archive (activeguard package|protect --fo-scheme)")
     _add_client(p)
     p.set_defaults(func=cmd_register)
 
@@ -480,7 +473,7 @@ def _guarded(cmd):
             code = exc.code().name if exc.code() else "UNKNOWN"
             print(f"error: {code}: {exc.details()}", file=sys.stderr)
             return 2 if code in _USAGE_CODES else 1
-        except (OSError, LicenseError, ValueError) as exc:
+        except (OSError, LicenseError, ValueError, UsageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 

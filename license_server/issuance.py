@@ -120,10 +120,13 @@ class LoadedModel:
     def fo(self, slot: Slot) -> FO:
         return self.config.fo_of_user(self.user_index(slot))
 
+    def is_free(self, slot: Slot, *exclude: set[Slot]) -> bool:
+        """Neither issued nor reached by natural inputs, nor in any of ``exclude``."""
+        return slot not in self.taken and slot not in self.blocked and not any(slot in e for e in exclude)
+
     def free(self, *exclude: set[Slot]) -> list[Slot]:
         """Every slot nobody holds, in slot order."""
-        unusable = self.taken.union(self.blocked, *exclude)
-        return [s for s in self.all_slots if s not in unusable]
+        return [s for s in self.all_slots if self.is_free(s, *exclude)]
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,6 @@ class Issuer:
             loaded = self._loaded(row, model)
             self._models[model_id] = loaded
         self._refresh_free_slots(loaded)
-        self._prime(loaded)
         return loaded
 
     def _loaded(self, row: ModelRecord, model: sources.LoadedModel) -> LoadedModel:
@@ -349,8 +351,6 @@ class Issuer:
             fresh = self._loaded(row, model)
             with self._models_lock:
                 m = self._models.setdefault(mid, fresh)
-            if m is fresh:
-                self._prime(m)
         self._refresh_free_slots(m)
         if req.pregenerate:
             self.pregenerate(m, req.pregenerate_count or self.default_pregeneration(m))
@@ -522,7 +522,6 @@ class Issuer:
             finally:
                 self._release(m.row.model_id, slot)
             self._mark_taken(m, slot)
-            self._refresh_free_slots(m)
             elapsed = time.perf_counter() - start
             self.metrics.issued.labels(m.row.model_id[:16]).inc()
             self.metrics.issue_latency.labels(path).observe(elapsed)
@@ -610,6 +609,8 @@ class Issuer:
             self._searching.add(mid)
         if start:
             try:
+                if not m.neighbours:  # the model's first on-demand search: give it starting points first
+                    self._prime(m)
                 self._submit(self._search, m)
             except Unavailable:
                 with self._pending_lock:
@@ -666,10 +667,10 @@ class Issuer:
             raise
 
     def _prime(self, m: LoadedModel) -> None:
-        """Queue one fingerprint per class of a dense space on the worker, kept only as a starting point,
-        so that on-demand rows start near their class rather than from noise (the first 100 licenses
-        of a fresh model: 12.9/s from noise). Nothing is pooled or stored: counts and slots stay as
-        they were."""
+        """Queue one fingerprint per class of a dense space on the worker, ahead of the model's first
+        on-demand search, kept only as a starting point, so that on-demand rows start near their class
+        rather than from noise (the first 100 licenses of a fresh model: 12.9/s from noise). Nothing
+        is pooled or stored: counts and slots stay as they were."""
         if not m.config.space.dense:
             return
         rng = random.Random(m.row.model_id)
@@ -712,14 +713,13 @@ class Issuer:
         mid = m.row.model_id
         with self._reserve_lock:
             reserved = self._reserved.setdefault(mid, set())
-            ready = m.pool - m.taken - reserved - exclude - m.blocked
+            ready = m.pool - m.taken - m.blocked - reserved - exclude  # set algebra: the pool may hold 10,000
             slot = self._rng.choice(tuple(ready)) if ready else None
             for _ in range(64 if slot is None else 0):
                 candidate = self._rng.choice(m.all_slots)
-                if candidate not in m.taken and candidate not in reserved and candidate not in exclude:
-                    if candidate not in m.blocked:
-                        slot = candidate
-                        break
+                if m.is_free(candidate, reserved, exclude):
+                    slot = candidate
+                    break
             if slot is None:
                 free = m.free(reserved, exclude)
                 if not free:
@@ -738,10 +738,11 @@ class Issuer:
         return f"all {what} are issued; no FO is ever reused"
 
     def _mark_taken(self, m: LoadedModel, slot: Slot) -> None:
+        """Record an issued slot (ours or a concurrent issuer's) and publish the gauges."""
         with self._reserve_lock:
             m.taken.add(slot)
             m.pool.discard(slot)
-        self.metrics.pregenerated.labels(m.row.model_id[:16]).set(len(m.pool))
+        self._refresh_free_slots(m)
 
     def _refresh_free_slots(self, m: LoadedModel) -> None:
         """Publish the slots still free to issue (neither issued nor reached by natural inputs)."""

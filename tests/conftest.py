@@ -7,6 +7,7 @@ import torch
 
 from activeguard.data import Split, load_mnist
 from activeguard.models import LeNet5, train_lenet5
+from tests.processes import ServerProcess
 from tests.serving_fixtures import Deployment, build
 
 torch.set_num_threads(2)
@@ -54,3 +55,18 @@ def fashion_archive(tmp_path_factory) -> dict:
     from tests.protect_fixtures import fashion_deployment
 
     return fashion_deployment(tmp_path_factory.mktemp("fashion-owner"))
+
+
+@pytest.fixture
+def servers():
+    """Start license server processes through this; every one is stopped in teardown, even after a failure."""
+    started: list[ServerProcess] = []
+
+    def start(*args, **kwargs) -> ServerProcess:
+        s = ServerProcess(*args, **kwargs)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

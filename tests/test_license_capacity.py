@@ -26,20 +26,6 @@ from tests.processes import TOKEN, ServerProcess
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def servers():
-    started: list[ServerProcess] = []
-
-    def start(*args, **kwargs) -> ServerProcess:
-        s = ServerProcess(*args, **kwargs)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.stop()
-
-
 @pytest.fixture(scope="module")
 def lenet_path(lenet, tmp_path_factory) -> Path:
     from activeguard.models import save_model

@@ -43,21 +43,6 @@ pytestmark = pytest.mark.timeout(300)
 from tests.processes import TOKEN, ServerProcess  # noqa: E402
 
 
-@pytest.fixture
-def servers():
-    """Start servers through this; every one is stopped in teardown, even after a failure."""
-    started: list[ServerProcess] = []
-
-    def start(*args, **kwargs) -> ServerProcess:
-        s = ServerProcess(*args, **kwargs)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.stop()
-
-
 @pytest.fixture(scope="module")
 def model_paths(lenet, tmp_path_factory) -> list[Path]:
     """The session LeNet-5 and functionally identical copies with distinct model ids (a tiny bias shift)."""
