@@ -466,6 +466,8 @@ def _guarded(cmd):
         import grpc
 
         from activeguard.licenses import LicenseError
+        from license_server.errors import InvalidRequest, IssuanceError, NotFound, PreconditionFailed
+        from license_server.store import StoreError
 
         try:
             return cmd(args)
@@ -476,6 +478,9 @@ def _guarded(cmd):
         except (OSError, LicenseError, ValueError, UsageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except (IssuanceError, StoreError) as exc:  # commands that work on the store directly (pregenerate)
+            print(f"error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, (InvalidRequest, NotFound, PreconditionFailed)) else 1
 
     return run
 
