@@ -267,6 +267,15 @@ def owner_reference(args: argparse.Namespace):
     return owner.model, low + (high - low) * noise
 
 
+def check_watermark(model: Any, args: argparse.Namespace):
+    """``model`` against the key of ``--key`` (passphrase as the flags say), aligned to ``--owner`` if given."""
+    from activeguard import watermark as wm
+
+    key = wm.load_key(args.key, read_passphrase(args))
+    reference, probes = owner_reference(args)
+    return wm.verify(model, key, reference=reference, probes=probes)
+
+
 def add_owner_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--owner",
@@ -277,12 +286,9 @@ def add_owner_argument(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_watermark_verify(args: argparse.Namespace) -> int:
-    from activeguard import watermark as wm
 
     loaded = load_model_argument(args)
-    key = wm.load_key(args.key, read_passphrase(args))
-    reference, probes = owner_reference(args)
-    result = wm.verify(loaded.model, key, reference=reference, probes=probes)
+    result = check_watermark(loaded.model, args)
     payload = {
         "model": str(args.model),
         "model_id": loaded.model_id,
@@ -299,12 +305,7 @@ def cmd_watermark_verify(args: argparse.Namespace) -> int:
     emit(
         args,
         payload,
-        lambda: (
-            f"{verdict}: {result.matched}/{result.total} digits match "
-            f"(an unmarked model matches that many with probability {result.chance_probability:.2g}; "
-            f"verified at <= {result.threshold:g})"
-            + (f"; aligned to the owner's model (cosine {result.alignment_similarity:.3f})" if result.aligned else "")
-        ),
+        lambda: f"{verdict}: {result.explanation()}",
     )
     return EXIT_OK if result.success else EXIT_NEGATIVE
 

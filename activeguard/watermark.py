@@ -147,6 +147,16 @@ class WatermarkResult:
     aligned: bool = False
     alignment_similarity: float | None = None
 
+    def explanation(self) -> str:
+        """The evidence in one line: digits, chance, threshold and alignment."""
+        text = (
+            f"{self.matched}/{self.total} digits match (an unmarked model matches that many with probability "
+            f"{self.chance_probability:.2g}; verified at <= {self.threshold:g})"
+        )
+        if self.aligned:
+            text += f"; aligned to the owner's model (cosine {self.alignment_similarity:.3f})"
+        return text
+
 
 def _check_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -182,16 +182,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _watermark(args: argparse.Namespace) -> dict:
     """The white-box check of ``audit all``: the suspect must be a local file."""
     from activeguard import sources
-    from activeguard import watermark as wm
-    from activeguard.cli import owner_reference
-    from activeguard.cli_support import read_passphrase
+    from activeguard.cli import check_watermark
 
     if str(args.suspect).startswith(("http://", "https://")):
         return {"method": "watermark", "skipped": "the suspect is an endpoint: the watermark needs its weights"}
     suspect = sources.load(args.suspect, sources.SourceOptions(args.suspect_model_file, args.suspect_model_class))
-    key = wm.load_key(args.key, read_passphrase(args))
-    reference, probes = owner_reference(args)
-    result = wm.verify(suspect.model, key, reference=reference, probes=probes)
+    result = check_watermark(suspect.model, args)
     return {
         "method": "watermark",
         "verified": result.success,
@@ -199,8 +195,7 @@ def _watermark(args: argparse.Namespace) -> dict:
         "score": result.chance_probability,
         "score_name": "chance probability (lower is stronger)",
         "threshold": result.threshold,
-        "explanation": f"{result.matched}/{result.total} digits match"
-        + (f", aligned to the owner's model (cosine {result.alignment_similarity:.3f})" if result.aligned else ""),
+        "explanation": result.explanation(),
         "digits_matched": result.matched,
         "digits": result.total,
         "aligned_to_owner": result.aligned,
