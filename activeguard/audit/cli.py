@@ -123,15 +123,17 @@ def _check_transport(args: argparse.Namespace) -> None:
         raise UsageError("--batch-size must be at least 1 and --timeout positive")
 
 
-def _black_box(method: base.AuditMethod, fingerprint: Path, threshold: float | None, args: argparse.Namespace) -> dict:
-    """One method's judgement of ``args.suspect`` with one fingerprint file: score, threshold, evidence."""
+def _black_box(fingerprint: Path, threshold: float | None, args: argparse.Namespace, kind: str | None = None) -> dict:
+    """One method's judgement of ``args.suspect`` with one fingerprint file (of ``kind``, when given):
+    score, threshold (the method's own by default), evidence."""
     from activeguard.audit import files
     from activeguard.audit.remote import open_suspect
 
-    threshold = method.threshold if threshold is None else threshold
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
-    loaded = files.load(fingerprint, kind=method.name)
+    loaded = files.load(fingerprint, kind=kind)
+    method = base.get(loaded.kind)
+    threshold = method.threshold if threshold is None else threshold
     start = time.perf_counter()
     with open_suspect(
         args.suspect,
@@ -164,7 +166,7 @@ def _black_box(method: base.AuditMethod, fingerprint: Path, threshold: float | N
 def cmd_verify(args: argparse.Namespace) -> int:
     method = base.get(args.audit_command)
     _check_transport(args)
-    payload = _black_box(method, args.fingerprint, args.threshold, args)
+    payload = _black_box(args.fingerprint, args.threshold, args, kind=method.name)
     verified, threshold = payload["verified"], payload["threshold"]
 
     def human() -> str:
@@ -205,12 +207,11 @@ def _watermark(args: argparse.Namespace) -> dict:
 def cmd_all(args: argparse.Namespace) -> int:
     """Every method the owner has material for, one combined verdict: a copy when any method says so
     (each method's threshold is set so that it accuses no model of the negative set)."""
-    from activeguard.audit import files
 
     _check_transport(args)
     if not args.fingerprint and args.key is None:
         raise UsageError("give at least one --fingerprint (black-box) or --key (watermark)")
-    rows = [_black_box(base.get(files.load(path).kind), path, None, args) for path in args.fingerprint]
+    rows = [_black_box(path, None, args) for path in args.fingerprint]
     if args.key is not None:
         rows.append(_watermark(args))
     judged = [r for r in rows if "verified" in r]
