@@ -25,15 +25,20 @@ CHECKPOINT_FORMAT = "activeguard-model/1"
 class LeNet5(nn.Module):
     """LeNet-5 as in the paper: conv2 has shape (16, 6, 5, 5), i.e. 150 watermark positions."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, channels: tuple[int, int] = (6, 16)
+    ):
         super().__init__()
         self.config = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+        if tuple(channels) != (6, 16):  # other widths: independent rivals in the audit's negative set
+            self.config["channels"] = list(channels)
+        c1, c2 = channels
         # 8x8 inputs (the Fashion-MNIST fallback) need padding to survive two 5x5 convs.
         pad2 = 2 if image_size < 16 else 0
-        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5, padding=pad2)
+        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=pad2)
         side = ((image_size // 2) + 2 * pad2 - 4) // 2
-        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.fc1 = nn.Linear(c2 * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
@@ -189,7 +194,7 @@ def build_model(arch: str, **config: Any) -> nn.Module:
         cls = ARCHITECTURES[arch]
     except KeyError:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
-    for name in ("hidden", "widths", "blocks"):  # lists in a checkpoint's config, tuples in the constructor
+    for name in ("hidden", "widths", "blocks", "channels"):  # lists in a checkpoint's config, tuples in the constructor
         if name in config:
             config[name] = tuple(config[name])
     return cls(**config)

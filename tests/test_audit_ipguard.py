@@ -64,3 +64,16 @@ def test_bad_inputs(lenet, mnist, tmp_path, fingerprint):
     torch.save({"x": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not an IPGuard fingerprint"):
         ipguard.Fingerprint.load(tmp_path / "bad.pt")
+
+
+def test_each_variant_is_judged_at_its_own_threshold():
+    """Noise-started points (RL, RR) are labelled alike by some independent models, so their measured
+    thresholds are higher; a fingerprint file carries its variant, and the audit picks its threshold."""
+    from activeguard.audit import decisions
+
+    method = ipguard.METHOD
+    points, labels = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    by_variant = {v: method.threshold_for(ipguard.Fingerprint(points, labels, 3.0, v)) for v in ipguard.METHODS}
+    assert by_variant == decisions.IPGUARD_THRESHOLDS
+    assert by_variant["RL"] > by_variant["TL"] == method.threshold
+    assert all(f"{v} " in method.threshold_help() for v in ipguard.METHODS)

@@ -5,11 +5,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from activeguard.audit import conferrable, ipguard, metrics
 from activeguard.audit.evaluate import POST_PROCESSING, run_audit_evaluation
-from activeguard.audit.suspects import as_callable, classifier_zoo
-from activeguard.models import accuracy
+from activeguard.audit.suspects import ATTACK_KINDS, NEGATIVE_KINDS, as_callable, classifier_zoo
+from activeguard.models import LeNet5, accuracy, predict
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +27,23 @@ def zoo(lenet, mnist, cache):
 
 def test_zoo_contents(zoo, lenet, mnist):
     kinds = [z.kind for z in zoo]
-    for kind in ("FTLL", "FTAL", "RTLL", "RTAL", "WP", "FP", "surrogate"):
-        assert kind in kinds and all(z.positive for z in zoo if z.kind == kind)
-    assert kinds.count("same-arch") >= 5
-    assert kinds.count("other-arch") >= 2 and kinds.count("random-forest") >= 1
-    assert not any(z.positive for z in zoo if z.kind in ("same-arch", "other-arch", "random-forest"))
+    for kind in ATTACK_KINDS:
+        assert kind in kinds and all(z.positive for z in zoo if z.kind == kind), kind
+    for kind in NEGATIVE_KINDS:
+        assert kind in kinds and not any(z.positive for z in zoo if z.kind == kind), kind
+    assert kinds.count("same-arch") >= 5 and kinds.count("other-split") >= 2 and kinds.count("other-owner") >= 2
+    # issue 15: at least 20 independent models over at least 4 model families
+    negatives = [z for z in zoo if not z.positive]
+    assert len(negatives) >= 20
+    assert len({type(z.model).__name__ for z in negatives}) >= 4
+    widths = {tuple(z.model.conv2.weight.shape[:2]) for z in negatives if isinstance(z.model, LeNet5)}
+    assert len(widths) >= 3  # LeNet-5s of other widths, not just other seeds
+    # the function-preserving edits change the weights and not a single output
+    x = mnist.x_test[:200]
+    for z in zoo:
+        if z.kind in ("permute", "rescale", "permute+rescale"):
+            assert not torch.equal(z.model.conv2.weight, lenet.conv2.weight), z.name
+            assert torch.allclose(predict(z.model, x), predict(lenet, x), atol=1e-4), z.name
     half = len(mnist.x_test) // 2
     base = accuracy(lenet, mnist.x_test[half:], mnist.y_test[half:])
     for z in zoo:
@@ -71,3 +84,13 @@ def test_evaluation_report(zoo, cache, tmp_path):
     assert max(r["aruc"] for r in result["ipguard"].values()) >= 0.9
     for task in result["tafa"]["tasks"].values():  # TAFA works on every task kind: positives > negatives
         assert task["distance"]["roc_auc"] > 0.5 and task["bending"]["roc_auc"] > 0.5
+    # the robustness table: every removal attack and kind of negative, every method and the combined verdict
+    rob = result["robustness"]
+    assert [row["kind"] for row in rob["rows"]] == [*ATTACK_KINDS, *NEGATIVE_KINDS]
+    assert "## Robustness" in md and "combined" in md
+    # issue 15's first goal: the decision thresholds (decisions.py) accuse none of the negatives
+    assert {label: m["false_accusations"] for label, m in rob["methods"].items()} == dict.fromkeys(rob["methods"], 0)
+    assert rob["combined_false_accusations"] == 0
+    for row in rob["rows"]:  # a function-preserving edit answers like the owner: every black-box method sees it
+        if row["kind"] in ("permute", "rescale", "permute+rescale", "int8"):
+            assert row["cells"]["combined"]["flagged"] == row["cells"]["combined"]["of"]

@@ -98,6 +98,14 @@ class AuditMethod(ABC, Generic[P, F]):
         """The default decision threshold on the score (measured; see decisions.py)."""
         return decisions.THRESHOLDS[self.name]
 
+    def threshold_for(self, fingerprint: F) -> float:
+        """The decision threshold for this fingerprint (a method whose variants differ overrides it)."""
+        return self.threshold
+
+    def threshold_help(self) -> str:
+        """The default threshold(s) as ``--help`` shows them."""
+        return f"{self.threshold:g}"
+
     @abstractmethod
     def generate(
         self,

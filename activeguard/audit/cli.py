@@ -133,7 +133,7 @@ def _black_box(fingerprint: Path, threshold: float | None, args: argparse.Namesp
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     loaded = files.load(fingerprint, kind=kind)
     method = base.get(loaded.kind)
-    threshold = method.threshold if threshold is None else threshold
+    threshold = method.threshold_for(loaded.fingerprint) if threshold is None else threshold
     start = time.perf_counter()
     with open_suspect(
         args.suspect,
@@ -358,8 +358,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--threshold",
             type=float,
             default=None,
-            help=f"decision threshold on the score, in [0, 1] (default {method.threshold:g}, "
-            "measured by 'activeguard evaluate audit')",
+            help=f"decision threshold on the score, in [0, 1] (default {method.threshold_help()}: the "
+            "smallest that accuses none of the negative set of 'activeguard evaluate audit')",
         )
         method.add_score_arguments(p)
         _add_transport_arguments(p)

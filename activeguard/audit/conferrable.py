@@ -20,13 +20,19 @@ conferrability on the training ensemble at the source's label is ≥ ``threshold
 Verification: CAEAcc = fraction of fingerprints where the suspect predicts the source's label,
 compared with a decision threshold.
 
-The ensemble members are generic, so any owner model can be audited: a small CNN (adaptive
-pooling, any height and width) for image-like rows (C, H, W), alternating with an MLP, and MLPs
-for rows of any other shape.  Every member first maps the owner's input range to [0, 1].
+The ensemble members have the owner's own architecture with fresh weights, as in the paper (every
+CIFAR-10 surrogate and reference is a ResNet20 like the source), whenever the owner is an eager
+module whose layers can be re-initialized.  Measured on the MNIST LeNet-5 (4 + 4 members, ε = 0.25,
+12 held-out judges): generic small-CNN/MLP members gave a ROC AUC of 0.79 for distilled surrogates
+against independent models; LeNet-5 members 1.0.  Owners that cannot be re-initialized (TorchScript,
+exported programs) fall back to generic members: a small CNN (adaptive pooling, any height and
+width) for image-like rows (C, H, W), alternating with an MLP, and MLPs for rows of any other shape;
+every generic member first maps the owner's input range to [0, 1].
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from activeguard.audit import decisions
-from activeguard.audit.base import AuditMethod, LabelMatching, Owner, Params, param
+from activeguard.audit.base import AuditMethod, LabelMatching, Owner, Params, Score, param
 
 DECISION_THRESHOLD = decisions.CEM_THRESHOLD  # CAEAcc; see decisions.py
 CONFERRABILITY_THRESHOLD = 0.85
@@ -111,6 +117,25 @@ def ensemble_member(
     return nn.Sequential(_Rescale(bounds), body)
 
 
+def fresh_copy(model: nn.Module, seed: int) -> nn.Module | None:
+    """``model``'s architecture with new random weights, or None when it cannot be re-initialized
+    (TorchScript, exported programs, a layer with parameters but no ``reset_parameters``)."""
+    if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+        return None
+    try:
+        fresh = copy.deepcopy(model)
+    except (TypeError, RuntimeError):
+        return None
+    torch.manual_seed(seed)
+    for module in fresh.modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        if not callable(getattr(module, "reset_parameters", None)):
+            return None
+        module.reset_parameters()
+    return fresh
+
+
 def train_ensemble(
     owner: nn.Module,
     x: torch.Tensor,
@@ -124,7 +149,8 @@ def train_ensemble(
 ) -> tuple[list[nn.Module], list[nn.Module]]:
     """Surrogates on the owner's (soft) labels and references on the ground truth.
 
-    ``x`` holds rows as the owner takes them (values in ``bounds``); members: :func:`ensemble_member`.
+    ``x`` holds rows as the owner takes them (values in ``bounds``); members: fresh copies of the
+    owner's architecture (:func:`fresh_copy`), or :func:`ensemble_member` when there are none.
     """
     from activeguard.models import predict, train
 
@@ -133,11 +159,14 @@ def train_ensemble(
     shape = tuple(x.shape[1:])
 
     def make(a: int) -> nn.Module:
+        fresh = fresh_copy(owner, seed + a)
+        if fresh is not None:
+            return fresh
         torch.manual_seed(seed + a)
         return ensemble_member(a, shape, c, bounds)
 
     surrogates = [train(make(a), x, owner_probs, epochs=epochs, seed=seed + a) for a in range(n_surrogates)]
-    references = [train(make(a), x, y, epochs=epochs, seed=seed + 50 + a) for a in range(n_references)]
+    references = [train(make(50 + a), x, y, epochs=epochs, seed=seed + 50 + a) for a in range(n_references)]
     return surrogates, references
 
 
@@ -325,6 +354,24 @@ class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
             seed=seed,
             bounds=owner.bounds,
         )
+
+    def score(
+        self, fingerprint: CemFingerprint, suspect: Any, *, num_classes: int | None = None, **options: Any
+    ) -> Score:
+        result = super().score(fingerprint, suspect, num_classes=num_classes)
+        result.evidence["conferrable"] = fingerprint.passed
+        return result
+
+    def explain(self, score: Score) -> str:
+        text = super().explain(score)
+        strong, total = score.evidence.get("conferrable"), score.evidence["total"]
+        if strong is not None and strong < total:
+            text += (
+                f"; warning: only {strong} of {total} examples reached conferrability {CONFERRABILITY_THRESHOLD} "
+                "when the fingerprint was made, so independent models agree with the owner more often "
+                "(the decision threshold was measured with such a fingerprint)"
+            )
+        return text
 
     def describe(self, fingerprint: CemFingerprint, params: CemParams) -> dict[str, Any]:
         return {

@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from activeguard.audit import base, conferrable, ipguard, metrics, tafa
+from activeguard.audit import base, conferrable, decisions, ipguard, metrics, tafa
 from activeguard.audit.cache import cached, default_cache_dir
 from activeguard.audit.suspects import (
+    ATTACK_KINDS,
+    NEGATIVE_KINDS,
+    SURROGATES,
     ZooMember,
     as_callable,
     classifier_zoo,
@@ -114,6 +117,7 @@ def _ipguard_variant(c: _Classifiers, variant: str, ks: list[float], n_points: i
         "matching_rates": best["matching_rates"],
         "scores": best["scores"],
         "aruc_by_k": {str(r["k"]): r["aruc"] for r in per_k},
+        "scores_by_k": {str(r["k"]): r["scores"] for r in per_k},
     }
 
 
@@ -138,32 +142,26 @@ def _ipguard_benchmark(c: _Classifiers, k: float, quick: bool, seed: int) -> dic
 
 
 def _cem_fingerprint(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_dir) -> conferrable.CemFingerprint:
+    """The CEM fingerprint the thresholds were measured with: 4 + 4 members of the owner's architecture,
+    6 epochs on every training row, 300 steps, in quick runs too (a weaker quick ensemble made
+    transferable rather than conferrable examples: 3 independent models scored up to 0.88)."""
     from activeguard.models import model_id
 
-    ens = slice(0, 1000) if quick else slice(0, len(c.data.x_train))
     surr, refs = cached(
-        f"cem-ensemble-{model_id(c.owner)[:16]}-{quick}-{seed}",
+        f"cem-ensemble-v3-{model_id(c.owner)[:16]}-{seed}",
         lambda: conferrable.train_ensemble(
-            c.owner,
-            c.data.x_train[ens],
-            c.data.y_train[ens],
-            n_surrogates=2 if quick else 4,
-            n_references=2 if quick else 4,
-            epochs=3 if quick else 6,
-            seed=seed + 100,
+            c.owner, c.data.x_train, c.data.y_train, n_surrogates=4, n_references=4, epochs=6, seed=seed + 100
         ),
         cache_dir,
     )
-    return conferrable.generate(
-        c.owner, surr, refs, c.data.x_test[: 4 * n_points], n=n_points, steps=100 if quick else 300, seed=seed
-    )
+    return conferrable.generate(c.owner, surr, refs, c.data.x_test[: 4 * n_points], n=n_points, steps=300, seed=seed)
 
 
 def _cem_table(
     c: _Classifiers, fp: conferrable.CemFingerprint, cem_scores: list[float], ip_rows: dict[str, Any]
 ) -> dict[str, Any]:
     """CEM vs IPGuard on retrained surrogates vs independently trained references (ROC AUC)."""
-    surrogates, references = c.indices("surrogate"), c.indices("same-arch", "other-arch")
+    surrogates, references = c.indices(*SURROGATES), c.indices(*NEGATIVE_KINDS)
 
     def auc(scores: list[float]) -> float:
         return metrics.roc_auc([scores[a] for a in surrogates], [scores[a] for a in references])
@@ -184,6 +182,58 @@ def _cem_table(
     }
 
 
+def _robustness(c: _Classifiers, columns: dict[str, tuple[float, list[float | None]]]) -> dict[str, Any]:
+    """Issue 15's table: rows = removal attacks and kinds of negative, columns = methods at their
+    decision thresholds (decisions.py) and the combined verdict (a copy when any method says so).
+
+    ``columns`` maps a column's label to (decision threshold, one score per zoo member; None where the
+    method cannot score that member, e.g. TAFA on a random forest).
+    """
+    thresholds = {label: threshold for label, (threshold, _) in columns.items()}
+    flags = {
+        label: [None if v is None else bool(v >= thresholds[label]) for v in scores]
+        for label, (_, scores) in columns.items()
+    }
+    combined = [any(f[a] for f in flags.values() if f[a] is not None) for a in range(len(c.zoo))]
+    rows = []
+    for kind, title in {**ATTACK_KINDS, **NEGATIVE_KINDS}.items():
+        members = c.indices(kind)
+        if not members:
+            continue
+        cells = {}
+        for label, (_, scores) in columns.items():
+            values = [scores[a] for a in members if scores[a] is not None]
+            hits = sum(bool(flags[label][a]) for a in members)
+            cells[label] = {"flagged": hits, "of": len(values), "scores": [min(values), max(values)] if values else []}
+        cells["combined"] = {"flagged": sum(combined[a] for a in members), "of": len(members), "scores": []}
+        rows.append({"kind": kind, "title": title, "positive": kind in ATTACK_KINDS, "cells": cells})
+    negatives = [a for a, z in enumerate(c.zoo) if not z.positive]
+    positives = [a for a, z in enumerate(c.zoo) if z.positive]
+    summary = {}
+    for label, (_, scores) in columns.items():
+        neg = [scores[a] for a in negatives if scores[a] is not None]
+        summary[label] = {
+            "threshold": thresholds[label],
+            "false_accusations": sum(bool(flags[label][a]) for a in negatives),
+            "largest_negative": max(neg),
+            "largest_negative_suspect": c.zoo[negatives[[scores[a] for a in negatives].index(max(neg))]].name,
+            "distilled_flagged": sum(bool(flags[label][a]) for a in c.indices(*SURROGATES)),
+        }
+    return {
+        "rows": rows,
+        "methods": summary,
+        "negatives": len(negatives),
+        "negative_architectures": sorted({_architecture(c.zoo[a].model) for a in negatives}),
+        "combined_false_accusations": sum(combined[a] for a in negatives),
+        "missed": [c.zoo[a].name for a in positives if not combined[a]],
+    }
+
+
+def _architecture(model: Any) -> str:
+    """A negative's architecture family, to count the families the negative set covers."""
+    return type(model).__name__
+
+
 def _tafa_row(owner_model, zoo: list[ZooMember], n_points: int, seed: int, fp_kwargs: dict, output=None) -> dict:
     """TAFA on one task: both statistics' ARUC, ROC AUC and gap over the task's zoo."""
     calls = [as_callable(z.model) for z in zoo]
@@ -195,6 +245,8 @@ def _tafa_row(owner_model, zoo: list[ZooMember], n_points: int, seed: int, fp_kw
     row: dict[str, Any] = {"solver": fp.solver, "points": len(fp.points), "seconds": fp.seconds}
     for stat in tafa.STATISTICS:
         scores = [tafa.verify(fp, call, stat) for call in calls]
+        if stat == tafa.DEFAULT_STATISTIC:
+            row["member_scores"] = {z.name: float(v) for z, v in zip(zoo, scores)}
         pos, neg = _split_scores(zoo, scores)
         row[stat] = {
             "aruc": metrics.aruc(pos, neg),
@@ -296,6 +348,18 @@ def run_audit_evaluation(
     cem_scores = _zoo_scores("cem", cem_fp, c.suspects)
     result["cem"] = _cem_table(c, cem_fp, cem_scores, result["ipguard"])
     result["tafa"] = _tafa_table(c, quick, seed, n_points, cache_dir)
+    tafa_scores = next(iter(result["tafa"]["tasks"].values()))["member_scores"]
+    default_k = str(ipguard.DEFAULT_K)
+    columns: dict[str, tuple[float, list[float | None]]] = {
+        f"IPGuard-{variant} (k={ipguard.DEFAULT_K:g})": (
+            decisions.IPGUARD_THRESHOLDS[variant],
+            result["ipguard"][variant]["scores_by_k"][default_k],
+        )
+        for variant in ipguard.METHODS
+    }
+    columns["CEM"] = (decisions.CEM_THRESHOLD, cem_scores)
+    columns["TAFA"] = (decisions.TAFA_THRESHOLD, [tafa_scores.get(z.name) for z in c.zoo])
+    result["robustness"] = _robustness(c, columns)
     result["seconds"] = time.perf_counter() - t_start
     result["plots"] = _plots(result, c.zoo, cem_scores, out)
     result["cem"]["scores"] = cem_scores
@@ -315,7 +379,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"quick = {r['quick']}, seed = {r['seed']}, total {r['seconds']:.0f} s.",
         "",
         "ARUC (IPGuard Eq. 7, r = 100) over the post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) "
-        "against all negatives (other seeds, other architectures, random forests).",
+        "against all negatives (other seeds, other data splits, other widths and architectures, models "
+        "distilled from another owner, random forests).",
         "",
         f"## Table 4 analog: best ARUC per method ({r['data_title']}, {r['architecture']})",
         "",
@@ -379,8 +444,50 @@ def _markdown(r: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.3f}" for k, v in t["mean_aruc"].items())
         + f"; better: {t['better_statistic']}; library default: {t['default_statistic']}.",
         "",
+        *_robustness_markdown(r["robustness"]),
     ]
     return "\n".join(lines)
+
+
+def _robustness_markdown(rob: dict[str, Any]) -> list[str]:
+    """The robustness table: flagged/instances (score range) per method at its decision threshold."""
+    labels = [*rob["methods"], "combined"]
+    lines = [
+        "## Robustness: removal attacks and the negative set",
+        "",
+        "Each cell: suspects flagged as copies / suspects (score range), at the method's decision threshold "
+        "(decisions.py). Combined: a copy when any method says so (`activeguard audit all`). "
+        f"{rob['negatives']} negatives over {len(rob['negative_architectures'])} model families "
+        f"({', '.join(rob['negative_architectures'])}). The weight watermark's column is "
+        "`benchmarks/bench_watermark.py`'s table (this owner carries no watermark).",
+        "",
+        "| suspect | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for row in rob["rows"]:
+        cells = []
+        for label in labels:
+            cell = row["cells"][label]
+            text = f"{cell['flagged']}/{cell['of']}"
+            if cell["scores"]:
+                text += f" ({_fmt_range(cell['scores'])})"
+            cells.append(text)
+        title = row["title"] if row["positive"] else f"*{row['title']}*"
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | threshold | false accusations | largest negative score | distilled copies flagged |"]
+    lines.append("|---|---|---|---|---|")
+    for label, m in rob["methods"].items():
+        lines.append(
+            f"| {label} | {m['threshold']:g} | {m['false_accusations']} | {m['largest_negative']:.2f} "
+            f"({m['largest_negative_suspect']}) | {m['distilled_flagged']} |"
+        )
+    missed = ", ".join(rob["missed"]) or "none"
+    lines += [
+        "",
+        f"Combined verdict: {rob['combined_false_accusations']} false accusations; copies no method flags: {missed}.",
+        "",
+    ]
+    return lines
 
 
 def _plots(r: dict[str, Any], zoo: list[ZooMember], cem_scores: list[float], out: Path) -> list[str]:
@@ -419,8 +526,8 @@ def _plots(r: dict[str, Any], zoo: list[ZooMember], cem_scores: list[float], out
     plt.close(fig)
     files.append("matching_rates.png")
 
-    idx = [a for a, z in enumerate(zoo) if z.kind in ("surrogate", "same-arch", "other-arch")]
-    y = [1 if zoo[a].kind == "surrogate" else 0 for a in idx]
+    idx = [a for a, z in enumerate(zoo) if z.kind in (*SURROGATES, *NEGATIVE_KINDS)]
+    y = [1 if zoo[a].kind in SURROGATES else 0 for a in idx]
     fig, ax = plt.subplots(figsize=(4, 4))
     for name, scores in (("CEM", cem_scores), ("IPGuard-TL", r["ipguard"]["TL"]["scores"])):
         fpr, tpr, _ = roc_curve(y, [scores[a] for a in idx])

@@ -288,5 +288,13 @@ class IPGuard(LabelMatching, AuditMethod[IPGuardParams, Fingerprint]):
     def describe(self, fingerprint: Fingerprint, params: IPGuardParams) -> dict[str, Any]:
         return {"method": fingerprint.method, "k": fingerprint.k}
 
+    def threshold_for(self, fingerprint: Fingerprint) -> float:
+        """Points that start from noise (RL, RR) are matched by some independent models too: their
+        thresholds are higher (decisions.py)."""
+        return decisions.IPGUARD_THRESHOLDS.get(fingerprint.method, self.threshold)
+
+    def threshold_help(self) -> str:
+        return ", ".join(f"{variant} {value:g}" for variant, value in decisions.IPGUARD_THRESHOLDS.items())
+
 
 METHOD = IPGuard()
