@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -67,15 +68,12 @@ class DemoSize:
     embed_epochs: int = 15
     eval_images: int = 1000
     audit_points: int = 100
-    cem_members: int = 3
-    cem_epochs: int = 4
-    cem_steps: int = 200
     pirate_epochs: int = 5
 
     @classmethod
     def named(cls, quick: bool) -> DemoSize:
         if quick:
-            return cls(eval_images=300, audit_points=50, cem_members=2, cem_epochs=3, cem_steps=100, pirate_epochs=3)
+            return cls(eval_images=300, audit_points=50, pirate_epochs=3)
         return cls()
 
 
@@ -118,8 +116,21 @@ class Demo:
 
     # -- the run -------------------------------------------------------------------------------
 
+    # what a run writes into its directory; a new run replaces the last one's (keys included: a demo's
+    # keys sign only that demo's licenses and sessions) and touches nothing else there
+    RUN_OUTPUTS = ("gateway", "license-server", "licenses", "model_store", "torchserve", "model.pt", "watermark.agkey")
+
+    def _clear_previous_run(self) -> None:
+        for name in self.RUN_OUTPUTS:
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        self._clear_previous_run()
         started = time.perf_counter()
         try:
             self.split = load_mnist(seed=self.seed)
@@ -397,20 +408,13 @@ class Demo:
         """The watermark and every registered black-box audit, on every suspect."""
         p = self.size
         owner = audit_base.Owner(self.owner, tuple(self.split.input_shape), self.split.num_classes, "classification")
-        overrides = {
-            "cem": {
-                "surrogates": p.cem_members,
-                "references": p.cem_members,
-                "epochs": p.cem_epochs,
-                "steps": p.cem_steps,
-                "start": "train",  # the demo's recipe since its first version
-            }
-        }  # the demo size; every other value is the method's default
         methods = audit_base.methods()
         t0 = time.perf_counter()
         fingerprints, described = {}, {}
         for name, method in methods.items():
-            params = method.params_type(points=p.audit_points, **overrides.get(name, {}))
+            # every value but the number of points is the method's default: the decision thresholds
+            # (decisions.py) were measured with fingerprints made that way
+            params = method.params_type(points=p.audit_points)
             fingerprints[name] = method.generate(
                 owner, params, self.split if method.needs_data else None, seed=self.seed
             )

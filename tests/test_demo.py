@@ -135,3 +135,21 @@ def test_ctrl_c_during_the_served_part_stops_every_server(tmp_path):
     time.sleep(0.5)
     assert processes_mentioning(str(out)) == []
     assert json.loads((out / "report.json").read_text())["steps"]["licenses"]  # what ran is still reported
+
+
+def test_a_second_run_replaces_the_first_runs_outputs_only(tmp_path):
+    """Running the demo again into its directory used to stop at the gateway's existing key; a new run
+    now removes what the last one wrote (keys, licenses, archives) and nothing else."""
+    from demo.run import Demo
+
+    demo = Demo(tmp_path, quick=True)
+    for name in Demo.RUN_OUTPUTS:
+        path = tmp_path / name
+        if "." in name:
+            path.write_text("old")
+        else:
+            (path / "inner").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    demo._clear_previous_run()
+    assert not any((tmp_path / name).exists() for name in Demo.RUN_OUTPUTS)
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"

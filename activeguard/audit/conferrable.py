@@ -278,10 +278,11 @@ def verify(fp: CemFingerprint, suspect, decision_threshold: float = DECISION_THR
 
 @dataclass(frozen=True)
 class CemParams(Params):
-    surrogates: int = param(3, "surrogate models to train (default {default})")
-    references: int = param(3, "reference models to train (default {default})")
-    epochs: int = param(3, "training epochs per ensemble model (default {default})")
-    steps: int = param(200, "optimization steps (default {default})")
+    # the defaults are the configuration the decision threshold was measured with (decisions.py)
+    surrogates: int = param(4, "surrogate models to train (default {default})")
+    references: int = param(4, "reference models to train (default {default})")
+    epochs: int = param(6, "training epochs per ensemble model (default {default})")
+    steps: int = param(300, "optimization steps (default {default})")
     start: str = param(
         "test",
         "images the examples start from: the owner's 'train' or held-out 'test' images (default {default})",

@@ -141,20 +141,29 @@ def _ipguard_benchmark(c: _Classifiers, k: float, quick: bool, seed: int) -> dic
     }
 
 
-def _cem_fingerprint(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_dir) -> conferrable.CemFingerprint:
-    """The CEM fingerprint the thresholds were measured with: 4 + 4 members of the owner's architecture,
-    6 epochs on every training row, 300 steps, in quick runs too (a weaker quick ensemble made
-    transferable rather than conferrable examples: 3 independent models scored up to 0.88)."""
+def _cem_fingerprint(c: _Classifiers, seed: int, n_points: int, cache_dir) -> conferrable.CemFingerprint:
+    """CEM with the method's defaults (4 + 4 members of the owner's architecture, 6 epochs on every
+    training row, 300 steps), in quick runs too: the thresholds are measured for the fingerprints
+    `activeguard audit fingerprint cem` makes (a weaker quick ensemble made transferable rather than
+    conferrable examples: 3 independent models scored up to 0.88)."""
     from activeguard.models import model_id
 
+    p = conferrable.CemParams(points=n_points)
     surr, refs = cached(
-        f"cem-ensemble-v3-{model_id(c.owner)[:16]}-{seed}",
+        f"cem-ensemble-v3-{model_id(c.owner)[:16]}-{p.surrogates}-{p.references}-{p.epochs}-{seed}",
         lambda: conferrable.train_ensemble(
-            c.owner, c.data.x_train, c.data.y_train, n_surrogates=4, n_references=4, epochs=6, seed=seed + 100
+            c.owner,
+            c.data.x_train,
+            c.data.y_train,
+            n_surrogates=p.surrogates,
+            n_references=p.references,
+            epochs=p.epochs,
+            seed=seed + 100,
         ),
         cache_dir,
     )
-    return conferrable.generate(c.owner, surr, refs, c.data.x_test[: 4 * n_points], n=n_points, steps=300, seed=seed)
+    x0 = c.data.x_test[: 4 * n_points]
+    return conferrable.generate(c.owner, surr, refs, x0, n=n_points, eps=p.eps, steps=p.steps, seed=seed)
 
 
 def _cem_table(
@@ -344,7 +353,7 @@ def run_audit_evaluation(
     }
     result["ipguard"] = _ipguard_table(c, quick, seed, n_points)
     result["ipguard_benchmark"] = _ipguard_benchmark(c, result["ipguard"]["TL"]["best_k"], quick, seed)
-    cem_fp = _cem_fingerprint(c, quick, seed, n_points, cache_dir)
+    cem_fp = _cem_fingerprint(c, seed, n_points, cache_dir)
     cem_scores = _zoo_scores("cem", cem_fp, c.suspects)
     result["cem"] = _cem_table(c, cem_fp, cem_scores, result["ipguard"])
     result["tafa"] = _tafa_table(c, quick, seed, n_points, cache_dir)
