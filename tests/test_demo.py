@@ -115,7 +115,13 @@ def test_no_process_left_running(demo_run):
 def test_ctrl_c_during_the_served_part_stops_every_server(tmp_path):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        [ACTIVEGUARD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [ACTIVEGUARD, "demo", "--quick", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a suite started in the background of a non-interactive shell ignores SIGINT, and a child would
+        # inherit that: give the demo the default disposition a terminal's Ctrl-C meets
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 600
