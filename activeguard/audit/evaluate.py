@@ -220,12 +220,12 @@ def _robustness(c: _Classifiers, columns: dict[str, tuple[float, list[float | No
     positives = [a for a, z in enumerate(c.zoo) if z.positive]
     summary = {}
     for label, (_, scores) in columns.items():
-        neg = [scores[a] for a in negatives if scores[a] is not None]
+        largest = max((a for a in negatives if scores[a] is not None), key=lambda a: scores[a])
         summary[label] = {
             "threshold": thresholds[label],
             "false_accusations": sum(bool(flags[label][a]) for a in negatives),
-            "largest_negative": max(neg),
-            "largest_negative_suspect": c.zoo[negatives[[scores[a] for a in negatives].index(max(neg))]].name,
+            "largest_negative": scores[largest],
+            "largest_negative_suspect": c.zoo[largest].name,
             "distilled_flagged": sum(bool(flags[label][a]) for a in c.indices(*SURROGATES)),
         }
     return {

@@ -133,10 +133,11 @@ class _ZooBuilder:
     def member(self, name: str, kind: str, positive: bool, model: nn.Module) -> ZooMember:
         return ZooMember(name, kind, positive, model, self.acc(model))
 
-    def fit(self, arch, y: torch.Tensor, seed: int, rows: slice = slice(None)) -> nn.Module:
-        """``arch`` trained on the zoo's rows (labels, or soft labels for a distillation)."""
-        x = self.xt[rows]
-        return arch.fit(x, y[rows], epochs=arch.epochs_factor * self.epochs, seed=seed, num_classes=self.num_classes)
+    def fit(self, arch, y: torch.Tensor, seed: int, x: torch.Tensor | None = None) -> nn.Module:
+        """``arch`` trained with the zoo's epoch budget on ``x`` (default: the zoo's rows) and ``y``
+        (labels, or soft labels for a distillation)."""
+        x = self.xt if x is None else x
+        return arch.fit(x, y, epochs=arch.epochs_factor * self.epochs, seed=seed, num_classes=self.num_classes)
 
     def soft_labels(self, model: nn.Module) -> torch.Tensor:
         return torch.softmax(predict(model, self.xt), 1)
@@ -222,14 +223,13 @@ class _ZooBuilder:
         members = []
         for i, rows in enumerate((slice(None, half), slice(half, None))):
             name = f"{arch.name} on training rows {rows.start or 0}-{rows.stop or len(self.xt)}"
-            members.append(self.member(name, "other-split", False, self.fit(arch, self.yt, self.seed + 31 + i, rows)))
+            model = self.fit(arch, self.yt[rows], self.seed + 31 + i, self.xt[rows])
+            members.append(self.member(name, "other-split", False, model))
         other = self.work.loader(self.seed + 1)
         x, y = other.x_train[: len(self.xt)], other.y_train[: len(self.xt)]
         if torch.equal(x, self.xt):  # a fixed official split (Fashion-MNIST): the halves are all there is
             return members
-        model = arch.fit(
-            x, y, epochs=arch.epochs_factor * self.epochs, seed=self.seed + 33, num_classes=self.num_classes
-        )
+        model = self.fit(arch, y, self.seed + 33, x)
         return [*members, self.member(f"{arch.name} on the split of seed {self.seed + 1}", "other-split", False, model)]
 
     def other_architectures(self) -> list[ZooMember]:
