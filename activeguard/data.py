@@ -5,6 +5,8 @@
   ``/usr/share/datasets/fashion-mnist``); without it, scikit-learn's 8x8 digits stand in
   and a warning says so.
 * Diabetes: scikit-learn's bundled regression set (442 x 10), standardized.
+* RAND health insurance experiment: statsmodels' bundled ``randhie`` (20,190 x 9 features), the
+  largest real regression table available offline; TAFA's regression scenario.
 
 Images are float32 tensors in [0, 1] shaped (N, 1, H, W) because the fingerprint optimizer
 works in that box (tanh space) and clients send exactly that encoding.
@@ -161,12 +163,28 @@ def load_diabetes(seed: int = 0, test_fraction: float = 0.2) -> Split:
     return _split("diabetes", "regression", x, y, seed, test_fraction)
 
 
+def load_randhie(seed: int = 0, test_fraction: float = 0.2) -> Split:
+    """statsmodels' RAND health insurance experiment: log(1 + outpatient visits) from 9 features
+    (coinsurance, deductible, income, family size, physical limitation, disease count, health
+    ratings), standardized.  20,190 people: the largest real regression table that an installed
+    package carries (TAFA's warfarin set, IWPC, is not available offline)."""
+    from statsmodels.datasets import randhie
+
+    frame = randhie.load_pandas().data
+    x = frame.drop(columns="mdvis").to_numpy(np.float32)
+    y = np.log1p(frame["mdvis"].to_numpy(np.float32))
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean()) / y.std()
+    return _split("randhie", "regression", x, y, seed, test_fraction)
+
+
 LOADERS = {
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
     "digits8x8": load_digits8x8,
     "digits": load_digits8x8,
     "diabetes": load_diabetes,
+    "randhie": load_randhie,
 }
 CLASSIFICATION_DATASETS = ("mnist", "fashion-mnist", "digits")
 DATA_HELP = (

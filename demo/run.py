@@ -69,11 +69,15 @@ class DemoSize:
     eval_images: int = 1000
     audit_points: int = 100
     pirate_epochs: int = 5
+    # fingerprints the license server pre-generates for the model (its default for a dense FO space);
+    # the quick run needs three users' worth, and a bigger pool fills on a background thread that
+    # competes with the rest of the run for the CPU
+    license_pool: int = 1000
 
     @classmethod
     def named(cls, quick: bool) -> DemoSize:
         if quick:
-            return cls(eval_images=300, audit_points=50, pirate_epochs=3)
+            return cls(eval_images=300, audit_points=50, pirate_epochs=3, license_pool=20)
         return cls()
 
 
@@ -203,7 +207,12 @@ class Demo:
         self.license_ids: dict[str, str] = {}
         rows = []
         with self.license_server.client() as admin:
-            reg = admin.register_model(model_path=str(self.model_path), name=MODEL_NAME, pregenerate=True)
+            reg = admin.register_model(
+                model_path=str(self.model_path),
+                name=MODEL_NAME,
+                pregenerate=True,
+                pregenerate_count=self.size.license_pool,
+            )
             if reg.profile.model_id != self.model_id:
                 raise RuntimeError("the license server computed another model id for the same weights")
             for user in USERS:

@@ -422,7 +422,9 @@ class Issuer:
             return
         batch = self.cfg.pregeneration_batch
         self._pregenerate_logged(m, todo[:batch])
-        if len(todo) > batch:
+        # more to do, or the first batch lost fingerprints that failed their re-check: the filler
+        # goes on with other free slots until the pool holds ``count`` (or every slot was tried)
+        if len(m.pool) < count:
             with self._fillers_lock:
                 running = self._fillers.get(mid)
                 if running is not None and running.is_alive():

@@ -163,8 +163,11 @@ def test_tafa_reads_no_layers_but_lp_stays_for_plain_relu_mlps(models):
     assert not tafa.lp_applies(normalized)  # the LP reads the network, but clients reach it through the view
     with pytest.raises(ValueError, match="LP solver reads"):
         tafa.generate(normalized, 3, (4,), solver="lp")
-    fp = tafa.generate(normalized, 5, (4,), bounds=(0.0, 1.0), init="uniform", seed=0)
+    fp = tafa.generate(normalized, 30, (4,), bounds=(0.0, 1.0), init="uniform", seed=0)
     assert fp.solver == "gradient" and tafa.verify(fp, normalized) == pytest.approx(1.0)
+    # the score is a chance probability: 5 points cannot prove as much as 30, even for the owner itself
+    small = tafa.generate(normalized, 5, (4,), bounds=(0.0, 1.0), init="uniform", seed=0)
+    assert tafa.DECISION_THRESHOLD < tafa.verify(small, normalized) < 1.0
 
 
 def test_cli_end_to_end_any_source(models, tmp_path, capsys):
@@ -192,6 +195,10 @@ def test_cli_end_to_end_any_source(models, tmp_path, capsys):
     # a bare state dict carries no input shape: it is fed as the fingerprint records the owner's
     code, verdict = audit(str(twin["state_dict"]), "--suspect-model-file", str(twin["model_file"]))
     assert code == 1 and not verdict["verified"]
+    # per-point evidence: which boundary points the suspect bends at as the owner does, and the chance of it
+    assert len(verdict["per_point"]) == verdict["points"] == len(recorded.fingerprint.points)
+    assert verdict["matched_points"] == sum(p["match"] for p in verdict["per_point"])
+    assert 0.0 < verdict["chance_probability"] <= 1.0 and "bends as the owner's at" in verdict["explanation"]
     code, verdict = audit(str(twin["torchscript"]))
     assert code == 1 and not verdict["verified"]
 

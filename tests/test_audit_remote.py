@@ -53,6 +53,23 @@ def test_remote_matching_rate_equals_local(served, owner_file, fingerprint, lene
     assert ipguard.verify(fingerprint, MLPClassifier()) < 1.0  # the rate is not 1.0 for just anything
 
 
+def test_tafa_against_a_url_suspect(served, owner_file, lenet):
+    """TAFA's kink statistic through TorchServe: the served owner is a sure copy with every point matched
+    (the probabilities a URL answers are turned back into centred logits), an untrained MLP is not."""
+    from activeguard.audit import tafa
+    from activeguard.audit.base import Owner
+
+    fp = tafa.METHOD.generate(Owner(lenet, (1, 28, 28), 10, "classification"), tafa.TafaParams(points=20), seed=0)
+    with open_suspect(f"{served.url}/predictions/plain", batch_size=64) as remote:
+        served_score = tafa.METHOD.score(fp, remote)
+    assert served_score.value == pytest.approx(1.0)
+    assert served_score.evidence["matched_points"] == len(fp.points) == len(served_score.evidence["per_point"])
+    torch.manual_seed(0)
+    stranger = MLPClassifier().eval()
+    verdict = tafa.METHOD.score(fp, lambda x: stranger(x).detach())
+    assert verdict.value < tafa.DECISION_THRESHOLD and verdict.evidence["matched_points"] < len(fp.points)
+
+
 def test_served_errors_are_named(served, fingerprint):
     with pytest.raises(SuspectError, match=r"HTTP 404: .*nosuch"):
         open_suspect(f"{served.url}/predictions/nosuch")(fingerprint.points[:2])

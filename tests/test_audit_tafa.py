@@ -1,5 +1,7 @@
 """TAFA reconstruction: boundary points, black-box scores, all three task kinds."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -80,7 +82,7 @@ def test_classifier_gradient_path(lenet, mnist):
         lenet,
         30,
         (1, 28, 28),
-        output=lambda x: softmax(lenet(x)),
+        output="softmax",
         solver="gradient",
         bounds=(0.0, 1.0),
         init="uniform",
@@ -94,6 +96,47 @@ def test_classifier_gradient_path(lenet, mnist):
     for statistic in tafa.STATISTICS:
         assert tafa.verify(fp, wrap(lenet), statistic) == pytest.approx(1.0)
         assert tafa.verify(fp, wrap(positive), statistic) > tafa.verify(fp, wrap(other), statistic)
+
+
+def test_kink_statistic_is_calibrated_by_the_suspects_own_bends(regression):
+    """The kink score is a chance probability on a log scale: the owner and a copy whose output layer
+    was rescaled (what retraining the last layer does) are sure matches, while the distance statistic
+    drops for the rescaled copy; independent networks stay under the decision threshold, and the
+    per-point evidence adds up to the reported counts."""
+    owner, _, negatives = regression
+    fp = tafa.generate(owner, 60, (10,), solver="lp", seed=0)
+    rescaled = copy.deepcopy(owner)
+    with torch.no_grad():
+        last = rescaled.net[-1]
+        last.weight.mul_(3.0)
+        last.bias.mul_(3.0)
+    assert tafa.verify(fp, rescaled, "kink") == pytest.approx(1.0)
+    assert tafa.verify(fp, rescaled, "distance") < 0.5
+    for negative in negatives:
+        found = tafa.kink_evidence(fp, negative)
+        assert found.score < tafa.DECISION_THRESHOLD
+        assert found.p_value > 10 ** (-tafa.KINK_LOG10_SCALE * tafa.DECISION_THRESHOLD)
+    mine = tafa.METHOD.score(fp, owner)
+    assert mine.value == pytest.approx(1.0)
+    assert mine.evidence["matched_points"] == sum(p["match"] for p in mine.evidence["per_point"]) == len(fp.points)
+    assert "bends as the owner's at" in tafa.METHOD.explain(mine)
+
+
+def test_fingerprint_generation_reads_no_data(monkeypatch, regression):
+    """TAFA is data-free: generation through the audit interface runs with every dataset loader broken."""
+    import activeguard.data as data_module
+    from activeguard.audit.base import Owner
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("TAFA read a dataset")
+
+    for name in dir(data_module):
+        if name.startswith("load_"):
+            monkeypatch.setattr(data_module, name, refuse)
+    owner = regression[0]
+    assert tafa.METHOD.needs_data is False
+    fp = tafa.METHOD.generate(Owner(owner, (10,), None, "regression"), tafa.TafaParams(points=10), None)
+    assert len(fp.points) > 0 and fp.kinks is not None
 
 
 def test_bad_suspects(regression):
