@@ -154,3 +154,12 @@ def test_bad_suspects(regression):
         )
     with pytest.raises(ValueError, match="not a fully-connected"):
         tafa.lp_boundary_points(torch.nn.Conv2d(1, 1, 3), 2, (1, 5, 5))
+
+
+def test_every_kink_window_is_measured():
+    """Each window (the point's and the four null windows on its line) has a finite bend size: a window
+    whose slope was taken from an empty slice would never match and bias the null rate down."""
+    line = torch.cumsum(torch.rand(3, 2 * tafa.KINK_HALF + 1, 2, dtype=torch.float64), 1)
+    centres = [tafa.KINK_HALF] + [tafa.KINK_HALF + u for u in tafa.KINK_NULL_OFFSETS]
+    bends, sizes = tafa._bends_at(line, centres)
+    assert bends.shape == (3, len(centres), 2) and torch.isfinite(sizes).all() and (sizes > 0).all()
