@@ -185,7 +185,9 @@ def load_model_argument(args: argparse.Namespace, attr: str = "model"):
     """The :class:`activeguard.sources.LoadedModel` the model flags name (errors are one line, exit 2)."""
     from activeguard import sources
 
-    options = sources.SourceOptions(args.model_file, args.model_class, spec_overrides(args))
+    options = sources.SourceOptions(
+        args.model_file, args.model_class, spec_overrides(args), task=getattr(args, "task", None)
+    )
     return sources.load(getattr(args, attr), options)
 
 

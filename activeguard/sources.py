@@ -130,6 +130,8 @@ def default_watermark_layer(network: nn.Module) -> str:
 
 # --- sources ------------------------------------------------------------------------------------
 
+TASKS = ("classification", "regression", "generation")
+
 
 @dataclass(frozen=True)
 class SourceOptions:
@@ -140,6 +142,9 @@ class SourceOptions:
     overrides: SpecOverrides = SpecOverrides()
     # Used where the file says nothing, or only its row shape (an audit queries a bare suspect as the owner).
     fallback: InputSpec | None = None
+    # What the model does, where the file cannot say (TorchScript, .pt2, state dicts): None means what
+    # the file says, else "classification"; TAFA also fingerprints "regression" and "generation" models.
+    task: str | None = None
 
 
 @dataclass
@@ -397,7 +402,10 @@ def load(path: str | Path, options: SourceOptions = SourceOptions()) -> LoadedMo
         carried = replace(options.fallback, shape=carried.shape) if carried else options.fallback
     spec = options.overrides.apply(carried, str(path))
     view = ClientView(raw.network, spec, raw.batch_limit, raw.fixed_mode).eval()
-    num_classes = _probe(view, raw.task, path)
+    task = options.task or raw.task
+    if task not in TASKS:
+        raise SourceError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    num_classes = _probe(view, task, path)
     extras = dict(raw.extras)
     return LoadedModel(
         path=path,
@@ -405,7 +413,7 @@ def load(path: str | Path, options: SourceOptions = SourceOptions()) -> LoadedMo
         model=view,
         spec=spec,
         model_id=model_id(raw.network.state_dict()),
-        task=raw.task,
+        task=task,
         num_classes=num_classes,
         model_file=Path(options.model_file) if source.name == "eager" else None,
         model_class=extras.pop("model_class", None),

@@ -9,7 +9,7 @@ import torch
 
 from activeguard import attacks
 from activeguard.audit import files
-from activeguard.models import MLPClassifier, save_model
+from activeguard.models import MLPClassifier, save_model, train
 from tests.test_cli import run_cli
 
 
@@ -178,3 +178,33 @@ def _lenet(path):
     from activeguard import sources
 
     return sources.load(path).model
+
+
+def test_tafa_fingerprints_a_torchscript_regressor_given_its_task(tmp_path, capsys):
+    """TAFA is task-agnostic: a TorchScript regressor (its file cannot say what it does) is fingerprinted with
+    --task regression, and its suspects are loaded as regressors, not probed as classifiers."""
+
+    def regressor(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        return train(net, torch.rand(512, 6), torch.rand(512, 1), loss="mse", epochs=5, seed=seed)
+
+    owner, stranger = regressor(1), regressor(2)
+    for name, model in (("owner", owner), ("pruned", attacks.global_prune(owner, 0.2)), ("stranger", stranger)):
+        torch.jit.script(model).save(str(tmp_path / f"{name}.ts"))
+    fp = tmp_path / "owner.agfp"
+    base = ["audit", "fingerprint", "tafa", "--model", str(tmp_path / "owner.ts"), "--input-shape", "6"]
+    code, _, err = run_cli([*base, "--out", str(fp)], capsys)
+    assert code == 2 and "is not a classifier" in err  # without --task it is taken for a classifier
+    code, _, err = run_cli([*base, "--task", "regression", "--out", str(fp), "--json"], capsys)
+    assert code == 0, err
+    verdicts = {}
+    for name in ("owner", "pruned", "stranger"):
+        code, out, err = run_cli(
+            ["audit", "tafa", "--fingerprint", str(fp), "--suspect", str(tmp_path / f"{name}.ts"), "--json"], capsys
+        )
+        assert code in (0, 1), err
+        verdicts[name] = json.loads(out)
+    assert verdicts["owner"]["verified"] and verdicts["owner"]["score"] == pytest.approx(1.0)
+    assert verdicts["pruned"]["verified"]
+    assert not verdicts["stranger"]["verified"]

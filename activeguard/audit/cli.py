@@ -40,6 +40,7 @@ from activeguard.cli_support import (
     progress_enabled,
     stage,
 )
+from activeguard.sources import TASKS
 
 DEFAULT_DATA = "mnist"
 MODEL_HELP_TAIL = "checkpoint, TorchScript, exported program .pt2, or a state dict with --model-file"
@@ -142,6 +143,7 @@ def _black_box(fingerprint: Path, threshold: float | None, args: argparse.Namesp
         model_file=args.suspect_model_file,
         model_class=args.suspect_model_class,
         owner_spec=loaded.input_spec,
+        task=loaded.meta.get("task"),  # a regressor's suspect is loaded as one, not probed as a classifier
     ) as suspect:
         score = method.score(
             loaded.fingerprint, suspect, num_classes=loaded.meta.get("num_classes"), **method.score_options(args)
@@ -337,6 +339,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         if method.needs_data:
             add_data_argument(p, default=DEFAULT_DATA, note=method.data_note)
             p.add_argument("--dataset", dest="data", help=argparse.SUPPRESS)  # the flag's old name
+        else:
+            p.add_argument(
+                "--task",
+                choices=list(TASKS),
+                default=None,
+                help="what the model does, where its file cannot say (TorchScript, .pt2, state dict): "
+                "regression and generation models answer raw outputs, compared as they are "
+                "(default: what the file says, else classification)",
+            )
         _add_params(p, method.params_type)
         add_common(p)
         p.set_defaults(func=cmd_fingerprint)

@@ -110,10 +110,11 @@ class LocalSuspect(Suspect):
         model_file: str | Path | None = None,
         model_class: str | None = None,
         owner_spec: inputs.InputSpec | None = None,
+        task: str | None = None,
     ):
         super().__init__(str(path), batch_size)
         options = sources.SourceOptions(
-            Path(model_file) if model_file is not None else None, model_class, fallback=owner_spec
+            Path(model_file) if model_file is not None else None, model_class, fallback=owner_spec, task=task
         )
         try:
             self.loaded = sources.load(path, options)
@@ -266,13 +267,15 @@ def open_suspect(
     model_file: str | Path | None = None,
     model_class: str | None = None,
     owner_spec: inputs.InputSpec | None = None,
+    task: str | None = None,
 ) -> Suspect:
     """A callable suspect from a model file or an ``http(s)://host:port/predictions/<name>`` URL.
 
     ``timeout_s`` bounds each HTTP request (connect and answer); ``headers`` are sent with every
     request (e.g. an ``Authorization`` header). A local file may be a state dict with its
     ``model_file`` (and ``model_class``); ``owner_spec`` is how to feed a file that does not say
-    (the fingerprint's recorded spec). Raises :class:`SuspectError` on bad input.
+    (the fingerprint's recorded spec), ``task`` what it does (the owner's: a regressor's suspect is not
+    probed as a classifier). Raises :class:`SuspectError` on bad input.
     """
     if is_url(path_or_url):
         if model_file is not None or model_class is not None:
@@ -281,7 +284,12 @@ def open_suspect(
     if isinstance(path_or_url, str) and "://" in path_or_url:
         raise SuspectError(f"{path_or_url!r}: only http:// and https:// endpoints are supported")
     return LocalSuspect(
-        path_or_url, batch_size=batch_size, model_file=model_file, model_class=model_class, owner_spec=owner_spec
+        path_or_url,
+        batch_size=batch_size,
+        model_file=model_file,
+        model_class=model_class,
+        owner_spec=owner_spec,
+        task=task,
     )
 
 

@@ -52,6 +52,7 @@ a score s means chance ≤ 10^(−10·s).  Classifiers answer probabilities; the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -401,7 +402,7 @@ def kink_evidence(fp: TafaFingerprint, suspect: Callable) -> KinkEvidence:
     k = int(match[:, 0].sum())
     null_rate = (int(null.sum()) + 1) / (null.numel() + 2)  # Laplace: never a zero null rate
     p_value = float(binom.sf(k - 1, n, null_rate))
-    score = min(1.0, max(0.0, -np.log10(max(p_value, 1e-300)) / KINK_LOG10_SCALE))
+    score = min(1.0, max(0.0, -math.log10(max(p_value, 1e-300)) / KINK_LOG10_SCALE))
     return KinkEvidence(match[:, 0], cos[:, 0], ratio[:, 0], null_rate, p_value, score)
 
 
@@ -577,7 +578,8 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
         if e["statistic"] == "kink":
             return (
                 f"bends as the owner's at {e['matched_points']} of {e['points']} boundary points, "
-                f"{e['null_match_rate']:.1%} elsewhere on the same lines: chance {e['chance_probability']:.2g}"
+                f"{e['null_match_rate']:.1%} elsewhere on the same lines: chance "
+                + (f"{e['chance_probability']:.2g}" if e["chance_probability"] > 0 else "< 1e-300")
             )
         return f"{e['points']} boundary points, {e['statistic']} statistic"
 
