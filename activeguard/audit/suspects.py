@@ -61,6 +61,7 @@ NEGATIVE_KINDS: dict[str, str] = {
     "random-forest": "random forests",
 }
 SURROGATES = ("surrogate", "surrogate-other")  # model extractions (distillation) of the owner
+PRUNING_RATES = [round(0.1 * i, 1) for i in range(1, 10)]  # weight-pruning sweeps, until quality drops 3 points
 
 
 @dataclass
@@ -172,7 +173,7 @@ class _ZooBuilder:
 
     def pruning(self) -> list[ZooMember]:
         members = []
-        for rate, m, q in prune_sweep(self.owner, self.acc, global_prune, [round(0.1 * i, 1) for i in range(1, 10)]):
+        for rate, m, q in prune_sweep(self.owner, self.acc, global_prune, PRUNING_RATES):
             members.append(ZooMember(f"WP p={rate}", "WP", True, m, q))
         for rate, m, q in prune_sweep(self.owner, self.acc, filter_prune, [i / 16 for i in range(1, 16)]):
             members.append(ZooMember(f"FP c={round(rate * 16)}/16", "FP", True, m, q))

@@ -39,10 +39,8 @@ from activeguard.attacks import (
     retrain_last_layer,
 )
 from activeguard.audit.cache import _hash, _tensor_digest, cached
-from activeguard.audit.suspects import ZooMember
+from activeguard.audit.suspects import PRUNING_RATES, ZooMember
 from activeguard.models import FCGenerator, MLPRegressor, model_id, predict, train, train_wgan_generator
-
-PRUNING_RATES = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
 @dataclass
