@@ -122,6 +122,27 @@ def test_kink_statistic_is_calibrated_by_the_suspects_own_bends(regression):
     assert "bends as the owner's at" in tafa.METHOD.explain(mine)
 
 
+def test_boundary_normals_survive_a_reinitialized_output_layer(monkeypatch):
+    """A generator whose output layer was replaced by fresh random weights keeps every hidden boundary
+    but bends another way in output space: the bend test alone misses it, the boundary-normal test
+    (the Jacobian jump's input-side direction) matches it; an independent generator matches neither."""
+    images = load_fashion_mnist(seed=0, limit=600).x_train
+    owner = train_generator(images, epochs=2, seed=0)
+    negative = train_generator(images, epochs=2, seed=1)
+    relabelled = copy.deepcopy(owner)
+    torch.manual_seed(7)
+    last = relabelled.net[-1]
+    relabelled.net[-1] = torch.nn.Linear(last.in_features, last.out_features)
+    fp = tafa.generate(owner, 60, (owner.config["latent_dim"],), seed=0)
+    found = tafa.kink_evidence(fp, relabelled)
+    assert found.score == pytest.approx(1.0)
+    assert float(found.normal_cosines.median()) > tafa.NORMAL_COSINE
+    assert float(found.cosines.median()) < tafa.KINK_COSINE  # its bends point elsewhere in output space
+    assert tafa.kink_evidence(fp, negative).score < tafa.DECISION_THRESHOLD
+    monkeypatch.setattr(tafa, "NORMAL_COSINE", 1.01)  # the bend test alone
+    assert tafa.kink_evidence(fp, relabelled).score < tafa.DECISION_THRESHOLD
+
+
 def test_fingerprint_generation_reads_no_data(monkeypatch, regression):
     """TAFA is data-free: generation through the audit interface runs with every dataset loader broken."""
     import activeguard.data as data_module

@@ -28,12 +28,15 @@ IPGUARD_THRESHOLD = IPGUARD_THRESHOLDS["TL"]
 # LeNet-5 scores 0.83 with a fingerprint made the same way, so 0.85 would leave no margin: 0.90.
 # Fine-tuned and retrained copies score 0.85-0.90, pruned 0.76-1.00. Distilled surrogates score 0.83
 # (LeNet-5) and 0.71 (MLP): within the independent models' range, so CEM does not catch distillation
-# here (the previous 0.75 accused 5 of these 20 negatives).
+# here (the previous 0.75 accused 5 of these 20 negatives). A later rebuild of the zoo put a LeNet-5
+# of another seed at 0.86: still under 0.90, with the margin thinner.
 CEM_THRESHOLD = 0.9
 # TAFA (reconstruction, kink statistic: a score s means chance probability 10^(-10 s), see tafa.py):
-# 0.5 = chance 1e-5. On the MNIST zoo negatives score at most 0.14 (a LeNet-5 of another width); in
-# the regression scenario (RAND HIE FCNs) at most 0.17, in the generation scenario (WGAN generators)
-# 0.00; every copy but the generator's retrained ones scores 0.95-1.00. The same threshold holds on every task because the score is a probability, not a distance.
+# 0.5 = chance 1e-5. With the boundary-normal test (`evaluate audit`, seed 0): on the MNIST zoo
+# negatives score at most 0.24 (a LeNet-5 of another seed); in the regression scenario (RAND HIE
+# FCNs) at most 0.26, in the generation scenario (WGAN generators) 0.07; every copy in all three
+# scores 1.00. The same threshold holds on every task because the score is a probability, not a
+# distance.
 TAFA_THRESHOLD = 0.5
 
 THRESHOLDS = {"ipguard": IPGUARD_THRESHOLD, "cem": CEM_THRESHOLD, "tafa": TAFA_THRESHOLD}
