@@ -75,10 +75,16 @@ def test_ipguard_and_cem_separate_positives_from_negatives(zoo, lenet, mnist):
     assert metrics.aruc(pos, neg) >= 0.9  # IPGuard's goal (measured 0.98 with -RL, k = 3)
 
 
-def test_evaluation_report(zoo, cache, tmp_path):
-    result = run_audit_evaluation(tmp_path / "report", quick=True, seed=0, cache_dir=cache)
-    saved = json.loads((tmp_path / "report" / "audit.json").read_text())
-    md = (tmp_path / "report" / "audit.md").read_text()
+@pytest.fixture(scope="module")
+def report(zoo, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return run_audit_evaluation(out, quick=True, seed=0, cache_dir=cache), out
+
+
+def test_evaluation_report(report):
+    result, out = report
+    saved = json.loads((out / "audit.json").read_text())
+    md = (out / "audit.md").read_text()
     assert saved["ipguard"]["TL"]["aruc"] == pytest.approx(result["ipguard"]["TL"]["aruc"])
     assert "Table 4" in md and "Table 5" in md and "ROC AUC" in md and "TAFA" in md
     assert max(r["aruc"] for r in result["ipguard"].values()) >= 0.9
@@ -103,6 +109,23 @@ def test_evaluation_report(zoo, cache, tmp_path):
     for row in rob["rows"]:  # a function-preserving edit answers like the owner: every black-box method sees it
         if row["kind"] in ("permute", "rescale", "permute+rescale", "int8"):
             assert row["cells"]["combined"]["flagged"] == row["cells"]["combined"]["of"]
+
+
+def test_tafa_suite_alone_gives_the_full_evaluations_table(report, cache, tmp_path, capsys):
+    """`activeguard evaluate tafa` skips IPGuard's sweep and CEM's ensemble but scores every scenario's
+    suspects exactly as the full evaluation does (same cache, same seed)."""
+    from tests.test_cli import run_cli
+
+    code, out, _ = run_cli(
+        ["evaluate", "tafa", "--quick", "--out", str(tmp_path / "tafa")], capsys, env={"ACTIVEGUARD_CACHE": str(cache)}
+    )
+    assert code == 0 and "| kink |" in out and "Table 4" not in out
+    alone = json.loads((tmp_path / "tafa" / "tafa.json").read_text())
+    assert "ipguard" not in alone and "cem" not in alone
+    full = report[0]["tafa"]["tasks"]
+    assert list(alone["tafa"]["tasks"]) == list(full)
+    for name, task in alone["tafa"]["tasks"].items():
+        assert task["member_scores"] == pytest.approx(full[name]["member_scores"]), name
 
 
 def test_tafa_scenario_zoos(cache):

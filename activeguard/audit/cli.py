@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,17 +247,32 @@ def cmd_all(args: argparse.Namespace) -> int:
 # --- activeguard evaluate audit ------------------------------------------------------------------
 
 
+def _evaluation(run: Callable[..., dict[str, Any]], report: str) -> Callable[[argparse.Namespace], int]:
+    """An ``activeguard evaluate`` suite that runs ``run`` and prints its ``report`` (or the JSON)."""
+
+    def cmd(args: argparse.Namespace) -> int:
+        result = run(
+            args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args), workload=args.workload
+        )
+        if args.json:
+            print(json.dumps(result, indent=2, default=float))
+        else:
+            print(Path(args.out, report).read_text())
+        return EXIT_OK
+
+    return cmd
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from activeguard.audit.evaluate import run_audit_evaluation
 
-    result = run_audit_evaluation(
-        args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args), workload=args.workload
-    )
-    if args.json:
-        print(json.dumps(result, indent=2, default=float))
-    else:
-        print(Path(args.out, "audit.md").read_text())
-    return EXIT_OK
+    return _evaluation(run_audit_evaluation, "audit.md")(args)
+
+
+def cmd_evaluate_tafa(args: argparse.Namespace) -> int:
+    from activeguard.audit.evaluate import run_tafa_evaluation
+
+    return _evaluation(run_tafa_evaluation, "tafa.md")(args)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -305,6 +321,9 @@ def _add_transport_arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``activeguard audit …`` and the ``audit`` evaluation suite (entry point ``activeguard.commands``)."""
     add_evaluation_suite("audit", "IPGuard/CEM/TAFA tables", cmd_evaluate)
+    add_evaluation_suite(
+        "tafa", "TAFA's three scenarios alone (no IPGuard margin sweep, no CEM ensemble to train)", cmd_evaluate_tafa
+    )
     methods = base.methods()
     audit = sub.add_parser(
         "audit",

@@ -3,7 +3,8 @@
 ``run_audit_evaluation(out_dir, quick, seed, workload=...)`` builds (or loads from the content-hash
 cache) the workload's owner and suspect zoo (:mod:`activeguard.workloads`: MNIST LeNet-5 by default,
 or the Fashion-MNIST ResNet), runs IPGuard, CEM and the TAFA reconstruction, and writes
-``audit.json`` and ``audit.md`` into ``out_dir``.  ARUC is computed, as in IPGuard, over the
+``audit.json`` and ``audit.md`` into ``out_dir``; ``run_tafa_evaluation`` runs TAFA's scenario table
+alone (``tafa.json``, ``tafa.md``).  ARUC is computed, as in IPGuard, over the
 post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) against all negatives; retrained
 surrogates are scored separately in the CEM comparison (surrogates vs independently trained
 references), as in the CEM paper.
@@ -313,26 +314,19 @@ def _tafa_table(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_di
     }
 
 
-def run_audit_evaluation(
-    out_dir: str | Path,
-    quick: bool = False,
-    seed: int = 0,
-    *,
-    cache_dir: str | Path | None = "default",
-    progress: bool = False,
-    workload: str | Workload = DEFAULT_WORKLOAD,
-) -> dict[str, Any]:
-    """Build (or load) the zoos, run every table, write audit.json, audit.md and the plots."""
+def _start(
+    out_dir: str | Path, quick: bool, seed: int, cache_dir, progress: bool, workload: str | Workload
+) -> tuple[_Classifiers, Path, Any, dict[str, Any]]:
+    """What every evaluation begins with: the workload checked, the report folder, the owner and its
+    zoo built or loaded, and the report's header fields."""
     work = workload if isinstance(workload, Workload) else get_workload(workload)
     work.check_available()  # before the report directory exists
     if cache_dir == "default":
         cache_dir = default_cache_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    n_points = 50 if quick else 100
     c = _classifiers(work, quick, seed, cache_dir, progress)
-    result: dict[str, Any] = {
+    header: dict[str, Any] = {
         "quick": quick,
         "seed": seed,
         "workload": work.name,
@@ -344,12 +338,61 @@ def run_audit_evaluation(
         "owner_accuracy": accuracy(c.owner, c.data.x_test, c.data.y_test),
         "classifier_zoo": _zoo_table(c),
     }
+    return c, out, cache_dir, header
+
+
+def _tafa_points(quick: bool) -> int:
+    return 100 if quick else tafa.TafaParams().points
+
+
+def run_tafa_evaluation(
+    out_dir: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    *,
+    cache_dir: str | Path | None = "default",
+    progress: bool = False,
+    workload: str | Workload = DEFAULT_WORKLOAD,
+) -> dict[str, Any]:
+    """TAFA's scenario table alone, written to tafa.json and tafa.md: without IPGuard's margin sweep
+    and CEM's ensemble of owner-architecture models, the costly parts on a large workload."""
+    t_start = time.perf_counter()
+    c, out, cache_dir, result = _start(out_dir, quick, seed, cache_dir, progress, workload)
+    result["tafa"] = _tafa_table(c, quick, seed, _tafa_points(quick), cache_dir)
+    result["seconds"] = time.perf_counter() - t_start
+    (out / "tafa.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "tafa.md").write_text(
+        "\n".join(
+            [
+                "# TAFA evaluation (reconstruction, not the published algorithm)",
+                "",
+                *_header_markdown(result),
+                *_tafa_markdown(result["tafa"]),
+            ]
+        )
+    )
+    return result
+
+
+def run_audit_evaluation(
+    out_dir: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    *,
+    cache_dir: str | Path | None = "default",
+    progress: bool = False,
+    workload: str | Workload = DEFAULT_WORKLOAD,
+) -> dict[str, Any]:
+    """Build (or load) the zoos, run every table, write audit.json, audit.md and the plots."""
+    t_start = time.perf_counter()
+    n_points = 50 if quick else 100
+    c, out, cache_dir, result = _start(out_dir, quick, seed, cache_dir, progress, workload)
     result["ipguard"] = _ipguard_table(c, quick, seed, n_points)
     result["ipguard_benchmark"] = _ipguard_benchmark(c, result["ipguard"]["TL"]["best_k"], quick, seed)
     cem_fp = _cem_fingerprint(c, seed, n_points, cache_dir)
     cem_scores = _zoo_scores("cem", cem_fp, c.suspects)
     result["cem"] = _cem_table(c, cem_fp, cem_scores, result["ipguard"])
-    result["tafa"] = _tafa_table(c, quick, seed, 100 if quick else tafa.TafaParams().points, cache_dir)
+    result["tafa"] = _tafa_table(c, quick, seed, _tafa_points(quick), cache_dir)
     tafa_scores = next(iter(result["tafa"]["tasks"].values()))["member_scores"]
     default_k = str(ipguard.DEFAULT_K)
     columns: dict[str, tuple[float, list[float | None]]] = {
@@ -370,16 +413,51 @@ def run_audit_evaluation(
     return result
 
 
-def _markdown(r: dict[str, Any]) -> str:
+def _header_markdown(r: dict[str, Any]) -> list[str]:
     rows = r["data_rows"]
-    lines = [
-        "# Audit evaluation (IPGuard, CEM, TAFA reconstruction)",
-        "",
+    return [
         f"Workload: {r['workload']} ({r['workload_title']}, owner test accuracy {r['owner_accuracy']:.2%}). "
         f"Data: {r['dataset']}; {rows['train']:,} training / {rows['test']:,} test rows.",
         "",
         f"quick = {r['quick']}, seed = {r['seed']}, total {r['seconds']:.0f} s.",
         "",
+    ]
+
+
+def _tafa_markdown(t: dict[str, Any]) -> list[str]:
+    """TAFA's table: every scenario and statistic."""
+    lines = [
+        "## TAFA (reconstruction, not the published algorithm): ARUC per task and statistic",
+        "",
+        f"Threshold {decisions.TAFA_THRESHOLD}; copies and negatives of each task, distilled surrogates left out.",
+        "",
+        "| task | solver | points | seconds (no data) | statistic | ARUC | ROC AUC | smallest positive "
+        "| largest negative | false accusations |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, row in t["tasks"].items():
+        for stat in tafa.STATISTICS:
+            v = row[stat]
+            lines.append(
+                f"| {task} | {row['solver']} | {row['points']} | {row['seconds']:.1f} | {stat} | {v['aruc']:.3f} "
+                f"| {v['roc_auc']:.3f} | {v['smallest_positive']:.2f} | {v['largest_negative']:.2f} "
+                f"| {v['false_accusations']} |"
+            )
+    return [
+        *lines,
+        "",
+        "Mean ARUC: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in t["mean_aruc"].items())
+        + f"; better: {t['better_statistic']}; library default: {t['default_statistic']}.",
+        "",
+    ]
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Audit evaluation (IPGuard, CEM, TAFA reconstruction)",
+        "",
+        *_header_markdown(r),
         "ARUC (IPGuard Eq. 7, r = 100) over the post-processing positives (FTLL, FTAL, RTLL, RTAL, WP, FP) "
         "against all negatives (other seeds, other data splits, other widths and architectures, models "
         "distilled from another owner, random forests).",
@@ -429,29 +507,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"CEM: {c['points']} fingerprints, {c['passed_threshold']} reached conferrability ≥ "
         f"{c['threshold']} on the training ensemble (mean {c['mean_conferrability']:.2f}).",
         "",
-        "## TAFA (reconstruction, not the published algorithm): ARUC per task and statistic",
-        "",
-        f"Threshold {decisions.TAFA_THRESHOLD}; copies and negatives of each task, distilled surrogates left out.",
-        "",
-        "| task | solver | points | seconds (no data) | statistic | ARUC | ROC AUC | smallest positive "
-        "| largest negative | false accusations |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for task, row in r["tafa"]["tasks"].items():
-        for stat in tafa.STATISTICS:
-            v = row[stat]
-            lines.append(
-                f"| {task} | {row['solver']} | {row['points']} | {row['seconds']:.1f} | {stat} | {v['aruc']:.3f} "
-                f"| {v['roc_auc']:.3f} | {v['smallest_positive']:.2f} | {v['largest_negative']:.2f} "
-                f"| {v['false_accusations']} |"
-            )
-    t = r["tafa"]
-    lines += [
-        "",
-        "Mean ARUC: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in t["mean_aruc"].items())
-        + f"; better: {t['better_statistic']}; library default: {t['default_statistic']}.",
-        "",
+        *_tafa_markdown(r["tafa"]),
         *_robustness_markdown(r["robustness"]),
     ]
     return "\n".join(lines)
