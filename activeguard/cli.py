@@ -7,6 +7,7 @@ Every command that produces figures accepts ``--json`` for automation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -489,7 +490,21 @@ def _register_plugins(sub: argparse._SubParsersAction) -> None:
             p.set_defaults(func=lambda _args, hint=hint: (_ for _ in ()).throw(UsageError(hint)))
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell expects of a writer whose reader went away
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # the reader left early (`activeguard … | head`): stop quietly, as Unix tools do, and point
+        # stdout at /dev/null so that Python's flush at exit does not complain a second time
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from activeguard.watermark import WatermarkKeyError
 

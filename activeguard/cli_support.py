@@ -165,7 +165,11 @@ def add_spec_arguments(g: argparse._ActionsContainer) -> None:
         metavar="SHAPE",
         help="one input row's shape, e.g. 1,28,28 (read from .pt2 programs and from files ActiveGuard wrote)",
     )
-    g.add_argument("--input-range", metavar="LOW,HIGH", help="the range of input values clients send (default 0,1)")
+    g.add_argument(
+        "--input-range",
+        metavar="LOW,HIGH",
+        help="the range of input values clients send (default 0,1; write a negative LOW with =, as in --input-range=-1,1)",
+    )
     g.add_argument(
         "--normalize",
         metavar="MEAN/STD",

@@ -182,3 +182,20 @@ def test_core_evaluation_runs_end_to_end_and_reports(tmp_path):
     assert (out / "report.md").read_text().startswith("# ActiveGuard core report")
     assert (out / "pruning.png").stat().st_size > 1000
     assert (out / "watermark.agkey").exists() and "correct horse" not in proc.stdout
+
+
+def test_a_reader_that_leaves_early_ends_the_cli_quietly(model_file):
+    """`activeguard … | head` closes the pipe before the CLI writes: no traceback, the shell's SIGPIPE exit
+    status (before, Python printed a BrokenPipeError traceback, and another at exit)."""
+    from activeguard.cli import EXIT_BROKEN_PIPE
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "activeguard.cli", "inspect", str(model_file), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the CLI has imported anything
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE
+    assert "Traceback" not in err and "BrokenPipe" not in err
