@@ -1,6 +1,6 @@
 """The ``activeguard`` admin command line.
 
-Exit codes: 0 success, 1 a negative verdict or a failed run, 2 a usage or input error.
+Exit codes: 0 success, 1 a negative verdict or a failed run, 2 a usage or input error, 141 the output pipe closed early (`| head`).
 Every command that produces figures accepts ``--json`` for automation.
 """
 
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="activeguard",
         description="Protect served PyTorch models: user fingerprints, a control layer and weight watermarks.",
-        epilog="Exit codes: 0 ok, 1 negative verdict or failure, 2 usage error.",
+        epilog="Exit codes: 0 ok, 1 negative verdict or failure, 2 usage error, 141 output pipe closed early.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
