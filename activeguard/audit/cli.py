@@ -247,32 +247,26 @@ def cmd_all(args: argparse.Namespace) -> int:
 # --- activeguard evaluate audit ------------------------------------------------------------------
 
 
-def _evaluation(run: Callable[..., dict[str, Any]], report: str) -> Callable[[argparse.Namespace], int]:
-    """An ``activeguard evaluate`` suite that runs ``run`` and prints its ``report`` (or the JSON)."""
-
-    def cmd(args: argparse.Namespace) -> int:
-        result = run(
-            args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args), workload=args.workload
-        )
-        if args.json:
-            print(json.dumps(result, indent=2, default=float))
-        else:
-            print(Path(args.out, report).read_text())
-        return EXIT_OK
-
-    return cmd
+def _print_evaluation(args: argparse.Namespace, run: Callable[..., dict[str, Any]], report: str) -> int:
+    """Run one ``activeguard evaluate`` suite and print its ``report`` file (or the result as JSON)."""
+    result = run(args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args), workload=args.workload)
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+    else:
+        print(Path(args.out, report).read_text())
+    return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from activeguard.audit.evaluate import run_audit_evaluation
 
-    return _evaluation(run_audit_evaluation, "audit.md")(args)
+    return _print_evaluation(args, run_audit_evaluation, "audit.md")
 
 
 def cmd_evaluate_tafa(args: argparse.Namespace) -> int:
     from activeguard.audit.evaluate import run_tafa_evaluation
 
-    return _evaluation(run_tafa_evaluation, "tafa.md")(args)
+    return _print_evaluation(args, run_tafa_evaluation, "tafa.md")
 
 
 # --- parser --------------------------------------------------------------------------------------

@@ -444,13 +444,13 @@ def _normal_matches(suspect: Callable, fp: TafaFingerprint) -> tuple[torch.Tenso
     owner_normal = owner_normal / owner_normal.norm(dim=1, keepdim=True).clamp_min(1e-30)
     offsets = torch.tensor([c - KINK_HALF for c in _window_centres()], dtype=torch.float32) * fp.step
     sides = torch.tensor([-1.0, 1.0]) * NORMAL_SIDE_FRACTION * width
+    along = offsets[:, None] + sides[None, :]  # (windows, 2): where each window's two sides sit on the line
     h = NORMAL_DIFF_FRACTION * width
     moves = torch.cat([torch.zeros(1, d), h * probes])  # the anchor itself, then one step along each probe
     cosines = []
     for start in range(0, n, NORMAL_CHUNK):
         x = fp.points[start : start + NORMAL_CHUNK].reshape(-1, d)
         u = fp.directions[start : start + NORMAL_CHUNK].reshape(-1, d)
-        along = offsets[:, None] + sides[None, :]  # (windows, 2)
         anchors = x[:, None, None] + along[None, :, :, None] * u[:, None, None]  # (b, windows, 2, d)
         queries = anchors[..., None, :] + moves  # (b, windows, 2, probes + 1, d)
         with torch.no_grad():
