@@ -93,6 +93,18 @@ def test_bad_inputs_name_the_problem(checkpoints, capsys, tmp_path):
     code, _, err = run_cli(["audit", "ipguard", "--fingerprint", str(empty), "--suspect", str(d / "owner.pt")], capsys)
     assert code == 2 and "empty" in err
 
+    junk = tmp_path / "junk.ipguard"
+    junk.write_bytes(bytes(range(256)) * 2)  # a pickle opcode the weights-only loader refuses
+    code, _, err = run_cli(["audit", "ipguard", "--fingerprint", str(junk), "--suspect", str(d / "owner.pt")], capsys)
+    assert code == 2 and "not an ActiveGuard fingerprint file" in err
+    assert "weights_only` set to `False`" not in err and len(err.splitlines()) == 1  # no advice to load unsafely
+    truncated = tmp_path / "truncated.ipguard"
+    truncated.write_bytes(fp.read_bytes()[:300])
+    code, _, err = run_cli(
+        ["audit", "ipguard", "--fingerprint", str(truncated), "--suspect", str(d / "owner.pt")], capsys
+    )
+    assert code == 2 and "not an ActiveGuard fingerprint file" in err and len(err.splitlines()) == 1
+
     code, _, err = run_cli(["audit", "cem", "--fingerprint", str(fp), "--suspect", str(d / "owner.pt")], capsys)
     assert code == 2 and "ipguard fingerprint, not cem" in err  # the wrong kind says which command to use
 

@@ -17,6 +17,7 @@ spec is queried as the owner is), the number of classes, the task, how the finge
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,12 @@ def load(path: str | Path, kind: str | None = None) -> FingerprintFile:
         raise FingerprintFileError(f"fingerprint file {path} is empty")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle errors, objects refused by weights_only
-        raise FingerprintFileError(f"{path} is not an ActiveGuard fingerprint file: {exc}") from exc
+    except pickle.UnpicklingError as exc:  # torch's message here advises loading unsafely: not ours to repeat
+        raise FingerprintFileError(
+            f"{path} is not an ActiveGuard fingerprint file: the weights-only loader cannot read it"
+        ) from exc
+    except Exception as exc:  # a truncated zip and the like
+        raise FingerprintFileError(f"{path} is not an ActiveGuard fingerprint file: {base.error_reason(exc)}") from exc
     if isinstance(data, dict) and data.get("format") == _LEGACY_IPGUARD:
         stored, fields, meta = "ipguard", {k: data[k] for k in ("points", "labels", "k", "method") if k in data}, {}
     elif isinstance(data, dict) and data.get("format") == FORMAT:
