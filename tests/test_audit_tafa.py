@@ -1,6 +1,7 @@
 """TAFA reconstruction: boundary points, black-box scores, all three task kinds."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -89,6 +90,8 @@ def test_classifier_gradient_path(lenet, mnist):
         seed=0,
     )
     assert fp.solver == "gradient"
+    assert fp.slopes is None and fp.slope_sharing > tafa.SLOPE_MAX_SHARING  # its slopes share a template
+    assert tafa.METHOD.note(fp).startswith("slope test off")
     torch.manual_seed(5)
     other = train(MLPClassifier(), mnist.x_train[:1000], mnist.y_train[:1000], epochs=2, seed=5)
     positive = global_prune(lenet, 0.3)
@@ -141,6 +144,28 @@ def test_boundary_normals_survive_a_reinitialized_output_layer(monkeypatch):
     assert tafa.kink_evidence(fp, negative).score < tafa.DECISION_THRESHOLD
     monkeypatch.setattr(tafa, "NORMAL_COSINE", 1.01)  # the bend test alone
     assert tafa.kink_evidence(fp, relabelled).score < tafa.DECISION_THRESHOLD
+
+
+def test_slopes_carry_a_deep_copy_whose_bends_moved():
+    """One epoch of fine-tuning every layer of the Fashion-MNIST ResNet (15 conv layers; the workload's
+    quick owner) moves its dense bends out of the bend and normal tests' reach; the slope test still
+    finds the copy.  An independently trained ResNet (another seed) stays under the threshold."""
+    from activeguard import workloads
+    from tests.protect_fixtures import fashion_owner
+
+    owner, spec, split = fashion_owner()
+    work = workloads.get("fashion-resnet")
+    independent = work.owner(1, work.quick, split=split).network.eval()
+    copied = fine_tune(owner, split.x_test[:1000], split.y_test[:1000], epochs=1, lr=0.01, seed=0).eval()
+    fp = tafa.generate(owner, 60, (1, 28, 28), output="softmax", solver="gradient", bounds=spec.bounds, init="uniform")
+    assert fp.slopes is not None and fp.slope_sharing <= tafa.SLOPE_MAX_SHARING  # shattered slopes
+    assert tafa.METHOD.note(fp).startswith("slope test on")
+    wrap = lambda m: lambda x: torch.softmax(m(x), 1)  # noqa: E731
+    found = tafa.kink_evidence(fp, wrap(copied))
+    assert found.score == pytest.approx(1.0) and found.slope.p_value < found.bend_p_value
+    without_slopes = dataclasses.replace(fp, slopes=None, slope_scale=0.0)
+    assert tafa.kink_evidence(without_slopes, wrap(copied)).score < tafa.DECISION_THRESHOLD
+    assert tafa.kink_evidence(fp, wrap(independent)).score < tafa.DECISION_THRESHOLD
 
 
 def test_fingerprint_generation_reads_no_data(monkeypatch, regression):
