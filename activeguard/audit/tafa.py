@@ -57,7 +57,7 @@ slightly (RTAL: hidden weights 3% off), but its bends point elsewhere in output 
 test found it at 0 of 300 points (generation ARUC 0.778).  The normal test measures the Jacobian
 on both sides of each window by finite differences along 16 random input directions and matches
 when the jump's principal input-side direction is within |cosine| 0.8 of the owner's normal
-(:func:`_normal_matches`).  With both tests every copy in the three scenarios scored 1.00 and no
+(:func:`_normal_matches`).  With both tests every copy of the LeNet-5, regressor and generator scored 1.00 and no
 independent network above 0.26 (measured alone, the normal test kept independent regressors at
 ≤ 0.08 and generators at ≤ 0.07).  Its price: 170 queries per point instead of 21.
 
