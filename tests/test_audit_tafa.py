@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from activeguard.attacks import fine_tune, global_prune
-from activeguard.audit import tafa
+from activeguard.audit import files, tafa
 from activeguard.audit.suspects import as_callable
 from activeguard.data import load_diabetes, load_fashion_mnist
 from activeguard.models import (
@@ -200,6 +200,26 @@ def test_bad_suspects(regression):
         )
     with pytest.raises(ValueError, match="not a fully-connected"):
         tafa.lp_boundary_points(torch.nn.Conv2d(1, 1, 3), 2, (1, 5, 5))
+
+
+def test_an_edited_fingerprint_file_names_its_bad_field(regression, tmp_path):
+    """A file whose per-point fields disagree with its points is refused on loading, naming the field,
+    instead of failing at scoring time with an error that blames the suspect's outputs."""
+    fp = tafa.generate(regression[0], 5, (10,), seed=0)
+    assert fp.kinks is not None
+    n, m = fp.outputs.shape
+    dataclasses.replace(fp, slopes=torch.zeros(n, tafa.NORMAL_PROBES, m))  # the shape generation writes
+    for field, bad in (
+        ("slopes", torch.zeros(n, 3, m)),
+        ("kinks", fp.kinks[:4]),
+        ("directions", fp.directions[:, :9]),
+    ):
+        edited = dataclasses.replace(fp)
+        setattr(edited, field, bad)  # as an editor of the file would, past the constructor's check
+        path = files.save(edited, tmp_path / f"{field}.tafa")
+        with pytest.raises(files.FingerprintFileError, match=f"fingerprint's {field} have shape"):
+            files.load(path)
+    files.load(files.save(fp, tmp_path / "intact.tafa"))  # the untouched fingerprint still loads
 
 
 def test_every_kink_window_is_measured():

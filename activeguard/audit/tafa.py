@@ -159,6 +159,32 @@ class TafaFingerprint:
     def __post_init__(self) -> None:
         if len(self.points) == 0:
             raise ValueError("the fingerprint is empty: it holds no points")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Every per-point field must agree with the points, so a damaged or edited file is refused
+        here, naming the field, rather than later as if the suspect's outputs were wrong."""
+        n = len(self.points)
+        if self.outputs.ndim != 2 or len(self.outputs) != n:
+            raise ValueError(
+                f"the fingerprint's outputs have shape {tuple(self.outputs.shape)}, not ({n}, outputs) "
+                "(a damaged or edited file?)"
+            )
+        m = self.outputs.shape[1]
+        expected = {
+            "directions": tuple(self.points.shape),
+            "bends": (n, m),
+            "kinks": (n, m),
+            "kink_sizes": (n,),
+            "slopes": (n, NORMAL_PROBES, min(m, SLOPE_OUTPUTS)),
+        }
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"the fingerprint's {name} have shape {tuple(value.shape)}, not {shape} as its "
+                    f"{n} points require (a damaged or edited file?)"
+                )
 
 
 def _flat_out(out: Any) -> torch.Tensor:
