@@ -29,7 +29,8 @@ IPGUARD_THRESHOLD = IPGUARD_THRESHOLDS["TL"]
 # Fine-tuned and retrained copies score 0.85-0.90, pruned 0.76-1.00. Distilled surrogates score 0.83
 # (LeNet-5) and 0.71 (MLP): within the independent models' range, so CEM does not catch distillation
 # here (the previous 0.75 accused 5 of these 20 negatives). A later rebuild of the zoo put a LeNet-5
-# of another seed at 0.86: still under 0.90, with the margin thinner.
+# of another seed at 0.86: still under 0.90, with the margin thinner; the one after that, 0.76 (a
+# wide LeNet-5), with the distilled copies at 0.80 and 0.76, so no lower value is safe across builds.
 CEM_THRESHOLD = 0.9
 # TAFA (reconstruction, kink statistic: a score s means chance probability 10^(-10 s), see tafa.py):
 # 0.5 = chance 1e-5. With the boundary-normal test (`evaluate audit`, seed 0): on the MNIST zoo
@@ -40,5 +41,9 @@ CEM_THRESHOLD = 0.9
 # fashion-resnet`): on the Fashion-MNIST ResNet zoo negatives score at most 0.11 (a ResNet of another
 # seed) and every copy 1.00, the ones fine-tuned and retrained on every layer included.
 TAFA_THRESHOLD = 0.5
+
+# The second workload (`evaluate audit --workload fashion-resnet --quick`: a Fashion-MNIST ResNet on
+# 5,000 rows, 11 negatives over 4 families) accuses none at these same values: largest negatives
+# IPGuard-TL 0.06, TR 0.12, RL 0.00, RR 0.08, CEM 0.62, TAFA 0.03.
 
 THRESHOLDS = {"ipguard": IPGUARD_THRESHOLD, "cem": CEM_THRESHOLD, "tafa": TAFA_THRESHOLD}
