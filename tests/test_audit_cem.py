@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from activeguard.audit import conferrable
+from activeguard.audit import conferrable, files, ipguard
 
 
 class _Fixed(torch.nn.Module):
@@ -74,3 +76,21 @@ def test_weak_fingerprint_warns(lenet, cem):
     assert "warning: only 0 of" in text and "conferrability 0.85" in text
     strong = conferrable.CemFingerprint(fp.points, fp.labels, fp.conferrability, 0.85, passed=len(fp.points))
     assert "warning" not in conferrable.METHOD.explain(conferrable.METHOD.score(strong, lenet))
+
+
+@pytest.mark.parametrize("field", ["labels", "conferrability", "points"])
+def test_an_edited_label_fingerprint_file_names_its_bad_field(cem, tmp_path, field):
+    """CEM's and IPGuard's files are refused on loading when a field a verdict reads disagrees with the
+    points (or is no tensor), naming it, rather than failing inside the scoring."""
+    fp, _ = cem
+    ip = ipguard.Fingerprint(fp.points, fp.labels, 3.0, "TL")
+    for fingerprint in (fp, ip):
+        if not hasattr(fingerprint, field):
+            continue
+        for bad in (getattr(fingerprint, field)[:3], "edited"):
+            edited = dataclasses.replace(fingerprint)
+            setattr(edited, field, bad)  # as an editor of the file would, past the constructor's check
+            path = files.save(edited, tmp_path / "edited.agfp")
+            with pytest.raises(files.FingerprintFileError, match=field):
+                files.load(path)
+        files.load(files.save(fingerprint, tmp_path / "intact.agfp"))

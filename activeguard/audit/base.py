@@ -180,6 +180,18 @@ def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = 
     return out.long()
 
 
+def check_labelled_points(points: Any, labels: Any) -> None:
+    """What :class:`LabelMatching` reads from a fingerprint must be tensors of one length, so an edited or
+    damaged file is refused on loading, naming the field, instead of failing inside the scoring."""
+    for name, value in (("points", points), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"the fingerprint's {name} is a {type(value).__name__}, not a tensor")
+    if len(points) == 0:
+        raise ValueError("the fingerprint is empty: it holds no points")
+    if len(points) != len(labels):
+        raise ValueError(f"fingerprint has {len(points)} points but {len(labels)} labels")
+
+
 class LabelMatching:
     """Output representation = top-1 label, distance = matching rate (shared by IPGuard and CEM).
 

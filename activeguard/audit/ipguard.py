@@ -36,6 +36,7 @@ from activeguard.audit.base import (  # noqa: F401 - Suspect, suspect_labels: re
     Owner,
     Params,
     Suspect,
+    check_labelled_points,
     param,
     suspect_labels,
 )
@@ -62,10 +63,7 @@ class Fingerprint:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if len(self.points) == 0:
-            raise ValueError("the fingerprint is empty: it holds no points")
-        if len(self.points) != len(self.labels):
-            raise ValueError(f"fingerprint has {len(self.points)} points but {len(self.labels)} labels")
+        check_labelled_points(self.points, self.labels)
 
     def save(self, path: str | Path) -> None:
         torch.save(
