@@ -87,7 +87,9 @@ def test_an_edited_label_fingerprint_file_names_its_bad_field(cem, tmp_path, fie
     for fingerprint in (fp, ip):
         if not hasattr(fingerprint, field):
             continue
-        for bad in (getattr(fingerprint, field)[:3], "edited"):
+        original = getattr(fingerprint, field)
+        wrong_dtype = {"points": original.long(), "labels": original.float()}.get(field)
+        for bad in (original[:3], "edited", *([] if wrong_dtype is None else [wrong_dtype])):
             edited = dataclasses.replace(fingerprint)
             setattr(edited, field, bad)  # as an editor of the file would, past the constructor's check
             path = files.save(edited, tmp_path / "edited.agfp")

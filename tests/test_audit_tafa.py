@@ -215,11 +215,14 @@ def test_an_edited_fingerprint_file_names_its_bad_field(regression, tmp_path):
         ("directions", fp.directions[:, :9]),
         ("slopes", 1.5),
         ("points", None),
+        ("points", fp.points.long()),
     ):
         edited = dataclasses.replace(fp)
         setattr(edited, field, bad)  # as an editor of the file would, past the constructor's check
         path = files.save(edited, tmp_path / f"{field}.tafa")
-        with pytest.raises(files.FingerprintFileError, match=f"fingerprint's {field} (have shape|is a)"):
+        with pytest.raises(
+            files.FingerprintFileError, match=f"fingerprint's {field} (have shape|is a|are torch.int64)"
+        ):
             files.load(path)
     files.load(files.save(fp, tmp_path / "intact.tafa"))  # the untouched fingerprint still loads
 

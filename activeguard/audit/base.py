@@ -186,6 +186,10 @@ def check_labelled_points(points: Any, labels: Any) -> None:
     for name, value in (("points", points), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"the fingerprint's {name} is a {type(value).__name__}, not a tensor")
+    if not points.is_floating_point() or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"the fingerprint's points ({points.dtype}) must be floating point and its labels ({labels.dtype}) integers"
+        )
     if len(points) == 0:
         raise ValueError("the fingerprint is empty: it holds no points")
     if len(points) != len(labels):

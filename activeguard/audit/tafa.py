@@ -170,6 +170,8 @@ class TafaFingerprint:
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) and (value is not None or name in _REQUIRED_TENSORS):
                 raise ValueError(f"the fingerprint's {name} is a {type(value).__name__}, not a tensor")
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                raise ValueError(f"the fingerprint's {name} are {value.dtype}, not floating point")
 
     def _check_shapes(self) -> None:
         """Every per-point field must agree with the points, so a damaged or edited file is refused
