@@ -13,7 +13,10 @@ Adding a method: one module with an ``AuditMethod`` subclass, plus one line in :
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -180,12 +183,49 @@ def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = 
     return out.long()
 
 
-def check_labelled_points(points: Any, labels: Any) -> None:
-    """What :class:`LabelMatching` reads from a fingerprint must be tensors of one length, so an edited or
-    damaged file is refused on loading, naming the field, instead of failing inside the scoring."""
-    for name, value in (("points", points), ("labels", labels)):
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"the fingerprint's {name} is a {type(value).__name__}, not a tensor")
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A fingerprint class's field annotations, resolved (the modules use postponed annotations)."""
+    return typing.get_type_hints(cls)
+
+
+def _is_a(value: Any, expected: Any) -> bool:
+    """Whether a value has its field's declared type; a bool is no number, an int is a float."""
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return any(_is_a(value, option) for option in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, type):
+        return isinstance(value, expected)
+    return True  # an annotation this check does not know (Any, generics): the class's own checks decide
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(expected))
+    return "None" if expected is type(None) else getattr(expected, "__name__", str(expected))
+
+
+def check_field_types(fingerprint: Any) -> None:
+    """Every field of a fingerprint dataclass must have its declared type (a tensor, a number that is not
+    a bool, a string, or None where allowed): called first in each class's ``__post_init__``, so an
+    edited or damaged file is refused on loading, naming the field, instead of failing inside the scoring."""
+    for field in dataclasses.fields(fingerprint):
+        expected, value = _field_types(type(fingerprint)).get(field.name), getattr(fingerprint, field.name)
+        if expected is not None and not _is_a(value, expected):
+            raise ValueError(
+                f"the fingerprint's {field.name} is a {type(value).__name__}, not {_type_name(expected)} "
+                "(a damaged or edited file?)"
+            )
+
+
+def check_labelled_points(points: torch.Tensor, labels: torch.Tensor) -> None:
+    """What :class:`LabelMatching` reads from a fingerprint (types checked by :func:`check_field_types`):
+    floating-point points, integer labels, one label per point."""
     if not points.is_floating_point() or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(
             f"the fingerprint's points ({points.dtype}) must be floating point and its labels ({labels.dtype}) integers"

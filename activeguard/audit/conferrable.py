@@ -44,7 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from activeguard.audit import decisions
-from activeguard.audit.base import AuditMethod, LabelMatching, Owner, Params, Score, check_labelled_points, param
+from activeguard.audit.base import (
+    AuditMethod,
+    LabelMatching,
+    Owner,
+    Params,
+    Score,
+    check_field_types,
+    check_labelled_points,
+    param,
+)
 
 DECISION_THRESHOLD = decisions.CEM_THRESHOLD  # CAEAcc; see decisions.py
 CONFERRABILITY_THRESHOLD = 0.85
@@ -60,8 +69,9 @@ class CemFingerprint:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_labelled_points(self.points, self.labels)
-        if not isinstance(self.conferrability, torch.Tensor) or len(self.conferrability) != len(self.points):
+        if len(self.conferrability) != len(self.points):
             raise ValueError(
                 f"the fingerprint's conferrability does not give one score for each of its {len(self.points)} points"
             )

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -78,32 +76,6 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where} holds a {type(value).__name__}, which a fingerprint file cannot store")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    """The fingerprint class's field annotations, resolved (its module uses postponed annotations)."""
-    return typing.get_type_hints(cls)
-
-
-def _is_a(value: Any, expected: Any) -> bool:
-    """Whether a stored value has its field's declared type; a bool is no number, an int is a float."""
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return any(_is_a(value, option) for option in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(expected, type):
-        return isinstance(value, expected)
-    return True  # an annotation this check does not know (Any, generics): the class's own checks decide
-
-
-def _type_name(expected: Any) -> str:
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(option) for option in typing.get_args(expected))
-    return "None" if expected is type(None) else getattr(expected, "__name__", str(expected))
-
-
 def save(fingerprint: Any, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``fingerprint`` (of any registered method) and ``meta`` to ``path``."""
     kind = kind_of(fingerprint)
@@ -157,16 +129,8 @@ def load(path: str | Path, kind: str | None = None) -> FingerprintFile:
         raise FingerprintFileError(
             f"{path} lacks the {stored} fingerprint field(s) {', '.join(missing)} (written by another version?)"
         )
-    kept = {k: v for k, v in fields.items() if k in names}
-    for name, value in kept.items():
-        expected = _field_types(cls).get(name)
-        if expected is not None and not _is_a(value, expected):
-            raise FingerprintFileError(
-                f"{path}: the fingerprint's {name} is a {type(value).__name__}, not {_type_name(expected)} "
-                "(a damaged or edited file?)"
-            )
-    try:
-        fingerprint = cls(**kept)
+    try:  # each fingerprint class checks its fields' types and shapes (base.check_field_types)
+        fingerprint = cls(**{k: v for k, v in fields.items() if k in names})
     except (ValueError, TypeError) as exc:
         raise FingerprintFileError(f"{path}: {exc}") from exc
     return FingerprintFile(stored, fingerprint, dict(meta))

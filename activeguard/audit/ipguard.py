@@ -36,6 +36,7 @@ from activeguard.audit.base import (  # noqa: F401 - Suspect, suspect_labels: re
     Owner,
     Params,
     Suspect,
+    check_field_types,
     check_labelled_points,
     param,
     suspect_labels,
@@ -63,6 +64,7 @@ class Fingerprint:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_labelled_points(self.points, self.labels)
 
     def save(self, path: str | Path) -> None:

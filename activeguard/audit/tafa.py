@@ -90,7 +90,17 @@ import torch
 from torch import nn
 
 from activeguard.audit import decisions
-from activeguard.audit.base import MODEL_ERRORS, AuditMethod, Owner, Params, Score, Suspect, error_reason, param
+from activeguard.audit.base import (
+    MODEL_ERRORS,
+    AuditMethod,
+    Owner,
+    Params,
+    Score,
+    Suspect,
+    check_field_types,
+    error_reason,
+    param,
+)
 from activeguard.inputs import ClientView, network_of
 
 STATISTICS = ("kink", "distance", "bending")
@@ -138,9 +148,6 @@ RHO = 0.5  # distance statistic: a normalized distance of ρ lowers a point's sc
 DECISION_THRESHOLD = decisions.TAFA_THRESHOLD  # see decisions.py
 
 
-_REQUIRED_TENSORS = ("points", "directions", "outputs", "bends")  # every other per-point field may be None
-
-
 @dataclass
 class TafaFingerprint:
     points: torch.Tensor  # (n, *input_shape) on region boundaries
@@ -160,18 +167,14 @@ class TafaFingerprint:
     slope_sharing: float = float("nan")  # median cosine of the owner's slopes at two different points
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_field_types(self)
+        for name in ("points", "directions", "outputs", "bends", "kinks", "kink_sizes", "slopes"):
+            value = getattr(self, name)
+            if value is not None and not value.is_floating_point():
+                raise ValueError(f"the fingerprint's {name} are {value.dtype}, not floating point")
         if len(self.points) == 0:
             raise ValueError("the fingerprint is empty: it holds no points")
         self._check_shapes()
-
-    def _check_types(self) -> None:
-        for name in ("points", "directions", "outputs", "bends", "kinks", "kink_sizes", "slopes"):
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) and (value is not None or name in _REQUIRED_TENSORS):
-                raise ValueError(f"the fingerprint's {name} is a {type(value).__name__}, not a tensor")
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
-                raise ValueError(f"the fingerprint's {name} are {value.dtype}, not floating point")
 
     def _check_shapes(self) -> None:
         """Every per-point field must agree with the points, so a damaged or edited file is refused
