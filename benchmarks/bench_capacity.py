@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from activeguard.data import load_mnist
-from activeguard.evaluation import license_false_acceptance
-from activeguard.fingerprints import authenticate, generate_fingerprints
-from activeguard.models import save_model, train_lenet5
+from activeguard.credentials.fingerprints import authenticate, generate_fingerprints
+from activeguard.experiments.core_evaluation import license_false_acceptance
+from activeguard.models.architectures import save_model, train_lenet5
+from activeguard.models.data import load_mnist
 from benchmarks.bench_license_server import start_server
 from benchmarks.common import host_description
 from license_server.checkpoints import fingerprint_from_bytes

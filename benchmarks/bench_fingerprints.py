@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from activeguard.control import ControlConfig
-from activeguard.data import load_mnist
-from activeguard.evaluation import seed_images
-from activeguard.fingerprints import generate_fingerprints
-from activeguard.models import train_lenet5
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import generate_fingerprints
+from activeguard.experiments.core_evaluation import seed_images
+from activeguard.models.architectures import train_lenet5
+from activeguard.models.data import load_mnist
 from benchmarks.common import timed, write_result
 
 

@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 import torch
 
-from activeguard import licenses, sessions
-from activeguard.data import load_mnist
-from activeguard.models import train_lenet5
+from activeguard.credentials import licenses, sessions
+from activeguard.models.architectures import train_lenet5
+from activeguard.models.data import load_mnist
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from benchmarks.common import (

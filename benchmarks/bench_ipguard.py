@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from activeguard.audit import ipguard
-from activeguard.data import load_mnist
-from activeguard.models import train_lenet5
+from activeguard.models.architectures import train_lenet5
+from activeguard.models.data import load_mnist
 from benchmarks.common import timed, write_result
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from activeguard.data import load_mnist
-from activeguard.models import save_model, train_lenet5
+from activeguard.models.architectures import save_model, train_lenet5
+from activeguard.models.data import load_mnist
 from license_server.client import LicenseClient
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activeguard import licenses, sessions
-from activeguard.cli import main as activeguard_main
-from activeguard.protection import encode_license_header
+from activeguard.cli.app import main as activeguard_main
+from activeguard.credentials import licenses, sessions
+from activeguard.credentials.header import encode_license_header
 from benchmarks.common import HTTPClients, host_description, measure_interleaved, write_result
 from handlers.server import ManagedTorchServe
 from tests.protect_fixtures import fashion_deployment, png

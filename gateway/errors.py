@@ -1,6 +1,6 @@
 """One table from every outcome the gateway can meet to the gRPC code its client sees.
 
-- the handler's outcome reasons (built from :mod:`activeguard.protection`'s own constants, and
+- the handler's outcome reasons (built from :mod:`activeguard.guard.outcomes`' own constants, and
   a test keeps the table complete);
 - TorchServe's gRPC failures: worker death, a full queue or a restarting frontend all mean
   "try again" (UNAVAILABLE, retried once within the deadline). TorchServe's own message, which
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import grpc
 
-from activeguard import protection as p
+from activeguard.guard import outcomes as p
 from activeguard_proto.rpc import Refusal
 
 __all__ = ["HANDLER_REASON_CODES", "Refusal", "handler_refusal", "upstream_refusal"]

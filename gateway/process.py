@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from activeguard.processes import ReadyFileProcess
+from activeguard.runtime.processes import ReadyFileProcess
 
 
 class GatewayProcess(ReadyFileProcess):

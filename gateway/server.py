@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import start_http_server
 
-from activeguard.processes import write_ready_file
+from activeguard.runtime.processes import write_ready_file
 from activeguard_proto.rpc import build_server
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.service import GatewayConfig, GatewayService

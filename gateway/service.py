@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from activeguard import licenses, sessions
-from activeguard.protection import EXPLANATION
-from activeguard.recent import Recent
+from activeguard.credentials import licenses, sessions
+from activeguard.guard.outcomes import EXPLANATION
+from activeguard.guard.recent import Recent
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.errors import Refusal, handler_refusal, upstream_refusal

@@ -1,7 +1,7 @@
 """TorchServe handler: ActiveGuard's control layer and license/session authentication.
 
-Thin glue: TorchServe's request rows and headers become :class:`activeguard.protection.Request`
-objects, :class:`~activeguard.protection.Guard` decides the whole batch in one forward pass,
+Thin glue: TorchServe's request rows and headers become :class:`activeguard.guard.outcomes.Request`
+objects, :class:`~activeguard.guard.guard.Guard` decides the whole batch in one forward pass,
 and the outcomes become per-request statuses, JSON bodies and metrics. Nothing a client sends
 can raise out of ``handle``: a failure is answered as that request's error, and the worker lives.
 """
@@ -11,31 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from activeguard import inputs, sources
-from activeguard.protection import (
-    INTERNAL_ERROR,
-    PROFILE_FILE,
-    Guard,
-    Outcome,
-    Profile,
-    Request,
-    Verdict,
-)
+from activeguard.guard.guard import Guard
+from activeguard.guard.outcomes import INTERNAL_ERROR, Outcome, Request, Verdict
+from activeguard.guard.profile import PROFILE_FILE, Profile
+from activeguard.models import inputs, sources
 from handlers.composition import OwnerFrontEnd, attested_answer, owner_handler_class, owner_row, postprocess_all
+from handlers.metrics import record_batch
 
 logger = logging.getLogger(__name__)
 
 LICENSE_HEADER = "x-activeguard-license"
-REQUESTS_METRIC = "ActiveGuardRequests"
-AUTH_LATENCY_METRIC = "ActiveGuardAuthLatencyMs"
 MODEL_FILE = "model.pt"  # the serialized file when the manifest does not name one
 
 
@@ -161,7 +152,7 @@ class ActiveGuardHandler(BaseHandler):
         self.owner = owner_handler_class(profile.owner_handler)()
         self.owner.initialize(context)
         self.guard = Guard(None, profile, device="cpu")  # the owner's handler holds the one served copy
-        self.front = OwnerFrontEnd(self.guard, self.owner, profile.spec)
+        self.front = OwnerFrontEnd(self.owner, profile.spec)
         self.device = self.front.device
         self.map_location = self.device.type
         self.model = getattr(self.owner, "model", None)
@@ -195,15 +186,10 @@ class ActiveGuardHandler(BaseHandler):
             answers = [self._answer(i, v, values.get(i), context) for i, v in enumerate(verdicts)]
         else:
             answers = [self.guard.render(v) for v in verdicts]
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        metrics = context.metrics
         for i, outcome in enumerate(answers):
             if outcome.status != 200:
                 context.set_response_status(outcome.status, outcome.reason, idx=i)
-        # one update per reason and batch: TorchServe's metric store costs ~40 µs a call
-        for reason, count in Counter(outcome.reason for outcome in answers).items():
-            metrics.add_counter(REQUESTS_METRIC, count, dimensions=[Dimension("Reason", reason)])
-        metrics.add_time(AUTH_LATENCY_METRIC, elapsed_ms, unit="ms")
+        record_batch(context.metrics, answers, (time.perf_counter() - start) * 1000)
         return [outcome.body if composed and outcome.status == 200 else json.dumps(outcome.body) for outcome in answers]
 
     def _answer(self, i: int, verdict: Verdict, value: Any, context) -> Outcome:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from activeguard import inputs, sources
-from activeguard.protection import PROFILE_FILE
+from activeguard.guard.profile import PROFILE_FILE
+from activeguard.models import inputs, sources
 
 MANIFEST = "MAR-INF/MANIFEST.json"
 MAX_ARCHIVE_BYTES = 8 * 1024**3  # what this reads into memory; larger archives are refused

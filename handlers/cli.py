@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from activeguard.cli_support import (
+from activeguard.cli.support import (
     add_fo_space_arguments,
     add_model_arguments,
     add_spec_arguments,
@@ -17,9 +17,9 @@ from activeguard.cli_support import (
     parse_floats,
     spec_overrides,
 )
-from activeguard.control import PAPER_EPSILON, POLICIES, configured
-from activeguard.licenses import key_id, load_public_key, public_key_pem
-from activeguard.protection import Profile
+from activeguard.credentials.control import PAPER_EPSILON, POLICIES, configured
+from activeguard.credentials.licenses import key_id, load_public_key, public_key_pem
+from activeguard.guard.profile import Profile
 from handlers.packaging import classes_of, package_model, protect
 from handlers.server import ManagedTorchServe, Ports
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from activeguard.inputs import InputSpec, log_probabilities
-from activeguard.protection import EXPLANATION, FrontEnd, Guard, InputError, Read, Request, Verdict
+from activeguard.guard.front import FrontEnd
+from activeguard.guard.outcomes import EXPLANATION, InputError, Read, Request, Verdict
+from activeguard.models.inputs import InputSpec, log_probabilities
 
 # Fields of a request that are ActiveGuard's, not the owner's: read, then removed from the row the
 # owner's preprocess sees (over gRPC they arrive in the same input map as the payload).
@@ -126,8 +127,8 @@ def attested_answer(value: Any, explanation: dict[str, Any], content_type: str |
 class OwnerFrontEnd(FrontEnd):
     """The owner's preprocess and inference, as the guard's front end."""
 
-    def __init__(self, guard: Guard, owner: Any, spec: InputSpec):
-        super().__init__(guard)
+    def __init__(self, owner: Any, spec: InputSpec):
+        super().__init__(parser=None, model=None, device=torch.device("cpu"))
         self.owner, self.spec = owner, spec
 
     @property

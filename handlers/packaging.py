@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from activeguard import inputs, sources
-from activeguard.protection import MODEL_CODE_FILE, PROFILE_FILE, Profile
+from activeguard.guard.profile import MODEL_CODE_FILE, PROFILE_FILE, Profile
+from activeguard.models import inputs, sources
 from handlers import archives
 from handlers.composition import handler_module_name
 

@@ -1,6 +1,6 @@
 """Models named in (or uploaded with) RegisterModel: every failure names the file and the problem.
 
-Any model source :mod:`activeguard.sources` loads (project checkpoint, TorchScript, exported
+Any model source :mod:`activeguard.models.sources` loads (project checkpoint, TorchScript, exported
 program, state dict + model file) is read with :func:`registered_classifier`, the one loader every
 command uses; nothing is unpickled. A project checkpoint is first checked against a skeleton built
 on the meta device, so a hostile or broken config costs neither memory nor code execution.
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from activeguard import inputs, sources
-from activeguard.models import CHECKPOINT_FORMAT, build_model, load_checkpoint
+from activeguard.models import inputs, sources
+from activeguard.models.architectures import CHECKPOINT_FORMAT, build_model, load_checkpoint
 from license_server.errors import InvalidRequest, NotFound, PreconditionFailed
 from license_server.validation import shown
 
-# Project architectures that are no classifiers (activeguard.sources gives them those tasks).
+# Project architectures that are no classifiers (activeguard.models.sources gives them those tasks).
 NOT_CLASSIFIERS = ("mlp-regressor", "fc-generator")
 # The stored copy of an uploaded model keeps its format; the suffix only tells a person which it is.
 STORED_SUFFIXES = {"checkpoint": ".pt", "eager": ".state.pt", "torchscript": ".ts", "export": ".pt2"}
@@ -57,7 +57,7 @@ def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
             ) from None
         raise InvalidRequest(
             f"{what} is not an ActiveGuard model checkpoint (a dict with format {CHECKPOINT_FORMAT!r}, as "
-            "activeguard.models.save_model writes); a state dict needs its network's code (model_file_text)"
+            "activeguard.models.architectures.save_model writes); a state dict needs its network's code (model_file_text)"
         ) from None
 
 

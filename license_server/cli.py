@@ -35,14 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from activeguard.cli_support import (
+from activeguard.cli.support import (
     UsageError,
     add_fo_space_arguments,
     add_model_arguments,
     load_model_argument,
     parse_floats,
 )
-from activeguard.processes import write_ready_file
+from activeguard.runtime.processes import write_ready_file
 
 DB_ENV = "ACTIVEGUARD_LICENSE_DB"
 STATES = {"active": 1, "revoked": 2, "expired": 3}
@@ -95,7 +95,7 @@ def _signing_key_path(args: argparse.Namespace) -> Path:
 
 
 def export_key(args: argparse.Namespace) -> int:
-    from activeguard.licenses import export_public_key
+    from activeguard.credentials.licenses import export_public_key
 
     data_dir = Path(args.data_dir)
     if not args.signing_key and not data_dir.exists():
@@ -229,7 +229,7 @@ def _emit(args, payload: Any, human: str) -> None:
 
 
 def _save_license(msg, out: str) -> Path:
-    from activeguard.licenses import write_license
+    from activeguard.credentials.licenses import write_license
     from license_server.client import to_signed
 
     return write_license(to_signed(msg), out)
@@ -345,7 +345,7 @@ def cmd_show(args) -> int:
 
 def cmd_verify(args) -> int:
     """Signature, expiry, model id and revocation, with keys and revocations from the server."""
-    from activeguard.licenses import LicenseError, read_license, verify_license
+    from activeguard.credentials.licenses import LicenseError, read_license, verify_license
 
     signed = read_license(args.file)
     with _client(args) as c:
@@ -376,8 +376,8 @@ def cmd_verify(args) -> int:
 
 def cmd_header(args) -> int:
     """The compact header value of a license file; offline, so a client script can call it."""
-    from activeguard.licenses import read_license
-    from activeguard.protection import encode_license_header
+    from activeguard.credentials.header import encode_license_header
+    from activeguard.credentials.licenses import read_license
 
     print(encode_license_header(read_license(args.file).to_text()))
     return 0
@@ -465,7 +465,7 @@ def _guarded(cmd):
     def run(args: argparse.Namespace) -> int:
         import grpc
 
-        from activeguard.licenses import LicenseError
+        from activeguard.credentials.licenses import LicenseError
         from license_server.errors import InvalidRequest, IssuanceError, NotFound, PreconditionFailed
         from license_server.store import StoreError
 

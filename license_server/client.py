@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from activeguard import licenses as lic
+from activeguard.credentials import licenses as lic
 from activeguard_proto.v1 import license_pb2, license_pb2_grpc
 from license_server.auth import TOKEN_ENV
 

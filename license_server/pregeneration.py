@@ -1,7 +1,7 @@
 """Offline pre-generation: fill a registered model's pool of ready fingerprints from the command line.
 
 The same batches, re-checks and store writes as the server's background filler
-(:meth:`license_server.issuance.Issuer.pregenerate`), with a progress bar. Safe to stop at any
+(:meth:`license_server.pool.FingerprintPool.fill`), with a progress bar. Safe to stop at any
 point and to run again: each batch is committed whole, the next run starts from what the store
 holds (slots with a fingerprint or a license are skipped), and the pool's primary key
 (model, class, FO index) makes a duplicate impossible. It may run beside a live server on the same
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from activeguard import licenses as lic
+from activeguard.credentials import licenses as lic
 from license_server.config import ServerConfig
 from license_server.issuance import Issuer
 from license_server.metrics import Metrics
@@ -47,22 +47,22 @@ def pregenerate(
     key, _ = lic.load_or_create_signing_key(config.signing_key)
     issuer = Issuer(config, store, key, Metrics())
     try:
-        m = issuer.model(model_id)
+        m = issuer.registry.get(model_id)
         size = batch or config.pregeneration_batch
         start, generated, attempted = time.perf_counter(), 0, 0
-        missing = len(issuer.pregeneration_todo(m, count))
+        missing = len(issuer.pool.todo(m, count))
         with tqdm(total=missing, desc="pre-generating", unit="fp", disable=not progress) as bar:
-            for chunk in issuer.pregeneration_batches(m, count, size):
-                ok = issuer.pregenerate_batch(m, chunk)
+            for chunk in issuer.pool.batches(m, count, size):
+                ok = issuer.pool.generate_batch(m, chunk)
                 generated, attempted = generated + ok, attempted + len(chunk)
                 bar.update(ok)
-                bar.set_postfix(pool=len(m.pool), failed=attempted - generated)
+                bar.set_postfix(pool=len(m.slots.pool), failed=attempted - generated)
         return PregenerationReport(
             model_id=m.row.model_id,
             target=count,
             generated=generated,
             attempted=attempted,
-            pool=len(m.pool),
+            pool=len(m.slots.pool),
             seconds=time.perf_counter() - start,
         )
     finally:

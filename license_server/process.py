@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from activeguard.processes import ReadyFileProcess
+from activeguard.runtime.processes import ReadyFileProcess
 from license_server.auth import TOKEN_ENV, hash_token
 from license_server.client import LicenseClient
 

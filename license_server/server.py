@@ -7,7 +7,7 @@ import os
 
 from prometheus_client import start_http_server
 
-from activeguard import licenses as lic
+from activeguard.credentials import licenses as lic
 from activeguard_proto.rpc import BuiltServer, build_server, server_credentials
 from activeguard_proto.v1 import license_pb2_grpc
 from license_server.auth import TOKEN_ENV, AdminAuth, create_admin_token, hash_token, load_token_hash, write_secret

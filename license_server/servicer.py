@@ -11,8 +11,8 @@ import logging
 
 import grpc
 
-from activeguard import licenses as lic
-from activeguard.fo_space import FO
+from activeguard.credentials import licenses as lic
+from activeguard.credentials.fo_space import FO
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import common_pb2, license_pb2, license_pb2_grpc
 from license_server import errors as e

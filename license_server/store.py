@@ -5,7 +5,7 @@ Invariants the schema itself enforces (not just the code):
 - one license per slot, ever: ``UNIQUE (model_id, fo_class, conf_index)`` on ``licenses``; a
   revoked license keeps its row, so an FO is never handed out twice. A slot is (class t, index j
   of the FO among class t's FOs): the paper's confidence index, or the ranked space's FO number
-  (:mod:`activeguard.fo_space`), so the same constraint serves both spaces;
+  (:mod:`activeguard.credentials.fo_space`), so the same constraint serves both spaces;
 - a license row is inserted whole (payload, signature, FO) in one transaction, together with the
   removal of the slot's pre-generated fingerprint, so a crash leaves the license or nothing;
 - ``schema_version`` holds the schema's version; a newer database is refused, an older one is
@@ -47,19 +47,19 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from activeguard.control import ControlConfig
+from activeguard.credentials.control import ControlConfig
 
 SCHEMA_VERSION = 3
 # version -> list of SQL statements that migrate from version-1 to version.
 MIGRATIONS: dict[int, list[str]] = {
-    # 2: any model source (activeguard.sources), not only project checkpoints: how to load each model
+    # 2: any model source (activeguard.models.sources), not only project checkpoints: how to load each model
     2: [
         "ALTER TABLE ag_models ADD COLUMN source VARCHAR(32) NOT NULL DEFAULT 'checkpoint'",
         "ALTER TABLE ag_models ADD COLUMN model_class TEXT",
         "ALTER TABLE ag_models ADD COLUMN model_file_text TEXT",
         "ALTER TABLE ag_models ADD COLUMN input_spec TEXT",
     ],
-    # 3: the ranked FO space (activeguard.fo_space); NULL: the paper's space, as every older model
+    # 3: the ranked FO space (activeguard.credentials.fo_space); NULL: the paper's space, as every older model
     3: ["ALTER TABLE ag_models ADD COLUMN runner_up_confidences TEXT"],
 }
 

@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any
 
-from activeguard.fingerprints import ENCODINGS
-from activeguard.inputs import InputSpec, SourceError
+from activeguard.credentials.fingerprints import ENCODINGS
+from activeguard.models.inputs import InputSpec, SourceError
 from license_server.errors import InvalidRequest
 
 MAX_VALIDITY = 20 * 365 * 24 * 3600

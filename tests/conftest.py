@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from activeguard.data import Split, load_mnist
-from activeguard.models import LeNet5, train_lenet5
+from activeguard.models.architectures import LeNet5, train_lenet5
+from activeguard.models.data import Split, load_mnist
 from tests.processes import ServerProcess
 from tests.serving_fixtures import Deployment, build
 

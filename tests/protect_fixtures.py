@@ -19,11 +19,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
-from activeguard import inputs, licenses, sources, workloads
-from activeguard.control import ControlConfig
-from activeguard.data import Split
-from activeguard.evaluation import seed_images
-from activeguard.fingerprints import generate_fingerprints
+from activeguard.credentials import licenses
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import generate_fingerprints
+from activeguard.experiments.core_evaluation import seed_images
+from activeguard.models import inputs, sources, workloads
+from activeguard.models.data import Split
 from handlers.packaging import torch_model_archiver
 
 OWNER_FILES = Path(__file__).with_name("owner_files")

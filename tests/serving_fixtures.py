@@ -12,12 +12,13 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-from activeguard import licenses
-from activeguard.control import ControlConfig
-from activeguard.evaluation import seed_images
-from activeguard.fingerprints import generate_fingerprints
-from activeguard.models import save_model
-from activeguard.protection import Profile, encode_license_header
+from activeguard.credentials import licenses
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import generate_fingerprints
+from activeguard.credentials.header import encode_license_header
+from activeguard.experiments.core_evaluation import seed_images
+from activeguard.guard.profile import Profile
+from activeguard.models.architectures import save_model
 from handlers.activeguard_handler import MODEL_FILE
 
 CONFIG = ControlConfig()

@@ -1,9 +1,9 @@
-"""Channel alignment (activeguard.alignment) on synthetic weights and activations: exact recovery of
+"""Channel alignment (activeguard.watermark.alignment) on synthetic weights and activations: exact recovery of
 permutations and positive scales, unmoved by pruning."""
 
 import torch
 
-from activeguard.alignment import ChannelMatch, LayerAlignment, aligned_weight, block_scales, match_channels
+from activeguard.watermark.alignment import ChannelMatch, LayerAlignment, aligned_weight, block_scales, match_channels
 
 
 def test_match_channels_recovers_a_permutation_and_positive_scales():

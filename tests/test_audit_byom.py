@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import inputs, sources
 from activeguard.audit import base, files
 from activeguard.audit.remote import SuspectError, open_suspect
-from activeguard.data import Split, load_data
-from activeguard.models import train
+from activeguard.models import inputs, sources
+from activeguard.models.architectures import train
+from activeguard.models.data import Split, load_data
 from tests.test_cli import run_cli
 
 MODEL_SOURCE = '''

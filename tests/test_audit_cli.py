@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from activeguard import attacks
 from activeguard.audit import files
-from activeguard.models import MLPClassifier, save_model, train
+from activeguard.experiments import attacks
+from activeguard.models.architectures import MLPClassifier, save_model, train
 from tests.test_cli import run_cli
 
 
@@ -132,7 +132,7 @@ def test_bad_inputs_name_the_problem(checkpoints, capsys, tmp_path):
 def test_audit_all_combines_every_method_into_one_verdict(checkpoints, capsys, tmp_path):
     """`audit all`: each fingerprint's method with its own threshold, plus the watermark for a local
     suspect (aligned to the owner with --owner); the suspect is a copy when any method says so."""
-    from activeguard import watermark as wm
+    from activeguard.watermark import digits as wm
     from tests.test_cli import PASS_ENV
 
     d = checkpoints
@@ -187,7 +187,7 @@ def test_audit_all_combines_every_method_into_one_verdict(checkpoints, capsys, t
 
 
 def _lenet(path):
-    from activeguard import sources
+    from activeguard.models import sources
 
     return sources.load(path).model
 

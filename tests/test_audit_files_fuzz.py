@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from activeguard.audit import base, conferrable, files, ipguard, tafa
-from activeguard.models import MLPRegressor
+from activeguard.models.architectures import MLPRegressor
 
 
 @functools.cache

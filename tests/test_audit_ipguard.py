@@ -3,7 +3,7 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 
 from activeguard.audit import ipguard
-from activeguard.models import MLPClassifier
+from activeguard.models.architectures import MLPClassifier
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 
 from activeguard.audit import ipguard
 from activeguard.audit.remote import SuspectError, open_suspect, probabilities
-from activeguard.models import MLPClassifier, save_model
-from activeguard.protection import Profile
+from activeguard.guard.profile import Profile
+from activeguard.models.architectures import MLPClassifier, save_model
 
 
 @pytest.fixture(scope="module")

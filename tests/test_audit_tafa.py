@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from activeguard.attacks import fine_tune, global_prune
 from activeguard.audit import files, tafa
-from activeguard.audit.suspects import as_callable
-from activeguard.data import load_diabetes, load_fashion_mnist
-from activeguard.models import (
+from activeguard.experiments.attacks import fine_tune, global_prune
+from activeguard.experiments.suspects import as_callable
+from activeguard.models.architectures import (
     MLPClassifier,
     MLPRegressor,
     train,
     train_generator,
     train_regressor,
 )
+from activeguard.models.data import load_diabetes, load_fashion_mnist
 
 
 def _scores(fp, positives, negatives, statistic):
@@ -150,7 +150,7 @@ def test_slopes_carry_a_deep_copy_whose_bends_moved():
     """One epoch of fine-tuning every layer of the Fashion-MNIST ResNet (15 conv layers; the workload's
     quick owner) moves its dense bends out of the bend and normal tests' reach; the slope test still
     finds the copy.  An independently trained ResNet (another seed) stays under the threshold."""
-    from activeguard import workloads
+    from activeguard.models import workloads
     from tests.protect_fixtures import fashion_owner
 
     owner, spec, split = fashion_owner()
@@ -170,7 +170,7 @@ def test_slopes_carry_a_deep_copy_whose_bends_moved():
 
 def test_fingerprint_generation_reads_no_data(monkeypatch, regression):
     """TAFA is data-free: generation through the audit interface runs with every dataset loader broken."""
-    import activeguard.data as data_module
+    import activeguard.models.data as data_module
     from activeguard.audit.base import Owner
 
     def refuse(*_args, **_kwargs):

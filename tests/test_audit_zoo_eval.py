@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from activeguard.audit import conferrable, decisions, ipguard, metrics
-from activeguard.audit.evaluate import POST_PROCESSING, run_audit_evaluation
-from activeguard.audit.suspects import ATTACK_KINDS, NEGATIVE_KINDS, as_callable, classifier_zoo
-from activeguard.models import LeNet5, accuracy, predict
+from activeguard.experiments.audit_evaluation import POST_PROCESSING, run_audit_evaluation
+from activeguard.experiments.suspects import ATTACK_KINDS, NEGATIVE_KINDS, as_callable, classifier_zoo
+from activeguard.models.architectures import LeNet5, accuracy, predict
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,7 @@ def test_tafa_scenario_zoos(cache):
     """TAFA's regression and generation scenarios have the paper's shapes, every removal attack of the issue,
     pruning only down to 3 points of quality, and negatives of other seeds, widths and depths (read back from
     the cache the report above filled; built anew when this test runs alone)."""
-    from activeguard.audit.tafa_scenarios import SCENARIOS
+    from activeguard.experiments.tafa_scenarios import SCENARIOS
 
     shapes = {"regression": ("in_features", 9, [100]), "generation": ("latent_dim", 64, [128, 256, 512])}
     for scenario in SCENARIOS:

@@ -1,6 +1,6 @@
 """The core commands on a model the project has never seen (issue 13's "must show", core half).
 
-``inspect``, ``fingerprint`` and ``watermark embed|verify`` run through ``activeguard.cli.main``
+``inspect``, ``fingerprint`` and ``watermark embed|verify`` run through ``activeguard.cli.app.main``
 on DigitsCNN (``tests/test_sources.py``) saved as TorchScript, as an exported program and as a state
 dict + model file, and every bad input ends in one clear line and exit code 2.
 """
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from activeguard import sources
-from activeguard.control import ControlConfig, decide
-from activeguard.fingerprints import authenticate
-from activeguard.inputs import overrides_from_text
+from activeguard.credentials.control import ControlConfig, decide
+from activeguard.credentials.fingerprints import authenticate
+from activeguard.models import sources
+from activeguard.models.inputs import overrides_from_text
 from tests.test_cli import PASS_ENV, run_cli
 from tests.test_sources import (
     CONV_LAYERS,

@@ -17,12 +17,12 @@ import grpc
 import pytest
 import torch
 
-from activeguard import inputs, sources
-from activeguard import licenses as lic
-from activeguard.control import ControlConfig
-from activeguard.data import load_digits8x8
-from activeguard.models import train
-from activeguard.protection import PROFILE_FILE, Profile
+from activeguard.credentials import licenses as lic
+from activeguard.credentials.control import ControlConfig
+from activeguard.guard.profile import PROFILE_FILE, Profile
+from activeguard.models import inputs, sources
+from activeguard.models.architectures import train
+from activeguard.models.data import load_digits8x8
 from handlers.activeguard_handler import ActiveGuardHandler
 from handlers.packaging import package, serialized_name
 from handlers.server import ManagedTorchServe
@@ -130,7 +130,7 @@ def monkeypatch_module():
 @pytest.fixture(scope="module")
 def served(byom, licensed, tmp_path_factory):
     """One TorchServe, the model archived in three formats: TorchScript via the CLI (reject), .pt2 (random), eager."""
-    from activeguard.cli import main
+    from activeguard.cli.app import main
 
     paths, store = byom["paths"], tmp_path_factory.mktemp("store")
     key = str(licensed["public_key"])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from activeguard.cli import main
-from activeguard.models import save_model
+from activeguard.cli.app import main
+from activeguard.models.architectures import save_model
 
 PASS_ENV = {"ACTIVEGUARD_WM_PASSPHRASE": "correct horse battery staple"}
 
@@ -37,8 +37,8 @@ def test_fingerprint_command_writes_verified_files(model_file, tmp_path, capsys,
     import numpy as np
     import torch
 
-    from activeguard.control import ControlConfig
-    from activeguard.fingerprints import authenticate
+    from activeguard.credentials.control import ControlConfig
+    from activeguard.credentials.fingerprints import authenticate
 
     out = tmp_path / "fps"
     code, stdout, _ = run_cli(
@@ -79,8 +79,9 @@ def test_watermark_embed_and_verify_with_exit_codes(model_file, tmp_path, capsys
     assert code == 2 and "wrong passphrase" in err
     # a pirate permutes and rescales the watermarked filters (the outputs stay); with --owner the
     # suspect is aligned to the original first and verifies again, through `audit watermark` too
-    from activeguard import attacks, sources
-    from activeguard.inputs import network_of
+    from activeguard.experiments import attacks
+    from activeguard.models import sources
+    from activeguard.models.inputs import network_of
 
     model = network_of(sources.load(marked).model)
     pirate = attacks.rescale_channels(attacks.permute_channels(model, "conv2", "fc1", seed=1), "conv2", "fc1")
@@ -97,7 +98,7 @@ def test_watermark_embed_and_verify_with_exit_codes(model_file, tmp_path, capsys
 
 
 def test_watermark_key_is_secret_unless_an_experiment_seed_is_given(model_file, tmp_path, capsys, monkeypatch):
-    from activeguard import watermark as wm
+    from activeguard.watermark import digits as wm
 
     monkeypatch.setattr(wm, "embed", lambda model, *args, **kwargs: model)  # only the key matters here
 
@@ -187,10 +188,10 @@ def test_core_evaluation_runs_end_to_end_and_reports(tmp_path):
 def test_a_reader_that_leaves_early_ends_the_cli_quietly(model_file):
     """`activeguard … | head` closes the pipe before the CLI writes: no traceback, the shell's SIGPIPE exit
     status (before, Python printed a BrokenPipeError traceback, and another at exit)."""
-    from activeguard.cli import EXIT_BROKEN_PIPE
+    from activeguard.cli.app import EXIT_BROKEN_PIPE
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "activeguard.cli", "inspect", str(model_file), "--json"],
+        [sys.executable, "-m", "activeguard.cli.app", "inspect", str(model_file), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

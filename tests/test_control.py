@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from activeguard.control import ControlConfig, apply_policy, decide
-from activeguard.fo_space import FO
+from activeguard.credentials.control import ControlConfig, apply_policy, decide
+from activeguard.credentials.fo_space import FO
 
 
 def probs_with(p_max: float, top: int, k: int = 10) -> torch.Tensor:

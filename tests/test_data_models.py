@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import data
-from activeguard.models import (
+from activeguard.models import data
+from activeguard.models.architectures import (
     accuracy,
     build_model,
     load_model,

@@ -5,10 +5,15 @@ import json
 import pytest
 import torch
 
-from activeguard.control import ControlConfig
-from activeguard.evaluation import authentication_table, control_accuracy, false_acceptance, seed_images
-from activeguard.fingerprints import authenticate, encode, generate_fingerprints
-from activeguard.models import accuracy
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import authenticate, encode, generate_fingerprints
+from activeguard.experiments.core_evaluation import (
+    authentication_table,
+    control_accuracy,
+    false_acceptance,
+    seed_images,
+)
+from activeguard.models.architectures import accuracy
 
 PAPER = ControlConfig(num_classes=10, confidences=(0.2, 0.3, 0.4), epsilon=0.01)
 

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from activeguard.control import ControlConfig, decide
-from activeguard.fingerprints import authenticate, generate_fingerprints
-from activeguard.fo_space import FO, RankedGrid
+from activeguard.credentials.control import ControlConfig, decide
+from activeguard.credentials.fingerprints import authenticate, generate_fingerprints
+from activeguard.credentials.fo_space import FO, RankedGrid
 
 SIGNED = ControlConfig.signed_default(10)
 

@@ -18,8 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activeguard import licenses, protection, sessions
-from activeguard.protection import Guard, Request, decode_license_header
+from activeguard.credentials import licenses, sessions
+from activeguard.credentials.header import decode_license_header
+from activeguard.guard import outcomes as protection
+from activeguard.guard.guard import Guard
+from activeguard.guard.outcomes import Request
 from activeguard_proto.v1 import gateway_pb2
 from gateway.tensors import from_tensor, to_tensor
 from tests.serving_fixtures import json_body
@@ -116,7 +119,7 @@ def test_npy_headers_are_checked_before_any_allocation(licensed, descr, shape, f
     guard = licensed[0]
     raw = npy_bytes(descr, shape, fortran, tail)
     try:
-        x, _ = guard.parse_inputs(raw)
+        x, _ = guard.parser.parse(raw)
     except protection.InputError as exc:
         assert str(exc)
         return
@@ -126,7 +129,7 @@ def test_npy_headers_are_checked_before_any_allocation(licensed, descr, shape, f
 def test_a_huge_declared_npy_is_refused_by_its_header(licensed):
     raw = npy_bytes("<f4", [10**13, 1, 28, 28], False, b"\0" * 16)  # 192 bytes claiming 30 PB
     with pytest.raises(protection.InputError, match="rows per request|declares"):
-        licensed[0].parse_inputs(raw)
+        licensed[0].parser.parse(raw)
 
 
 def test_valid_npy_layouts_round_trip(licensed, mnist):
@@ -134,7 +137,7 @@ def test_valid_npy_layouts_round_trip(licensed, mnist):
     for array in (x, np.asfortranarray(x), x.astype(">f8")):
         buf = io.BytesIO()
         np.save(buf, array)
-        assert np.allclose(licensed[0].parse_inputs(buf.getvalue())[0].numpy(), x)
+        assert np.allclose(licensed[0].parser.parse(buf.getvalue())[0].numpy(), x)
 
 
 # -- licenses and sessions ------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from activeguard import licenses, sessions
-from activeguard.models import predict
-from activeguard.protection import Profile
+from activeguard.credentials import licenses, sessions
+from activeguard.guard.profile import Profile
+from activeguard.models.architectures import predict
 from activeguard_proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.client import GatewayClient
 from gateway.tensors import to_tensor

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from activeguard import protection
+from activeguard.guard import outcomes as protection
 from activeguard_proto.v1 import gateway_pb2
 from gateway.errors import HANDLER_REASON_CODES, handler_refusal, upstream_refusal
 from gateway.service import GatewayConfig, GatewayService, Limits, Metrics, ModelRoute, Refusal, RevocationSync
@@ -255,8 +255,8 @@ def test_any_payload_is_forwarded_as_is_or_refused_as_invalid(data, kind):
 def test_export_public_key_creates_the_key_once(tmp_path, capsys):
     import json
 
-    from activeguard import licenses
-    from activeguard.cli import main
+    from activeguard.cli.app import main
+    from activeguard.credentials import licenses
 
     config = tmp_path / "gateway.json"
     config.write_text(

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from activeguard.models import save_model
-from activeguard.protection import PROFILE_FILE
+from activeguard.guard.profile import PROFILE_FILE
+from activeguard.models.architectures import save_model
 from handlers.activeguard_handler import LICENSE_HEADER, MODEL_FILE, ActiveGuardHandler, serving_device
 from tests.serving_fixtures import BatchContext, header_value, json_body
 
@@ -48,7 +48,7 @@ def test_initialize_keeps_base_handler_attributes_and_decides_each_request(model
 
 
 def test_weights_that_do_not_match_the_profile_are_refused(model_dir, mnist):
-    from activeguard.models import train_lenet5
+    from activeguard.models.architectures import train_lenet5
 
     save_model(train_lenet5(mnist, epochs=0, seed=3), model_dir / MODEL_FILE)
     with pytest.raises(RuntimeError, match="model id"):

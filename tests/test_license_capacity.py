@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import licenses as lic
-from activeguard.fingerprints import authenticate
+from activeguard.credentials import licenses as lic
+from activeguard.credentials.fingerprints import authenticate
 from license_server.checkpoints import fingerprint_from_bytes
 from license_server.client import LicenseClient, to_signed
 from license_server.config import ServerConfig
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def lenet_path(lenet, tmp_path_factory) -> Path:
-    from activeguard.models import save_model
+    from activeguard.models.architectures import save_model
 
     path = tmp_path_factory.mktemp("capacity-model") / "lenet.pt"
     save_model(lenet, path)

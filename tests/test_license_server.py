@@ -28,10 +28,10 @@ import torch
 grpc = pytest.importorskip("grpc", reason="needs the license-server extra: ./setup.sh --dev")
 pytest.importorskip("sqlalchemy", reason="needs the license-server extra: ./setup.sh --dev")
 
-from activeguard import licenses as lic  # noqa: E402
-from activeguard.control import ControlConfig  # noqa: E402
-from activeguard.fingerprints import authenticate  # noqa: E402
-from activeguard.models import CHECKPOINT_FORMAT, model_id, save_model  # noqa: E402
+from activeguard.credentials import licenses as lic  # noqa: E402
+from activeguard.credentials.control import ControlConfig  # noqa: E402
+from activeguard.credentials.fingerprints import authenticate  # noqa: E402
+from activeguard.models.architectures import CHECKPOINT_FORMAT, model_id, save_model  # noqa: E402
 from activeguard_proto.v1 import license_pb2  # noqa: E402
 from handlers.server import free_port  # noqa: E402
 from license_server.client import LicenseClient, to_signed  # noqa: E402
@@ -391,7 +391,7 @@ def test_generated_code_is_current():
 
 def test_activeguard_cli_has_license_commands(tmp_path):
     """``activeguard license-server`` / ``activeguard license ...`` come from the entry-point plugin."""
-    from activeguard.cli import build_parser
+    from activeguard.cli.app import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"license-server", "license"} <= set(sub.choices)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from activeguard.models import LeNet5, save_model  # noqa: E402
+from activeguard.models.architectures import LeNet5, save_model  # noqa: E402
 from activeguard_proto.v1 import license_pb2  # noqa: E402
 from license_server.config import ServerConfig  # noqa: E402
 from license_server.process import in_process  # noqa: E402

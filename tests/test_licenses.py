@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from activeguard import licenses as lic
-from activeguard.control import ControlConfig
-from activeguard.fingerprints import authenticate, generate_fingerprints
-from activeguard.fo_space import FO
-from activeguard.models import input_shape, model_id
+from activeguard.credentials import licenses as lic
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import authenticate, generate_fingerprints
+from activeguard.credentials.fo_space import FO
+from activeguard.models.architectures import input_shape, model_id
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_signed_fingerprint_authenticates_through_control_layer(lenet, key):
 
 def test_core_does_not_import_server_packages():
     code = (
-        "import sys, activeguard.licenses; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "import sys, activeguard.credentials.licenses; bad = [m for m in sys.modules if m.split('.')[0] in "
         "('grpc', 'license_server', 'activeguard_proto', 'sqlalchemy')]; print(bad); sys.exit(bool(bad))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

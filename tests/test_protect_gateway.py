@@ -14,8 +14,8 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activeguard import licenses, sessions
-from activeguard.cli import main
+from activeguard.cli.app import main
+from activeguard.credentials import licenses, sessions
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway import server
 from gateway.client import GatewayClient

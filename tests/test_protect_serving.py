@@ -16,8 +16,8 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activeguard.cli import main
-from activeguard.protection import encode_license_header
+from activeguard.cli.app import main
+from activeguard.credentials.header import encode_license_header
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from handlers.server import ManagedTorchServe
 from tests.protect_fixtures import FASHION_LABELS, Licensing, png

@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 
-from activeguard.cli import main
-from activeguard.protection import encode_license_header
+from activeguard.cli.app import main
+from activeguard.credentials.header import encode_license_header
 from handlers.server import ManagedTorchServe
 from tests.protect_fixtures import Licensing, archive
 from tests.serving_fixtures import post
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MODEL_FILE = '''"""The owner's network code (TorchServe's eager convention: one class, built with no arguments)."""
 
-from activeguard.models import LeNet5
+from activeguard.models.architectures import LeNet5
 
 
 class Net(LeNet5):
@@ -39,7 +39,7 @@ def stock(lenet, mnist, tmp_path_factory):
     torch.save(lenet.state_dict(), weights)
     (root / "net.py").write_text(MODEL_FILE)
     plain = archive(root / "plain", "digits", weights, "base_handler", model_file=root / "net.py")
-    from activeguard import inputs, sources
+    from activeguard.models import inputs, sources
 
     loaded = sources.load(
         weights, sources.SourceOptions(root / "net.py", overrides=inputs.SpecOverrides(shape=(1, 28, 28)))

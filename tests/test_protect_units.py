@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from activeguard import licenses, sessions
-from activeguard.cli import main
-from activeguard.fo_space import FO
-from activeguard.protection import EXPLANATION, PROFILE_FILE, Profile
+from activeguard.cli.app import main
+from activeguard.credentials import licenses, sessions
+from activeguard.credentials.fo_space import FO
+from activeguard.guard.outcomes import EXPLANATION
+from activeguard.guard.profile import PROFILE_FILE, Profile
 from handlers.activeguard_handler import ActiveGuardHandler
 from handlers.archives import MANIFEST, MarArchive
 from handlers.server import MANAGED_KEYS, merge_config, read_config
@@ -183,7 +184,7 @@ def test_no_row_a_client_can_send_crashes_the_composed_handler(handler, batch):
 
 
 def test_license_header_prints_the_compact_form_a_curl_client_sends(tmp_path, capsys):
-    from activeguard.protection import decode_license_header
+    from activeguard.credentials.header import decode_license_header
 
     key = Ed25519PrivateKey.generate()
     payload = licenses.make_payload(

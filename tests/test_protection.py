@@ -10,12 +10,14 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activeguard import licenses, sessions
-from activeguard.control import ControlConfig
-from activeguard.evaluation import seed_images
-from activeguard.fingerprints import generate_fingerprints
-from activeguard.models import model_id
-from activeguard.protection import Guard, Profile, Request
+from activeguard.credentials import licenses, sessions
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import generate_fingerprints
+from activeguard.experiments.core_evaluation import seed_images
+from activeguard.guard.guard import Guard
+from activeguard.guard.outcomes import Request
+from activeguard.guard.profile import Profile
+from activeguard.models.architectures import model_id
 
 CONFIG = ControlConfig()
 

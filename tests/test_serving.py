@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import sessions
-from activeguard.models import predict
+from activeguard.credentials import sessions
+from activeguard.models.architectures import predict
 from handlers.packaging import package
 from tests.serving_fixtures import header_value, json_body, post
 
@@ -108,9 +108,9 @@ def test_paper_mode(server, deployment, mnist, lenet):
         torch.softmax(predict(lenet, mnist.x_test[:2]), 1).detach().flatten().tolist(), abs=1e-5
     )
     # a fingerprint made for a different model does not pass
-    from activeguard.control import ControlConfig
-    from activeguard.fingerprints import generate_fingerprints
-    from activeguard.models import train_lenet5
+    from activeguard.credentials.control import ControlConfig
+    from activeguard.credentials.fingerprints import generate_fingerprints
+    from activeguard.models.architectures import train_lenet5
 
     other = train_lenet5(mnist, epochs=2, seed=7)
     foreign = generate_fingerprints(other, ControlConfig(), [17], mnist.x_test[5:6]).inputs

@@ -8,8 +8,8 @@ import grpc
 import pytest
 import torch
 
-from activeguard import sessions
-from activeguard.models import predict
+from activeguard.credentials import sessions
+from activeguard.models.architectures import predict
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from tests.serving_fixtures import json_body
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from activeguard import inputs, sources
-from activeguard import watermark as wm
-from activeguard.control import ControlConfig
-from activeguard.data import load_data
-from activeguard.fingerprints import authenticate, encode, generate_fingerprints
-from activeguard.models import model_id, train
+from activeguard.credentials.control import ControlConfig
+from activeguard.credentials.fingerprints import authenticate, encode, generate_fingerprints
+from activeguard.models import inputs, sources
+from activeguard.models.architectures import model_id, train
+from activeguard.models.data import load_data
+from activeguard.watermark import digits as wm
 
 OWNER_MODEL = '''
 import torch

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from activeguard import attacks
-from activeguard import watermark as wm
-from activeguard.attacks import fine_tune, prune_layer
-from activeguard.models import LeNet5, MLPClassifier, accuracy, train_lenet5
+from activeguard.experiments import attacks
+from activeguard.experiments.attacks import fine_tune, prune_layer
+from activeguard.models.architectures import LeNet5, MLPClassifier, accuracy, train_lenet5
+from activeguard.watermark import digits as wm
 
 # Measured: with λ = 0.01 and Adam lr 1e-3 the farthest position (digit 9 on a weight that
 # started negative) needs ~14 epochs to round correctly, so 15 fine-tuning epochs are used.

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from activeguard import inputs, sources, workloads
-from activeguard.cli import main
-from activeguard.data import FASHION_MNIST_DIR, fashion_mnist_available
-from activeguard.models import ResidualBlock, ResNet
+from activeguard.cli.app import main
+from activeguard.models import inputs, sources, workloads
+from activeguard.models.architectures import ResidualBlock, ResNet
+from activeguard.models.data import FASHION_MNIST_DIR, fashion_mnist_available
 
 needs_fashion = pytest.mark.skipif(
     not fashion_mnist_available(),
@@ -75,7 +75,7 @@ def test_missing_data_is_a_one_line_usage_error(capsys, monkeypatch):
 
 def test_evaluate_audit_runs_on_the_named_workload(tmp_path, monkeypatch, capsys):
     """The audit suite hands --workload to the evaluation (stubbed here: the real run takes minutes)."""
-    from activeguard.audit import evaluate
+    from activeguard.experiments import audit_evaluation as evaluate
 
     calls = []
 
@@ -168,7 +168,7 @@ def test_owner_is_cached_in_all_four_sources_with_one_model_id(core_run):
 def test_audit_zoo_is_built_from_the_workload(core_run):
     """Positives (fine-tuned, pruned, distilled) and negatives (other seeds, other architectures, forests)
     come from the workload's architectures, with no switch on its name."""
-    from activeguard.audit.suspects import classifier_zoo
+    from activeguard.experiments.suspects import classifier_zoo
 
     _, cache, tiny = core_run
     split = tiny.data(0, TINY)

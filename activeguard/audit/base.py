@@ -29,7 +29,7 @@ from activeguard.audit import decisions
 from activeguard.audit.metrics import matching_rate
 
 if TYPE_CHECKING:
-    from activeguard.sources import LoadedModel
+    from activeguard.models.sources import LoadedModel
 
 Suspect = Callable[[torch.Tensor], Any]  # inputs -> labels (n,) or scores (n, classes); a module or e.g. a forest
 
@@ -38,7 +38,7 @@ Suspect = Callable[[torch.Tensor], Any]  # inputs -> labels (n,) or scores (n, c
 class Owner:
     """The owner's model and what an audit must know about it.
 
-    ``model`` takes rows as clients send them (a :class:`activeguard.inputs.ClientView` when built
+    ``model`` takes rows as clients send them (a :class:`activeguard.models.inputs.ClientView` when built
     by :meth:`from_loaded`): fingerprint points are searched, clipped and stored in that space,
     inside ``bounds``, so a suspect is queried exactly as a client would query it.
     """

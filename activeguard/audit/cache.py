@@ -1,6 +1,6 @@
 """Content-hash on-disk cache of trained suspect zoos and ensembles (``ACTIVEGUARD_CACHE``).
 
-Workload owners live in the same root, under ``workloads/`` (:mod:`activeguard.workloads`), saved in
+Workload owners live in the same root, under ``workloads/`` (:mod:`activeguard.models.workloads`), saved in
 every model source rather than pickled.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from activeguard.workloads import cache_root
+from activeguard.models.workloads import cache_root
 
 ZOO_FORMAT = "activeguard-zoo/1"
 

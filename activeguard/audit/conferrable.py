@@ -165,7 +165,7 @@ def train_ensemble(
     ``x`` holds rows as the owner takes them (values in ``bounds``); members: fresh copies of the
     owner's architecture (:func:`fresh_copy`), or :func:`ensemble_member` when there are none.
     """
-    from activeguard.models import predict, train
+    from activeguard.models.architectures import predict, train
 
     owner_probs = F.softmax(predict(owner, x), 1)  # the source's labels, as soft labels (distillation)
     c = owner_probs.shape[1]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from activeguard.audit import base
-from activeguard.inputs import InputSpec
+from activeguard.models.inputs import InputSpec
 
 FORMAT = "activeguard-audit-fingerprint/1"
 _LEGACY_IPGUARD = "activeguard-ipguard/1"  # written by ipguard.Fingerprint.save

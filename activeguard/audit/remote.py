@@ -3,7 +3,7 @@
 :func:`open_suspect` turns either into one callable ``x (n, *shape) -> outputs`` that the audit
 methods (``ipguard.verify``, ``conferrable.caeacc``, ``tafa.verify``) accept:
 
-* a path: any model source :func:`activeguard.sources.load` reads (ActiveGuard checkpoint,
+* a path: any model source :func:`activeguard.models.sources.load` reads (ActiveGuard checkpoint,
   TorchScript, exported program, state dict with ``model_file``/``model_class``; no arbitrary
   unpickling), queried as a client queries it: its own input spec where the file carries one,
   else the owner's (recorded in the fingerprint file). Outputs are logits for classifiers;
@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from activeguard import inputs, sources
 from activeguard.audit.base import MODEL_ERRORS, error_reason
+from activeguard.models import inputs, sources
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BATCH_SIZE = 64  # 64 MNIST rows are ~1 MB of JSON, far below TorchServe's 6.5 MB default request limit
@@ -95,7 +95,7 @@ class Suspect:
 
 
 class LocalSuspect(Suspect):
-    """A model file on disk, in any source :func:`activeguard.sources.load` reads.
+    """A model file on disk, in any source :func:`activeguard.models.sources.load` reads.
 
     Its input spec is the one its file carries (files ActiveGuard wrote), else ``owner_spec`` with
     the file's own row shape where it has one (a bare state dict, TorchScript or .pt2 file is queried

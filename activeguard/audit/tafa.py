@@ -101,7 +101,7 @@ from activeguard.audit.base import (
     error_reason,
     param,
 )
-from activeguard.inputs import ClientView, network_of
+from activeguard.models.inputs import ClientView, network_of
 
 STATISTICS = ("kink", "distance", "bending")
 # `evaluate audit`, ARUC per scenario (MNIST LeNet-5 / RAND HIE FCN / WGAN generator): see the README's

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from activeguard import inputs, sources
-from activeguard.data import FASHION_MNIST_DIR, Split, fashion_mnist_available, load_fashion_mnist, load_mnist
-from activeguard.models import ARCHITECTURES, accuracy, build_model, model_id, train
+from activeguard.models import inputs, sources
+from activeguard.models.architectures import ARCHITECTURES, accuracy, build_model, model_id, train
+from activeguard.models.data import FASHION_MNIST_DIR, Split, fashion_mnist_available, load_fashion_mnist, load_mnist
 
 CACHE_ENV = "ACTIVEGUARD_CACHE"
 OWNER_FORMAT = "activeguard-workload-owner/1"
@@ -53,7 +53,7 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one architecture is trained (the arguments of :func:`activeguard.models.train`)."""
+    """How one architecture is trained (the arguments of :func:`activeguard.models.architectures.train`)."""
 
     lr: float = 1e-3
     batch_size: int = 64

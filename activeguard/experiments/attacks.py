@@ -1,8 +1,8 @@
 """Removal attacks a pirate applies to a stolen model (ActiveGuard §3.5, IPGuard §5.1.2).
 
 Every function returns a new model and leaves its input untouched, so one source model can
-spawn a whole zoo of suspects.  They live in the core because the core evaluation (watermark
-robustness) and the audits (suspect zoo) both attack models; neither should import the other.
+spawn a whole zoo of suspects: the core evaluation's watermark robustness and the audits'
+suspect zoos both attack models with them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from activeguard.models import train
+from activeguard.models.architectures import train
 
 MAX_ACCURACY_DROP = 0.03  # IPGuard §5.1.2: stop pruning when accuracy drops by more than 3 points
 
@@ -259,7 +259,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 def distill(owner: nn.Module, student: nn.Module, x: torch.Tensor, *, epochs: int = 15, seed: int = 0) -> nn.Module:
     """Train a fresh ``student`` on the owner's soft labels for ``x`` (a model extraction by
     distillation: no weight of the owner's survives, only its behaviour)."""
-    from activeguard.models import predict
+    from activeguard.models.architectures import predict
 
     with torch.no_grad():
         soft = torch.softmax(predict(owner, x), dim=1)

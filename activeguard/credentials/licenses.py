@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from activeguard.fo_space import FO
+from activeguard.credentials.fo_space import FO
 
 LICENSE_FORMAT = "activeguard-license/1"
 DOMAIN = b"activeguard-license/1\x00"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from activeguard.cli_support import (
+from activeguard.cli.support import (
     EVALUATION_SUITES,
     EXIT_NEGATIVE,
     EXIT_OK,
@@ -37,12 +37,12 @@ from activeguard.cli_support import (
 )
 
 if TYPE_CHECKING:
-    from activeguard.sources import LoadedModel
+    from activeguard.models.sources import LoadedModel
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from activeguard.data import load_dataset
-    from activeguard.models import accuracy, save_model, train_lenet5
+    from activeguard.models.architectures import accuracy, save_model, train_lenet5
+    from activeguard.models.data import load_dataset
 
     split = load_dataset(args.dataset, seed=args.seed)
     if split.task != "classification":
@@ -111,9 +111,9 @@ def _numbers(values: list[float]) -> str:
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from activeguard.control import ControlConfig
-    from activeguard.evaluation import seed_images
-    from activeguard.fingerprints import generate_fingerprints
+    from activeguard.credentials.control import ControlConfig
+    from activeguard.credentials.fingerprints import generate_fingerprints
+    from activeguard.experiments.core_evaluation import seed_images
 
     loaded = load_model_argument(args)
     _require_classifier(loaded, "fingerprint")
@@ -182,9 +182,9 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_watermark_embed(args: argparse.Namespace) -> int:
-    from activeguard import watermark as wm
-    from activeguard.models import accuracy
-    from activeguard.sources import default_watermark_layer
+    from activeguard.models.architectures import accuracy
+    from activeguard.models.sources import default_watermark_layer
+    from activeguard.watermark import digits as wm
 
     loaded = load_model_argument(args)
     _require_classifier(loaded, "watermark embed")
@@ -255,8 +255,8 @@ def owner_reference(args: argparse.Namespace):
         return None, None
     import torch
 
-    from activeguard import sources
-    from activeguard.cli_support import spec_overrides
+    from activeguard.cli.support import spec_overrides
+    from activeguard.models import sources
 
     if hasattr(args, "model_file"):  # `watermark verify`: the suspect's model flags describe the owner too
         options = sources.SourceOptions(args.model_file, args.model_class, spec_overrides(args))
@@ -270,7 +270,7 @@ def owner_reference(args: argparse.Namespace):
 
 def check_watermark(model: Any, args: argparse.Namespace):
     """``model`` against the key of ``--key`` (passphrase as the flags say), aligned to ``--owner`` if given."""
-    from activeguard import watermark as wm
+    from activeguard.watermark import digits as wm
 
     key = wm.load_key(args.key, read_passphrase(args))
     reference, probes = owner_reference(args)
@@ -312,7 +312,7 @@ def cmd_watermark_verify(args: argparse.Namespace) -> int:
 
 
 def _run_core(args: argparse.Namespace, title: str) -> int:
-    from activeguard import pipeline
+    from activeguard.experiments import core_pipeline as pipeline
 
     out = Path(args.out)
     log = (lambda _msg: None) if args.json else print
@@ -336,7 +336,7 @@ def _run_core(args: argparse.Namespace, title: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from activeguard import workloads
+    from activeguard.models import workloads
 
     workloads.get(args.workload).check_available()  # unknown or missing data: one line, exit 2, before any work
     if args.out is None:
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from activeguard.watermark import WatermarkKeyError
+    from activeguard.watermark.digits import WatermarkKeyError
 
     try:
         return args.func(args)

@@ -1,7 +1,7 @@
 """Suspect zoos for the black-box audits (IPGuard §5.1.2).
 
 Positives are post-processed copies of the owner's model (the removal attacks of
-:mod:`activeguard.attacks`), negatives are independently trained models.  Zoos are cached by
+:mod:`activeguard.experiments.attacks`), negatives are independently trained models.  Zoos are cached by
 content hash (:mod:`activeguard.audit.cache`).
 """
 
@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from activeguard.attacks import (
+from activeguard.audit.cache import (
+    _hash,
+    _tensor_digest,
+    cached,
+    default_cache_dir,
+)
+from activeguard.experiments.attacks import (
     filter_prune,
     fine_tune,
     fine_tune_last_layer,
@@ -27,15 +33,9 @@ from activeguard.attacks import (
     rescale_channels,
     retrain_last_layer,
 )
-from activeguard.audit.cache import (
-    _hash,
-    _tensor_digest,
-    cached,
-    default_cache_dir,
-)
-from activeguard.models import predict
-from activeguard.workloads import DEFAULT_WORKLOAD, Workload, WorkloadSize
-from activeguard.workloads import get as get_workload
+from activeguard.models.architectures import predict
+from activeguard.models.workloads import DEFAULT_WORKLOAD, Workload, WorkloadSize
+from activeguard.models.workloads import get as get_workload
 
 # Kinds of suspect, in the order of the robustness table: removal attacks (positives), then the negatives.
 ATTACK_KINDS: dict[str, str] = {
@@ -101,7 +101,7 @@ def classifier_zoo(
     distilled from a *different* owner (the first other-seed model) and two random forests.  The
     workload's run size sets epochs, rows and seeds (quick: independent models see 1,000 rows).
     """
-    from activeguard.models import model_id
+    from activeguard.models.architectures import model_id
 
     work = workload if isinstance(workload, Workload) else get_workload(workload)
     if cache_dir == "default":
@@ -119,7 +119,7 @@ class _ZooBuilder:
     """One step per family of suspects, so the progress bar names what is being trained."""
 
     def __init__(self, owner: nn.Module, split, work: Workload, size: WorkloadSize, n_train: int, seed: int):
-        from activeguard.models import accuracy
+        from activeguard.models.architectures import accuracy
 
         self.owner, self.work, self.seed = owner, work, seed
         self.epochs, self.same_arch_models = size.zoo_epochs, size.same_arch_models
@@ -181,7 +181,7 @@ class _ZooBuilder:
 
     def weight_edits(self) -> list[ZooMember]:
         """int8 weights, the function-preserving edits and an overwrite with the attacker's own watermark."""
-        from activeguard import watermark
+        from activeguard.watermark import digits as watermark
 
         o, s = self.owner, self.seed
         members = [self.member("int8 weights", "int8", True, quantize_int8(o))]

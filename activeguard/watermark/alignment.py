@@ -33,7 +33,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from activeguard.inputs import network_of
+from activeguard.models.inputs import network_of
 
 
 @dataclass(frozen=True)

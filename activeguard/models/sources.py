@@ -12,10 +12,10 @@ Nothing here unpickles arbitrary objects: state dicts and checkpoints load with
 ``torch.load(weights_only=True)``, TorchScript and exported programs with their own readers. The
 only code that runs is the owner's own model file, as TorchServe runs it.
 
-The model id is sha256 over the state dict's tensors (:func:`activeguard.models.model_id`), the
+The model id is sha256 over the state dict's tensors (:func:`activeguard.models.architectures.model_id`), the
 same rule for every source, so a model keeps its id when it changes format.
 
-The input spec and the client's view of the network live in :mod:`activeguard.inputs`; a
+The input spec and the client's view of the network live in :mod:`activeguard.models.inputs`; a
 :class:`LoadedModel` carries both.
 """
 
@@ -36,8 +36,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from activeguard.inputs import ClientView, InputSpec, SourceError, SpecOverrides
-from activeguard.models import ARCHITECTURES, CHECKPOINT_FORMAT, arch_name, build_model, input_shape, model_id
+from activeguard.models.architectures import (
+    ARCHITECTURES,
+    CHECKPOINT_FORMAT,
+    arch_name,
+    build_model,
+    input_shape,
+    model_id,
+)
+from activeguard.models.inputs import ClientView, InputSpec, SourceError, SpecOverrides
 
 SPEC_FILE = "activeguard.json"  # the input spec inside a TorchScript or .pt2 archive ("extra file")
 TASKS = ("classification", "regression", "generation")
@@ -212,7 +219,7 @@ class CheckpointSource(ModelSource):
         return RawModel(network.eval(), spec, carried is not None, task, extras={"arch": arch, "metadata": metadata})
 
     def save(self, loaded: LoadedModel, path: Path, metadata: dict[str, Any]) -> None:
-        from activeguard.models import save_model
+        from activeguard.models.architectures import save_model
 
         save_model(loaded.network, path, {**metadata, "input_spec": loaded.spec.to_dict()})
 
@@ -467,7 +474,7 @@ def save_all_formats(
     network = network.eval()
     paths: dict[str, Path] = {}
     if type(network) in ARCHITECTURES.values():
-        from activeguard.models import save_model
+        from activeguard.models.architectures import save_model
 
         paths["checkpoint"] = directory / f"{stem}.pt"
         save_model(network, paths["checkpoint"], {"input_spec": spec.to_dict(), "arch": arch_name(network)})

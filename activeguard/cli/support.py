@@ -1,6 +1,6 @@
 """What every ``activeguard`` command group shares: exit codes, errors, output, common flags.
 
-The core CLI (:mod:`activeguard.cli`) and each plugin command group (``activeguard.commands``
+The core CLI (:mod:`activeguard.cli.app`) and each plugin command group (``activeguard.commands``
 entry points: audit, serving, gateway, license server, demo) import this module, never each
 other, so there is no import cycle and the core never imports a plugin.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from activeguard.data import Split
-    from activeguard.sources import LoadedModel
+    from activeguard.models.data import Split
+    from activeguard.models.sources import LoadedModel
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
 PASSPHRASE_ENV = "ACTIVEGUARD_WM_PASSPHRASE"
@@ -136,9 +136,9 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help:
 
 
 def add_fo_space_arguments(p: argparse.ArgumentParser, must_match: str) -> None:
-    """The FO-space flags (resolved by :func:`activeguard.control.configured`); the archive and the
+    """The FO-space flags (resolved by :func:`activeguard.credentials.control.configured`); the archive and the
     license server must agree on them, which ``must_match`` tells the user."""
-    from activeguard.control import FO_SCHEMES, PAPER_CONFIDENCES
+    from activeguard.credentials.control import FO_SCHEMES, PAPER_CONFIDENCES
 
     p.add_argument(
         "--fo-scheme",
@@ -179,15 +179,15 @@ def add_spec_arguments(g: argparse._ActionsContainer) -> None:
 
 
 def spec_overrides(args: argparse.Namespace):
-    """The :class:`activeguard.inputs.SpecOverrides` that the input flags give (ValueError when malformed)."""
-    from activeguard import inputs
+    """The :class:`activeguard.models.inputs.SpecOverrides` that the input flags give (ValueError when malformed)."""
+    from activeguard.models import inputs
 
     return inputs.overrides_from_text(args.input_shape, args.input_range, args.normalize, args.outputs)
 
 
 def load_model_argument(args: argparse.Namespace, attr: str = "model"):
-    """The :class:`activeguard.sources.LoadedModel` the model flags name (errors are one line, exit 2)."""
-    from activeguard import sources
+    """The :class:`activeguard.models.sources.LoadedModel` the model flags name (errors are one line, exit 2)."""
+    from activeguard.models import sources
 
     options = sources.SourceOptions(
         args.model_file, args.model_class, spec_overrides(args), task=getattr(args, "task", None)
@@ -198,7 +198,7 @@ def load_model_argument(args: argparse.Namespace, attr: str = "model"):
 def model_data(name: str, loaded: LoadedModel, seed: int) -> Split:
     """``--data`` for this model: its row shape, its classes, and values in the client's input range
     (fingerprints and fine-tuning work on inputs exactly as clients send them)."""
-    from activeguard.data import load_data
+    from activeguard.models.data import load_data
 
     split = load_data(name, seed, shape=loaded.spec.shape, num_classes=loaded.num_classes)
     low, high = loaded.spec.bounds
@@ -213,7 +213,7 @@ def model_data(name: str, loaded: LoadedModel, seed: int) -> Split:
 
 
 def add_data_argument(p: argparse.ArgumentParser, default: str | None = None, note: str = "") -> None:
-    from activeguard.data import DATA_HELP
+    from activeguard.models.data import DATA_HELP
 
     p.add_argument(
         "--data",

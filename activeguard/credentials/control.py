@@ -1,5 +1,5 @@
 """The control layer (ActiveGuard §2.2, §2.4): admit an output only if it matches a fingerprinting
-output, FO = (t, c) with |p_max - c| < ε in the paper (or the ranked FO of :mod:`activeguard.fo_space`).
+output, FO = (t, c) with |p_max - c| < ε in the paper (or the ranked FO of :mod:`activeguard.credentials.fo_space`).
 
 Users are numbered from 0: class t's FO j belongs to user ``t * T + j`` with j counted from
 0, which is the paper's user ``i·T + j`` (j counted from 1) minus one.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from activeguard.fo_space import FO, ConfidenceGrid, FoSpace, RankedGrid, signed_default
+from activeguard.credentials.fo_space import FO, ConfidenceGrid, FoSpace, RankedGrid, signed_default
 
 PAPER_CONFIDENCES = (0.20, 0.30, 0.40)
 PAPER_EPSILON = 0.01
@@ -28,7 +28,7 @@ class ControlConfig:
     """K classes, the FO space's grids, tolerance ε and the policy for unauthorized outputs.
 
     ``runner_up_confidences`` empty: the paper's FO space (t, c) for c in ``confidences``;
-    otherwise the ranked space (t, c, r, q) of :mod:`activeguard.fo_space` (signed mode only).
+    otherwise the ranked space (t, c, r, q) of :mod:`activeguard.credentials.fo_space` (signed mode only).
     """
 
     num_classes: int = 10

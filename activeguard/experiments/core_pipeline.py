@@ -1,6 +1,6 @@
 """The core end-to-end run behind ``activeguard evaluate core`` (no servers: the library alone).
 
-On a workload (:mod:`activeguard.workloads`; default LeNet-5 on the bundled MNIST digits): train
+On a workload (:mod:`activeguard.models.workloads`; default LeNet-5 on the bundled MNIST digits): train
 (or load the cached) owner, embed the paper's watermark by fine-tuning, generate every user's
 fingerprints, measure the control layer (Table 1, Figure 2, false acceptance), attack the watermark
 (fine-tuning, the pruning sweep of Table 4), and write a report directory: report.json, report.md
@@ -18,13 +18,18 @@ from pathlib import Path
 
 import torch
 
-from activeguard import watermark as wm
-from activeguard import workloads
-from activeguard.attacks import fine_tune, prune_layer
-from activeguard.control import ControlConfig
-from activeguard.data import Split
-from activeguard.evaluation import authentication_table, control_accuracy, false_acceptance, signed_capacity
-from activeguard.models import accuracy, save_model
+from activeguard.credentials.control import ControlConfig
+from activeguard.experiments.attacks import fine_tune, prune_layer
+from activeguard.experiments.core_evaluation import (
+    authentication_table,
+    control_accuracy,
+    false_acceptance,
+    signed_capacity,
+)
+from activeguard.models import workloads
+from activeguard.models.architectures import accuracy, save_model
+from activeguard.models.data import Split
+from activeguard.watermark import digits as wm
 
 PRUNING_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

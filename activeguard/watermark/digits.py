@@ -12,8 +12,8 @@ therefore sit on large weights that survive magnitude pruning, while digits 0-2 
 pruning threshold (the paper's wm2 vs. wm1 observation).
 
 Any 4-D conv weight can carry the mark; the default is the one with the most parameters
-(:func:`activeguard.sources.default_watermark_layer`, ``conv2.weight`` for LeNet-5). Every function
-here takes either a plain network or a :class:`activeguard.inputs.ClientView` (what
+(:func:`activeguard.models.sources.default_watermark_layer`, ``conv2.weight`` for LeNet-5). Every function
+here takes either a plain network or a :class:`activeguard.models.inputs.ClientView` (what
 ``sources.load`` returns as ``.model``): weights are looked up on the owner's own network
 (``network_of``), so layer names are the owner's (``layer1.0.conv1.weight``) whatever the source,
 while training runs through the view (the client's inputs, normalization included).
@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from activeguard.alignment import align_layer, aligned_weight
-from activeguard.inputs import network_of
-from activeguard.models import train
-from activeguard.sources import default_watermark_layer
+from activeguard.models.architectures import train
+from activeguard.models.inputs import network_of
+from activeguard.models.sources import default_watermark_layer
+from activeguard.watermark.alignment import align_layer, aligned_weight
 
 WM1: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 1, 0)
 WM2: tuple[int, ...] = (3, 8, 7, 6, 8, 7, 6, 9, 9, 4, 8, 6, 5)
@@ -322,7 +322,7 @@ def extract(
     """round(map(v)) at the key's positions; values outside 0-9 are kept (see module docstring).
 
     With ``reference`` (the owner's original model) and ``probes`` (inputs both accept), the
-    suspect's channels are aligned to the owner's first (:mod:`activeguard.alignment`)."""
+    suspect's channels are aligned to the owner's first (:mod:`activeguard.watermark.alignment`)."""
     return _extract(model, key, reference, probes)[0]
 
 

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from activeguard.attacks import (
+from activeguard.audit.cache import _hash, _tensor_digest, cached
+from activeguard.experiments.attacks import (
     fine_tune,
     fine_tune_last_layer,
     global_prune,
@@ -38,9 +39,8 @@ from activeguard.attacks import (
     quantize_int8,
     retrain_last_layer,
 )
-from activeguard.audit.cache import _hash, _tensor_digest, cached
-from activeguard.audit.suspects import PRUNING_RATES, ZooMember
-from activeguard.models import FCGenerator, MLPRegressor, model_id, predict, train, train_wgan_generator
+from activeguard.experiments.suspects import PRUNING_RATES, ZooMember
+from activeguard.models.architectures import FCGenerator, MLPRegressor, model_id, predict, train, train_wgan_generator
 
 
 @dataclass
@@ -135,7 +135,7 @@ class RegressionScenario(_Scenario):
     other_archs = ((64, 64), (100, 100))
 
     def build(self, quick: bool, seed: int, cache_dir: str | Path | None) -> ScenarioRun:
-        from activeguard.data import load_randhie
+        from activeguard.models.data import load_randhie
 
         split = load_randhie(seed=seed)
         rows = 4000 if quick else len(split.x_train)
@@ -177,7 +177,7 @@ class GenerationScenario(_Scenario):
     other_archs = ((256, 512),)
 
     def build(self, quick: bool, seed: int, cache_dir: str | Path | None) -> ScenarioRun:
-        from activeguard.data import load_fashion_mnist
+        from activeguard.models.data import load_fashion_mnist
 
         images = load_fashion_mnist(seed=seed, limit=2000 if quick else None).x_train
         iterations = 200 if quick else 1000

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from activeguard.control import ControlConfig, decide
+from activeguard.credentials.control import ControlConfig, decide
 
 # Per-row step size: halved each time p_t crosses c, never below 1/64 of the start.
 _DECAY, _FLOOR = 0.5, 1 / 64

@@ -4,7 +4,7 @@
     activeguard audit METHOD --fingerprint owner.agfp --suspect PATH_OR_URL [--threshold T]
     activeguard audit watermark --model suspect.pt --key owner.agkey
 
-The owner's model is any source :mod:`activeguard.sources` loads (checkpoint, TorchScript,
+The owner's model is any source :mod:`activeguard.models.sources` loads (checkpoint, TorchScript,
 exported program, state dict + ``--model-file``); the fingerprint file records its input spec.
 A suspect is a local model file of any source (fed with its own spec, else the owner's) or a
 TorchServe-style endpoint (``http://host:8080/predictions/<name>``, see
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from activeguard.audit import base
-from activeguard.cli import add_owner_argument, cmd_watermark_verify
-from activeguard.cli_support import (
+from activeguard.cli.app import add_owner_argument, cmd_watermark_verify
+from activeguard.cli.support import (
     EXIT_NEGATIVE,
     EXIT_OK,
     UsageError,
@@ -41,7 +41,7 @@ from activeguard.cli_support import (
     progress_enabled,
     stage,
 )
-from activeguard.sources import TASKS
+from activeguard.models.sources import TASKS
 
 DEFAULT_DATA = "mnist"
 MODEL_HELP_TAIL = "checkpoint, TorchScript, exported program .pt2, or a state dict with --model-file"
@@ -186,8 +186,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _watermark(args: argparse.Namespace) -> dict:
     """The white-box check of ``audit all``: the suspect must be a local file."""
-    from activeguard import sources
-    from activeguard.cli import check_watermark
+    from activeguard.cli.app import check_watermark
+    from activeguard.models import sources
 
     if str(args.suspect).startswith(("http://", "https://")):
         return {"method": "watermark", "skipped": "the suspect is an endpoint: the watermark needs its weights"}
@@ -258,13 +258,13 @@ def _print_evaluation(args: argparse.Namespace, run: Callable[..., dict[str, Any
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from activeguard.audit.evaluate import run_audit_evaluation
+    from activeguard.experiments.audit_evaluation import run_audit_evaluation
 
     return _print_evaluation(args, run_audit_evaluation, "audit.md")
 
 
 def cmd_evaluate_tafa(args: argparse.Namespace) -> int:
-    from activeguard.audit.evaluate import run_tafa_evaluation
+    from activeguard.experiments.audit_evaluation import run_tafa_evaluation
 
     return _print_evaluation(args, run_tafa_evaluation, "tafa.md")
 

@@ -1,7 +1,7 @@
 """Paper-shaped evaluation of the black-box audits (IPGuard Tables 4, 5, 8; CEM ROC; TAFA ARUC per task).
 
 ``run_audit_evaluation(out_dir, quick, seed, workload=...)`` builds (or loads from the content-hash
-cache) the workload's owner and suspect zoo (:mod:`activeguard.workloads`: MNIST LeNet-5 by default,
+cache) the workload's owner and suspect zoo (:mod:`activeguard.models.workloads`: MNIST LeNet-5 by default,
 or the Fashion-MNIST ResNet), runs IPGuard, CEM and the TAFA reconstruction, and writes
 ``audit.json`` and ``audit.md`` into ``out_dir``; ``run_tafa_evaluation`` runs TAFA's scenario table
 alone (``tafa.json``, ``tafa.md``).  ARUC is computed, as in IPGuard, over the
@@ -23,7 +23,7 @@ import torch
 
 from activeguard.audit import base, conferrable, decisions, ipguard, metrics, tafa
 from activeguard.audit.cache import cached, default_cache_dir
-from activeguard.audit.suspects import (
+from activeguard.experiments.suspects import (
     ATTACK_KINDS,
     NEGATIVE_KINDS,
     SURROGATES,
@@ -31,9 +31,9 @@ from activeguard.audit.suspects import (
     as_callable,
     classifier_zoo,
 )
-from activeguard.models import accuracy
-from activeguard.workloads import DEFAULT_WORKLOAD, Workload
-from activeguard.workloads import get as get_workload
+from activeguard.models.architectures import accuracy
+from activeguard.models.workloads import DEFAULT_WORKLOAD, Workload
+from activeguard.models.workloads import get as get_workload
 
 POST_PROCESSING = {"FTLL", "FTAL", "RTLL", "RTAL", "WP", "FP", "noise"}
 
@@ -145,7 +145,7 @@ def _cem_fingerprint(c: _Classifiers, seed: int, n_points: int, cache_dir) -> co
     training row, 300 steps), in quick runs too: the thresholds are measured for the fingerprints
     `activeguard audit fingerprint cem` makes (a weaker quick ensemble made transferable rather than
     conferrable examples: 3 independent models scored up to 0.88)."""
-    from activeguard.models import model_id
+    from activeguard.models.architectures import model_id
 
     p = conferrable.CemParams(points=n_points)
     surr, refs = cached(
@@ -275,8 +275,8 @@ def _tafa_row(owner_model, zoo: list[ZooMember], n_points: int, seed: int, fp_kw
 
 
 def _tafa_table(c: _Classifiers, quick: bool, seed: int, n_points: int, cache_dir) -> dict[str, Any]:
-    """TAFA reconstruction on its paper's three scenarios (:mod:`activeguard.audit.tafa_scenarios`)."""
-    from activeguard.audit.tafa_scenarios import SCENARIOS
+    """TAFA reconstruction on its paper's three scenarios (:mod:`activeguard.experiments.tafa_scenarios`)."""
+    from activeguard.experiments.tafa_scenarios import SCENARIOS
 
     cls_zoo = [z for z in c.zoo if isinstance(z.model, torch.nn.Module)]  # forests have no scores to compare
     rows = {

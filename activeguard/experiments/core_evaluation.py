@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from activeguard.control import ControlConfig, apply_policy, decide
-from activeguard.fingerprints import FingerprintSet, authenticate, generate_fingerprints, natural_users
-from activeguard.models import predict
+from activeguard.credentials.control import ControlConfig, apply_policy, decide
+from activeguard.credentials.fingerprints import FingerprintSet, authenticate, generate_fingerprints, natural_users
+from activeguard.models.architectures import predict
 
 
 @dataclass

@@ -1,0 +1,3 @@
+"""Paper-shaped experiments: removal attacks, suspect zoos and the `evaluate` runs that
+measure the guard and the audits. Above audit and guard.
+"""

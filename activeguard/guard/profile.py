@@ -1,0 +1,102 @@
+"""The protection profile: what a packaged archive tells the handler about guarding its model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from activeguard.credentials.control import ControlConfig
+from activeguard.models.inputs import InputSpec, SpecOverrides
+from activeguard.models.sources import SOURCES, SourceOptions
+
+PROFILE_FORMAT = "activeguard-profile/1"
+PROFILE_FILE = "activeguard-profile.json"
+MODEL_CODE_FILE = "model.py"  # the eager convention's network code inside an archive (--model-file)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the archive tells the handler about protecting its model.
+
+    ``source``, ``input_spec`` and ``model_class`` say how to load the archived model exactly as it
+    was packaged (:mod:`activeguard.models.sources`); a profile written before they existed means a
+    project checkpoint whose input is ``input_shape`` in [0, 1].
+    """
+
+    model_id: str
+    input_shape: tuple[int, ...]
+    num_classes: int = 10
+    confidences: tuple[float, ...] = (0.2, 0.3, 0.4)
+    epsilon: float = 0.01
+    policy: str = "random"
+    paper_mode: bool = False
+    license_public_keys: dict[str, str] = field(default_factory=dict)  # key id -> PEM
+    gateway_public_key: str | None = None  # PEM
+    revocation_file: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_rows: int = 256
+    source: str = "checkpoint"
+    input_spec: dict[str, Any] | None = None  # InputSpec.to_dict()
+    model_class: str | None = None  # the network class in MODEL_CODE_FILE (eager convention only)
+    # The owner's own handler (a manifest ``handler`` entry: "their_handler.py" or a stock name such
+    # as "base_handler"), composed with ActiveGuard; None: ActiveGuard's JSON/.npy tensor handler.
+    owner_handler: str | None = None
+    # the ranked FO space's runner-up grid (activeguard.credentials.fo_space); empty: the paper's (t, c) space
+    runner_up_confidences: tuple[float, ...] = ()
+
+    def validated(self) -> Profile:
+        """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
+        _ = self.control  # building the ControlConfig raises ValueError on bad settings
+        if self.paper_mode and self.runner_up_confidences:
+            raise ValueError("paper mode keeps the paper's FO space: a bare output is the credential")
+        if self.source not in SOURCES:
+            raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too
+            raise ValueError(
+                f"profile input_shape {tuple(self.input_shape)} differs from its input spec's {self.spec.shape}"
+            )
+        return self
+
+    @property
+    def spec(self) -> InputSpec:
+        return (
+            InputSpec.from_dict(self.input_spec) if self.input_spec is not None else InputSpec(tuple(self.input_shape))
+        )
+
+    def source_options(self, model_dir: Path, model_file: str | None = None) -> SourceOptions:
+        """How to load the archived model as packaged: its own input spec, and its code for the eager
+        convention (``model_file``: the manifest's modelFile, when the owner's archive names one)."""
+        eager = self.source == "eager"
+        return SourceOptions(
+            model_dir / (model_file or MODEL_CODE_FILE) if eager else None,
+            self.model_class,
+            SpecOverrides.pinned(self.spec),
+        )
+
+    @property
+    def control(self) -> ControlConfig:
+        return ControlConfig(
+            self.num_classes, self.confidences, self.epsilon, self.policy, tuple(self.runner_up_confidences)
+        )
+
+    def to_json(self) -> str:
+        doc = dict(
+            self.__dict__,
+            format=PROFILE_FORMAT,
+            input_shape=list(self.input_shape),
+            confidences=list(self.confidences),
+            runner_up_confidences=list(self.runner_up_confidences),
+        )
+        return json.dumps(doc, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        doc = json.loads(text)
+        if doc.pop("format", None) != PROFILE_FORMAT:
+            raise ValueError(f"not an {PROFILE_FORMAT} document")
+        doc["input_shape"] = tuple(doc["input_shape"])
+        doc["confidences"] = tuple(doc["confidences"])
+        doc["runner_up_confidences"] = tuple(doc.get("runner_up_confidences", ()))
+        return cls(**doc).validated()

@@ -1,0 +1,3 @@
+"""The weight watermark: digits at secret positions of a weight, and the alignment that
+undoes a pirate's permutation and rescaling before it is read. Above models.
+"""
