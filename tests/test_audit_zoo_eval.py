@@ -89,7 +89,7 @@ def test_evaluation_report(report):
     assert "Table 4" in md and "Table 5" in md and "ROC AUC" in md and "TAFA" in md
     assert max(r["aruc"] for r in result["ipguard"].values()) >= 0.9
     # TAFA on its paper's three scenarios (issue 18): its calibrated statistic accuses no negative in any of
-    # them at the one threshold, flags every copy but a few (see README), and beats the output distance
+    # them at the one threshold, flags every copy but a few (see docs/results.md), and beats the output distance
     tasks = result["tafa"]["tasks"]
     assert [name.split(" ")[0] for name in tasks] == ["classification", "regression", "generation"]
     for name, task in tasks.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from activeguard.cli import build_parser  # the one place that names the CLI module
+from activeguard.cli.app import build_parser  # the one place that names the CLI module
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -30,7 +30,7 @@ appendix and references survive.  This module is a reconstruction from its state
 
   All scores lie in [0, 1] (1 = behaves exactly like the owner), so IPGuard's ARUC applies.
 
-Why the kink statistic (ours; the evidence is in ``activeguard evaluate audit`` and the README).
+Why the kink statistic (ours; the evidence is in ``activeguard evaluate audit`` and docs/results.md).
 On the quick MNIST, diabetes and Fashion-MNIST zoos we measured, per point, output distance,
 bending, the shape of the bend profile along the probe line, the share of bending at the point,
 slope agreement, the jump vector's direction and size, and a kink's presence.  What separates
@@ -104,7 +104,7 @@ from activeguard.audit.base import (
 from activeguard.models.inputs import ClientView, network_of
 
 STATISTICS = ("kink", "distance", "bending")
-# `evaluate audit`, ARUC per scenario (MNIST LeNet-5 / RAND HIE FCN / WGAN generator): see the README's
+# `evaluate audit`, ARUC per scenario (MNIST LeNet-5 / RAND HIE FCN / WGAN generator): see docs/results.md's
 # TAFA table; the kink statistic leads on every scenario and is the only one calibrated
 DEFAULT_STATISTIC = "kink"
 # grid spacing along each point's probe line, as a fraction of the input box's width (quick
