@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from activeguard.experiments import attacks
+from activeguard.models import attacks
 from activeguard.models.architectures import LeNet5, accuracy, train_lenet5
 from activeguard.models.data import load_mnist
 from activeguard.watermark import digits as wm

@@ -32,8 +32,7 @@ def verdict_table(audit: dict[str, Any]) -> list[str]:
         cells = []
         for m in METHODS:
             r = row[m]
-            evidence = r.get("evidence") or f"{r['score']:.2f} vs {r['threshold']:.2f}"
-            cells.append(f"{'COPY' if r['flagged'] else 'clear'} ({evidence})")
+            cells.append(f"{'COPY' if r['flagged'] else r['verdict']} ({r['evidence']})")
         lines.append(f"| {name} | {'yes' if row['derived_from_owner'] else 'no'} | " + " | ".join(cells) + " |")
     return lines
 
@@ -90,9 +89,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             *verdict_table(a),
             "",
-            f"Fingerprints: {a['points']} points per method, built in {a['fingerprint_seconds']} s "
-            f"(CEM examples reaching conferrability ≥ 0.85 on the training ensemble: "
-            f"{a['cem_passed_conferrability']}). TAFA here is our reconstruction, not the published algorithm.",
+            f"Fingerprints: {', '.join(f'{m} {n}' for m, n in a['points'].items())} points, each calibrated on {len(a['references'])} references "
+            f"(LeNet-5s trained afresh on the owner's data, {a['reference_seconds']} s); all built in "
+            f"{a['fingerprint_seconds']} s. A method accuses when the chance that an independent model scores as "
+            f"high is at most {a['alpha_per_method']:.2g} (α 1e-3 over the methods). TAFA here is our "
+            "reconstruction, not the published algorithm.",
             "",
         ]
     return "\n".join(lines)
@@ -132,22 +133,19 @@ def _plot_audit(audit: dict[str, Any], path: Path) -> None:
     suspects = list(audit["suspects"])
     fig, ax = plt.subplots(figsize=(8.5, 3.2))
     width = 0.8 / len(METHODS)
+    cap = 12.0
     for a, m in enumerate(METHODS):
         rows = [audit["suspects"][s][m] for s in suspects]
         xs = np.arange(len(suspects)) + a * width
-        ax.bar(xs, [r["score"] for r in rows], width=width, label=m)
-        marks = [(x, r["threshold"]) for x, r in zip(xs, rows) if "threshold" in r]
-        if marks:  # the method's decision threshold, drawn across its bar
-            ax.hlines(
-                [t for _, t in marks],
-                [x - width / 2 for x, _ in marks],
-                [x + width / 2 for x, _ in marks],
-                colors="black",
-                linewidth=1.5,
-                label="decision threshold" if a == len(METHODS) - 1 else None,
-            )
+        heights = [min(cap, -np.log10(max(r["chance_bound"], 10**-cap))) for r in rows]
+        ax.bar(xs, heights, width=width, label=m)
+    ax.axhline(-np.log10(audit["alpha_per_method"]), color="black", linewidth=1.5, label="accuses above (α per method)")
     ax.set_xticks(np.arange(len(suspects)) + 0.4 - width / 2, suspects)
-    ax.set(ylabel="score (1 = behaves like the owner's model)", ylim=(0, 1.05), title="Audit scores per suspect")
+    ax.set(
+        ylabel="−log10 chance bound",
+        ylim=(0, cap + 0.5),
+        title="How unlikely an independent model scores as high (each method against its null)",
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -38,9 +38,9 @@ from activeguard.audit import base as audit_base
 from activeguard.credentials import licenses
 from activeguard.credentials.control import ControlConfig
 from activeguard.credentials.header import encode_license_header
-from activeguard.experiments.attacks import fine_tune, global_prune
 from activeguard.guard.profile import Profile
 from activeguard.models.architectures import accuracy, predict, save_model, train_lenet5
+from activeguard.models.attacks import fine_tune, global_prune
 from activeguard.models.data import load_mnist
 from activeguard.watermark import digits as wm
 from activeguard_proto.v1.gateway_pb2 import PredictRequest
@@ -68,8 +68,9 @@ class DemoSize:
     train_epochs: int = 15
     embed_epochs: int = 15
     eval_images: int = 1000
-    audit_points: int = 100
+    audit_points: int | None = None  # fingerprint points per method; None: each method's default
     pirate_epochs: int = 5
+    references: int = 8  # models of the owner's architecture trained afresh: every audit's null
     # fingerprints the license server pre-generates for the model (its default for a dense FO space);
     # the quick run needs three users' worth, and a bigger pool fills on a background thread that
     # competes with the rest of the run for the CPU
@@ -78,7 +79,7 @@ class DemoSize:
     @classmethod
     def named(cls, quick: bool) -> DemoSize:
         if quick:
-            return cls(eval_images=300, audit_points=50, pirate_epochs=3, license_pool=20)
+            return cls(eval_images=300, audit_points=100, pirate_epochs=3, license_pool=20, references=6)
         return cls()
 
 
@@ -415,20 +416,23 @@ class Demo:
         }
 
     def audit(self) -> dict:
-        """The watermark and every registered black-box audit, on every suspect."""
+        """The watermark and every registered black-box audit, calibrated on references, on every suspect."""
+        from activeguard.audit import calibration
+        from activeguard.audit.fingerprinting import make_fingerprint
+        from activeguard.audit.references import positive_copies, trained_references
+
         p = self.size
         owner = audit_base.Owner(self.owner, tuple(self.split.input_shape), self.split.num_classes, "classification")
         methods = audit_base.methods()
+        alpha = calibration.DEFAULT_ALPHA / (len(methods) + 1)  # the watermark counts as a method too
         t0 = time.perf_counter()
-        fingerprints, described = {}, {}
+        references = trained_references(owner, self.split, p.references, seed=self.seed)
+        positives = positive_copies(owner, self.split, seed=self.seed)
+        reference_seconds = time.perf_counter() - t0
+        made = {}
         for name, method in methods.items():
-            # every value but the number of points is the method's default: the decision thresholds
-            # (decisions.py) were measured with fingerprints made that way
-            params = method.params_type(points=p.audit_points)
-            fingerprints[name] = method.generate(
-                owner, params, self.split if method.needs_data else None, seed=self.seed
-            )
-            described[name] = method.describe(fingerprints[name], params)
+            params = method.params_type() if p.audit_points is None else method.params_type(points=p.audit_points)
+            made[name] = make_fingerprint(method, owner, params, self.split, references, positives, seed=self.seed)
         fingerprint_seconds = time.perf_counter() - t0
         rows = {}
         for suspect, model in self.suspects.items():
@@ -437,23 +441,38 @@ class Demo:
                 "derived_from_owner": self.positive[suspect],
                 "watermark": {
                     "flagged": mark.success,
-                    "score": mark.matched / mark.total,
+                    "verdict": "copy" if mark.success else "not a copy",
+                    "chance_bound": mark.chance_probability,
                     "evidence": f"{mark.matched}/{mark.total} digits",
-                    "chance_probability": mark.chance_probability,
                 },
             }
             for name, method in methods.items():
-                score = method.score(fingerprints[name], model).value
+                fp = made[name]
+                score = method.score(fp.fingerprint, model)
+                judged = calibration.judge(score.statistics, fp.calibration, alpha)
                 rows[suspect][method.label] = {
-                    "flagged": bool(score >= method.threshold),
-                    "score": round(float(score), 4),
-                    "threshold": method.threshold,
+                    "flagged": judged.copy,
+                    "verdict": judged.verdict,
+                    "statistic": judged.statistic,
+                    "score": round(float(judged.score), 4),
+                    "chance_bound": judged.bound.value if judged.bound else 1.0,
+                    "null_largest": round(max(judged.null.scores), 4) if judged.null else None,
+                    "evidence": f"{judged.statistic} {judged.score:.2f}, bound {judged.bound.value:.1e}"
+                    if judged.bound
+                    else judged.reason,
                 }
         return {
             "suspects": rows,
+            "alpha_per_method": alpha,
+            "references": [r.description for r in references],
+            "reference_seconds": round(reference_seconds, 2),
             "fingerprint_seconds": round(fingerprint_seconds, 2),
-            "cem_passed_conferrability": described["cem"]["passed_threshold"],
-            "points": p.audit_points,
+            "calibration": {
+                name: {"statistic": m.calibration.statistic, "selections": m.calibration.selections}
+                for name, m in made.items()
+                if m.calibration is not None
+            },
+            "points": {name: len(m.fingerprint.points) for name, m in made.items()},
         }
 
 

@@ -3,7 +3,14 @@ permutations and positive scales, unmoved by pruning."""
 
 import torch
 
-from activeguard.watermark.alignment import ChannelMatch, LayerAlignment, aligned_weight, block_scales, match_channels
+from activeguard.watermark.alignment import (
+    ChannelMatch,
+    LayerAlignment,
+    aligned_weight,
+    block_scales,
+    channel_rows,
+    match_channels,
+)
 
 
 def test_match_channels_recovers_a_permutation_and_positive_scales():
@@ -13,7 +20,7 @@ def test_match_channels_recovers_a_permutation_and_positive_scales():
     scale = torch.rand(8, generator=g) * 1.5 + 0.5
     suspect = torch.empty_like(owner)
     suspect[:, order] = owner * scale.view(1, -1, 1, 1)  # suspect channel order[i] = scale[i] × owner channel i
-    match = match_channels(owner, suspect)
+    match = match_channels(channel_rows(owner, False), channel_rows(suspect, False))
     assert torch.equal(match.order, order)
     assert torch.allclose(match.scale, scale, rtol=1e-5)
     assert float(match.similarity.min()) > 0.9999

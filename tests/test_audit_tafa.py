@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from activeguard.audit import files, tafa
-from activeguard.experiments.attacks import fine_tune, global_prune
 from activeguard.experiments.suspects import as_callable
 from activeguard.models.architectures import (
     MLPClassifier,
@@ -17,6 +16,7 @@ from activeguard.models.architectures import (
     train_generator,
     train_regressor,
 )
+from activeguard.models.attacks import fine_tune, global_prune
 from activeguard.models.data import load_diabetes, load_fashion_mnist
 
 
@@ -90,8 +90,9 @@ def test_classifier_gradient_path(lenet, mnist):
         seed=0,
     )
     assert fp.solver == "gradient"
-    assert fp.slopes is None and fp.slope_sharing > tafa.SLOPE_MAX_SHARING  # its slopes share a template
-    assert tafa.METHOD.note(fp).startswith("slope test off")
+    # its slopes share a template: they are stored (a calibration may choose them) but not in the plain score
+    assert fp.slopes is not None and fp.slope_sharing > tafa.SLOPE_MAX_SHARING
+    assert tafa.METHOD.note(fp).startswith("slope test not in the score")
     torch.manual_seed(5)
     other = train(MLPClassifier(), mnist.x_train[:1000], mnist.y_train[:1000], epochs=2, seed=5)
     positive = global_prune(lenet, 0.3)
@@ -159,7 +160,7 @@ def test_slopes_carry_a_deep_copy_whose_bends_moved():
     copied = fine_tune(owner, split.x_test[:1000], split.y_test[:1000], epochs=1, lr=0.01, seed=0).eval()
     fp = tafa.generate(owner, 60, (1, 28, 28), output="softmax", solver="gradient", bounds=spec.bounds, init="uniform")
     assert fp.slopes is not None and fp.slope_sharing <= tafa.SLOPE_MAX_SHARING  # shattered slopes
-    assert tafa.METHOD.note(fp).startswith("slope test on")
+    assert tafa.METHOD.note(fp).startswith("slope test in the score")
     wrap = lambda m: lambda x: torch.softmax(m(x), 1)  # noqa: E731
     found = tafa.kink_evidence(fp, wrap(copied))
     assert found.score == pytest.approx(1.0) and found.slope.p_value < found.bend_p_value

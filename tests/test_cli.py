@@ -79,8 +79,7 @@ def test_watermark_embed_and_verify_with_exit_codes(model_file, tmp_path, capsys
     assert code == 2 and "wrong passphrase" in err
     # a pirate permutes and rescales the watermarked filters (the outputs stay); with --owner the
     # suspect is aligned to the original first and verifies again, through `audit watermark` too
-    from activeguard.experiments import attacks
-    from activeguard.models import sources
+    from activeguard.models import attacks, sources
     from activeguard.models.inputs import network_of
 
     model = network_of(sources.load(marked).model)

@@ -102,6 +102,13 @@ def test_pirated_copies_flagged_and_independent_model_cleared(demo_run):
         else:
             assert not row["watermark"]["flagged"] and not any(row[m]["flagged"] for m in methods), name
     assert sum(row["derived_from_owner"] for row in suspects.values()) == 2
+    audit = report["steps"]["audit"]
+    assert set(audit["calibration"]) == {"ipguard", "cem", "tafa"} and len(audit["references"]) == 6  # calibrated
+    assert audit["alpha_per_method"] == pytest.approx(1e-3 / 4)
+    for row in suspects.values():  # a copy only at a chance bound at most alpha per method
+        for m in methods:
+            assert row[m]["flagged"] == (row[m]["verdict"] == "copy")
+            assert not row[m]["flagged"] or row[m]["chance_bound"] <= audit["alpha_per_method"]
 
 
 def test_no_process_left_running(demo_run):

@@ -42,8 +42,8 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block(self.stem(x)).flatten(1))
 '''
-CONV_LAYERS = ["stem.0.weight", "block.0.weight", "block.4.weight"]
-DEFAULT_LAYER = "block.4.weight"  # 16x16x3x3: the most parameters
+CONV_LAYERS = ["stem.0.weight", "block.0.weight", "block.4.weight", "head.weight"]  # every weight of 2+ dims
+DEFAULT_LAYER = "block.4.weight"  # 16x16x3x3: the conv weight with the most parameters
 SPEC = inputs.InputSpec((1, 8, 8))
 FORMATS = ("torchscript", "export", "eager")
 NO_OVERRIDES = inputs.SpecOverrides()
@@ -128,7 +128,7 @@ def test_every_format_is_the_same_model_to_a_client(owner, loaded):
             assert model.source.name == fmt
             assert model.model_id == owner.model_id
             assert model.num_classes == 10 and model.spec.shape == (1, 8, 8)
-            assert [c.name for c in model.conv_layers()] == CONV_LAYERS
+            assert [c.name for c in model.watermark_layers()] == CONV_LAYERS
             assert sources.default_watermark_layer(model.network) == DEFAULT_LAYER
             torch.testing.assert_close(model.model(rows), expected, rtol=1e-4, atol=1e-4)
     assert [loaded[f].source.trainable for f in FORMATS] == [True, False, True]
@@ -151,7 +151,7 @@ def test_a_watermark_key_names_the_owners_layer_and_reads_the_same_on_every_form
     assert len({tuple(wm.extract(model.model, key)) for model in loaded.values()}) == 1
     stem_key = wm.generate_key(loaded["export"].model, [3, 1, 4], layer="stem.0.weight", experiment_seed=3)
     assert stem_key.layer == "stem.0.weight" and max(stem_key.positions) < 9  # a stem filter has 1x3x3 weights
-    with pytest.raises(ValueError, match="conv weights: stem.0.weight, block.0.weight, block.4.weight"):
+    with pytest.raises(ValueError, match="layer weights: stem.0.weight, block.0.weight, block.4.weight, head.weight"):
         wm.generate_key(loaded["torchscript"].model, wm.WM1, layer="conv2.weight")
 
 

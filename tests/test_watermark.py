@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from activeguard.experiments import attacks
-from activeguard.experiments.attacks import fine_tune, prune_layer
+from activeguard.models import attacks
 from activeguard.models.architectures import LeNet5, MLPClassifier, accuracy, train_lenet5
+from activeguard.models.attacks import fine_tune, prune_layer
 from activeguard.watermark import digits as wm
 
 # Measured: with λ = 0.01 and Adam lr 1e-3 the farthest position (digit 9 on a weight that
@@ -200,8 +200,9 @@ def test_invalid_inputs_raise_value_error():
         wm.generate_key(model, [])
     with pytest.raises(ValueError, match="only 150 positions"):
         wm.generate_key(model, [1] * 151)
-    with pytest.raises(ValueError, match="4-D conv weight"):
-        wm.generate_key(model, [1], layer="fc1.weight")
+    assert wm.generate_key(model, [1], layer="fc1.weight", experiment_seed=0).layer == "fc1.weight"  # a matrix can
+    with pytest.raises(ValueError, match="two or more dimensions"):
+        wm.generate_key(model, [1], layer="fc1.bias")
     with pytest.raises(ValueError, match="no parameter"):
         wm.generate_key(model, [1], layer="conv9.weight")
     with pytest.raises(ValueError, match="distinct"):

@@ -4,8 +4,9 @@ After QuRD (a fingerprint = query sampler + output representation + distance) an
 abstract class per role, one file per method, a registry): each method is an :class:`AuditMethod`
 in its own module (the science stays there) with a frozen parameters dataclass that is the single
 source of its defaults (the CLI builds its flags from it).  ``generate`` makes a fingerprint of the
-owner's model; ``score`` compares a suspect with it and returns a :class:`Score` in [0, 1].
-Decision thresholds stay in :mod:`activeguard.audit.decisions`, keyed by the registry name.
+owner's model; ``score`` compares a suspect with it and returns a :class:`Score` with every statistic
+the method measures. No method decides on its own: a verdict comes from the fingerprint's null
+(:mod:`activeguard.audit.calibration`).
 
 Adding a method: one module with an ``AuditMethod`` subclass, plus one line in :data:`_MODULES`.
 """
@@ -25,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from activeguard.audit import decisions
 from activeguard.audit.metrics import matching_rate
 
 if TYPE_CHECKING:
@@ -57,10 +57,16 @@ class Owner:
 
 @dataclasses.dataclass
 class Score:
-    """A suspect's score against a fingerprint: ``value`` in [0, 1] (1 = behaves as the owner)."""
+    """A suspect's score against a fingerprint: ``value`` in [0, 1] (1 = behaves as the owner).
+
+    ``statistics`` holds every statistic the method measured with the same queries, by name (the
+    method's :attr:`AuditMethod.scales` say which scale each is on); a calibrated fingerprint judges
+    the one its references chose (:mod:`activeguard.audit.calibration`).
+    """
 
     value: float
     evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+    statistics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def param(default: Any, help: str, **kwargs: Any) -> Any:
@@ -95,19 +101,9 @@ class AuditMethod(ABC, Generic[P, F]):
     data_note: ClassVar[str] = ""  # when the data is optional or what it is used for, for --data's help
     params_type: ClassVar[type[Params]]
     fingerprint_type: ClassVar[type]
-
-    @property
-    def threshold(self) -> float:
-        """The default decision threshold on the score (measured; see decisions.py)."""
-        return decisions.THRESHOLDS[self.name]
-
-    def threshold_for(self, fingerprint: F) -> float:
-        """The decision threshold for this fingerprint (a method whose variants differ overrides it)."""
-        return self.threshold
-
-    def threshold_help(self) -> str:
-        """The default threshold(s) as ``--help`` shows them."""
-        return f"{self.threshold:g}"
+    # every statistic ``score`` reports, with its scale ("rate" of the fingerprint's points, or a
+    # "chance" probability as −log10), in the order a calibration considers them
+    scales: ClassVar[dict[str, str]]
 
     @abstractmethod
     def generate(
@@ -125,8 +121,27 @@ class AuditMethod(ABC, Generic[P, F]):
     def score(self, fingerprint: F, suspect: Suspect, *, num_classes: int | None = None, **options: Any) -> Score:
         """Score a suspect (a callable inputs -> outputs) against the fingerprint."""
 
+    def candidates(self, params: P, calibrating: bool, has_data: bool = True) -> list[P]:
+        """The parameter sets to fingerprint with; a calibration keeps the one its references favour
+        (IPGuard compares variants and margins). Default: ``params`` alone."""
+        return [params]
+
+    def premise(self, owner: Owner) -> str:
+        """Why the method's premise does not hold for this owner ('' when it does): its verdicts are
+        then inconclusive, whatever the score."""
+        return ""
+
+    @staticmethod
+    def points(fingerprint: F) -> int:
+        """How many queries a rate statistic averages over (its sampling spread)."""
+        return len(fingerprint.points)  # type: ignore[attr-defined]
+
     def requires_data(self, params: P) -> bool:
         """Whether ``generate`` needs the owner's data with these parameters (IPGuard-R* starts from noise)."""
+        return self.needs_data
+
+    def uses_data(self, params: P) -> bool:
+        """Whether ``generate`` uses the owner's data when there is some (references train on it either way)."""
         return self.needs_data
 
     def describe(self, fingerprint: F, params: P) -> dict[str, Any]:
@@ -164,8 +179,9 @@ def error_reason(exc: BaseException) -> str:
     return lines[-1][:300] if lines else type(exc).__name__
 
 
-def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """Labels a suspect assigns to ``x``; raises a clear error on a wrong input shape or output size."""
+def suspect_outputs(suspect: Suspect, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """What a suspect answers for ``x``: score rows (n, classes) or labels (n,); raises a clear error on a
+    wrong input shape or output size."""
     if isinstance(suspect, nn.Module):
         suspect.eval()
     try:
@@ -174,13 +190,29 @@ def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = 
     except MODEL_ERRORS as exc:
         raise ValueError(f"suspect cannot take inputs of shape {tuple(x.shape[1:])}: {error_reason(exc)}") from exc
     out = torch.as_tensor(np.asarray(out.detach() if isinstance(out, torch.Tensor) else out))
-    if out.ndim == 2:
-        if num_classes is not None and out.shape[1] != num_classes:
-            raise ValueError(f"suspect has {out.shape[1]} outputs, the owner's model has {num_classes}")
-        out = out.argmax(1)
-    if out.ndim != 1 or len(out) != len(x):
+    if out.ndim == 2 and num_classes is not None and out.shape[1] != num_classes:
+        raise ValueError(f"suspect has {out.shape[1]} outputs, the owner's model has {num_classes}")
+    if out.ndim not in (1, 2) or len(out) != len(x):
         raise ValueError(f"suspect returned shape {tuple(out.shape)} for {len(x)} queries")
-    return out.long()
+    return out
+
+
+def suspect_labels(suspect: Suspect, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Labels a suspect assigns to ``x``; raises a clear error on a wrong input shape or output size."""
+    out = suspect_outputs(suspect, x, num_classes)
+    return (out.argmax(1) if out.ndim == 2 else out).long()
+
+
+def as_probabilities(out: torch.Tensor) -> torch.Tensor | None:
+    """Score rows as probability vectors (rows that already are, ≥ 0 and summing to 1, are kept; logits
+    get a softmax); None for labels, which carry no scores."""
+    out = torch.as_tensor(out)
+    if out.ndim != 2 or not out.is_floating_point():
+        return None
+    out = out.float()
+    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-3):
+        return out
+    return torch.softmax(out, 1)
 
 
 @functools.cache
@@ -239,14 +271,23 @@ def check_labelled_points(points: torch.Tensor, labels: torch.Tensor) -> None:
 class LabelMatching:
     """Output representation = top-1 label, distance = matching rate (shared by IPGuard and CEM).
 
-    The fingerprint needs ``points`` and the owner's ``labels`` on them.
+    The fingerprint needs ``points`` and the owner's ``labels`` on them. A suspect that answers scores
+    also gets the ``owner_probability`` statistic: the mean probability it gives the owner's label, which
+    a fine-tuned copy keeps high even where its top label flipped.
     """
 
+    scales: ClassVar[dict[str, str]] = {"matching": "rate", "owner_probability": "rate"}
+
     def score(self, fingerprint: Any, suspect: Suspect, *, num_classes: int | None = None, **options: Any) -> Score:
-        labels = suspect_labels(suspect, fingerprint.points, num_classes)
+        out = suspect_outputs(suspect, fingerprint.points, num_classes)
+        labels = (out.argmax(1) if out.ndim == 2 else out).long()
         value = matching_rate(fingerprint.labels.numpy(), labels.numpy())
         total = len(fingerprint.labels)
-        return Score(value, {"matched": int(round(value * total)), "total": total})
+        statistics = {"matching": value}
+        probs = as_probabilities(out)
+        if probs is not None:
+            statistics["owner_probability"] = float(probs[torch.arange(total), fingerprint.labels].mean())
+        return Score(value, {"matched": int(round(value * total)), "total": total}, statistics)
 
     def explain(self, score: Score) -> str:
         return f"{score.evidence['matched']}/{score.evidence['total']} fingerprint points give the owner's label"

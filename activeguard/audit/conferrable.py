@@ -21,18 +21,18 @@ Verification: CAEAcc = fraction of fingerprints where the suspect predicts the s
 compared with a decision threshold.
 
 The ensemble members have the owner's own architecture with fresh weights, as in the paper (every
-CIFAR-10 surrogate and reference is a ResNet20 like the source), whenever the owner is an eager
-module whose layers can be re-initialized.  Measured on the MNIST LeNet-5 (4 + 4 members, ε = 0.25,
-12 held-out judges): generic small-CNN/MLP members gave a ROC AUC of 0.79 for distilled surrogates
-against independent models; LeNet-5 members 1.0.  Owners that cannot be re-initialized (TorchScript,
-exported programs) fall back to generic members: a small CNN (adaptive pooling, any height and
-width) for image-like rows (C, H, W), alternating with an MLP, and MLPs for rows of any other shape;
-every generic member first maps the owner's input range to [0, 1].
+CIFAR-10 surrogate and reference is a ResNet20 like the source), for every model source
+(:mod:`activeguard.models.fresh`), so the same weights give the same fingerprint whatever file they
+come in.  Measured on the MNIST LeNet-5 (4 + 4 members, ε = 0.25, 12 held-out judges): generic
+small-CNN/MLP members gave a ROC AUC of 0.79 for distilled surrogates against independent models;
+LeNet-5 members 1.0.  A model that cannot be copied at all falls back to generic members: a small
+CNN (adaptive pooling, any height and width) for image-like rows (C, H, W), alternating with an
+MLP, and MLPs for rows of any other shape; every generic member first maps the owner's input range
+to [0, 1].
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -54,6 +54,7 @@ from activeguard.audit.base import (
     check_labelled_points,
     param,
 )
+from activeguard.models import fresh
 
 DECISION_THRESHOLD = decisions.CEM_THRESHOLD  # CAEAcc; see decisions.py
 CONFERRABILITY_THRESHOLD = 0.85
@@ -131,22 +132,12 @@ def ensemble_member(
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module | None:
-    """``model``'s architecture with new random weights, or None when it cannot be re-initialized
-    (TorchScript, exported programs, a layer with parameters but no ``reset_parameters``)."""
-    if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        return None
+    """``model``'s architecture with new random weights (every model source, see
+    :mod:`activeguard.models.fresh`), or None when it cannot be copied."""
     try:
-        fresh = copy.deepcopy(model)
-    except (TypeError, RuntimeError):
+        return fresh.fresh_copy(model, seed)
+    except fresh.FreshCopyError:
         return None
-    torch.manual_seed(seed)
-    for module in fresh.modules():
-        if next(module.parameters(recurse=False), None) is None:
-            continue
-        if not callable(getattr(module, "reset_parameters", None)):
-            return None
-        module.reset_parameters()
-    return fresh
 
 
 def train_ensemble(
@@ -319,6 +310,8 @@ class CemParams(Params):
 class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
     """Query sampler: conferrable examples of a local ensemble; representation and distance: :class:`LabelMatching`."""
 
+    scales = {"caeacc": "rate", "owner_probability": "rate"}
+
     name = "cem"
     title = "CEM (conferrable adversarial examples)"
     label = "CEM"
@@ -374,6 +367,7 @@ class Cem(LabelMatching, AuditMethod[CemParams, CemFingerprint]):
     ) -> Score:
         result = super().score(fingerprint, suspect, num_classes=num_classes)
         result.evidence["conferrable"] = fingerprint.passed
+        result.statistics = {"caeacc": result.statistics.pop("matching"), **result.statistics}
         return result
 
     def explain(self, score: Score) -> str:

@@ -3,15 +3,18 @@
 A fingerprint file is a ``torch.save`` of a plain dict, read back with
 ``torch.load(weights_only=True)`` (tensors and plain Python values only, no arbitrary unpickling)::
 
-    {"format": "activeguard-audit-fingerprint/1", "kind": <registered method name>,
-     "fields": {<every dataclass field of the fingerprint>}, "meta": {...}}
+    {"format": "activeguard-audit-fingerprint/2", "kind": <registered method name>,
+     "fields": {<every dataclass field of the fingerprint>}, "meta": {...},
+     "calibration": {<the null: see activeguard.audit.calibration.Calibration>} or None}
 
 The fields are taken from :func:`dataclasses.fields`, so a field added to or removed from a
 fingerprint class keeps working: unknown stored fields are ignored on load, and a field missing
 from an old file falls back to the class default (or the load fails with a message naming it).
 ``meta`` holds what the audit needs besides the fingerprint: the owner's model id and source
 (file, format), its input spec (shape, range, normalization, outputs: a suspect without its own
-spec is queried as the owner is), the number of classes, the task, how the fingerprint was made.
+spec is queried as the owner is), the number of classes, the task, how the fingerprint was made. ``calibration`` holds the null that
+verdicts are judged against; a file of format 1 (before calibration) loads as uncalibrated: it can
+still be scored, but never accuses.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Any
 import torch
 
 from activeguard.audit import base
+from activeguard.audit.calibration import Calibration
 from activeguard.models.inputs import InputSpec
 
-FORMAT = "activeguard-audit-fingerprint/1"
+FORMAT = "activeguard-audit-fingerprint/2"
+_UNCALIBRATED = "activeguard-audit-fingerprint/1"  # before calibrated verdicts: read as uncalibrated
 _LEGACY_IPGUARD = "activeguard-ipguard/1"  # written by ipguard.Fingerprint.save
 
 
@@ -39,6 +44,8 @@ class FingerprintFile:
     kind: str
     fingerprint: Any
     meta: dict[str, Any]
+    calibration: Calibration | None = None
+    format: str = FORMAT
 
     @property
     def input_spec(self) -> InputSpec | None:
@@ -76,15 +83,26 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where} holds a {type(value).__name__}, which a fingerprint file cannot store")
 
 
-def save(fingerprint: Any, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``fingerprint`` (of any registered method) and ``meta`` to ``path``."""
+def save(
+    fingerprint: Any, path: str | Path, meta: dict[str, Any] | None = None, calibration: Calibration | None = None
+) -> Path:
+    """Write ``fingerprint`` (of any registered method), ``meta`` and its ``calibration`` to ``path``."""
     kind = kind_of(fingerprint)
     fields = {
         f.name: _plain(getattr(fingerprint, f.name), f"field {f.name!r}") for f in dataclasses.fields(fingerprint)
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "kind": kind, "fields": fields, "meta": _plain(dict(meta or {}), "meta")}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "kind": kind,
+            "fields": fields,
+            "meta": _plain(dict(meta or {}), "meta"),
+            "calibration": None if calibration is None else _plain(calibration.to_plain(), "calibration"),
+        },
+        path,
+    )
     return path
 
 
@@ -103,9 +121,10 @@ def load(path: str | Path, kind: str | None = None) -> FingerprintFile:
         ) from exc
     except Exception as exc:  # a truncated zip and the like
         raise FingerprintFileError(f"{path} is not an ActiveGuard fingerprint file: {base.error_reason(exc)}") from exc
-    if isinstance(data, dict) and data.get("format") == _LEGACY_IPGUARD:
+    stored_format = data.get("format") if isinstance(data, dict) else None
+    if stored_format == _LEGACY_IPGUARD:
         stored, fields, meta = "ipguard", {k: data[k] for k in ("points", "labels", "k", "method") if k in data}, {}
-    elif isinstance(data, dict) and data.get("format") == FORMAT:
+    elif stored_format in (FORMAT, _UNCALIBRATED):
         stored, fields, meta = data.get("kind"), data.get("fields"), data.get("meta") or {}
         if stored not in base.names() or not isinstance(fields, dict):
             raise FingerprintFileError(f"{path} holds an unknown fingerprint kind {stored!r}")
@@ -133,4 +152,10 @@ def load(path: str | Path, kind: str | None = None) -> FingerprintFile:
         fingerprint = cls(**{k: v for k, v in fields.items() if k in names})
     except (ValueError, TypeError) as exc:
         raise FingerprintFileError(f"{path}: {exc}") from exc
-    return FingerprintFile(stored, fingerprint, dict(meta))
+    calibration = None
+    if stored_format == FORMAT and data.get("calibration") is not None:
+        try:
+            calibration = Calibration.from_plain(data["calibration"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise FingerprintFileError(f"{path}: its calibration is unreadable ({exc}): make it again") from exc
+    return FingerprintFile(stored, fingerprint, dict(meta), calibration, str(stored_format))

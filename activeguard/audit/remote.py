@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from activeguard.audit.base import MODEL_ERRORS, error_reason
+from activeguard.audit.base import MODEL_ERRORS, as_probabilities, error_reason
 from activeguard.models import inputs, sources
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -111,10 +111,15 @@ class LocalSuspect(Suspect):
         model_class: str | None = None,
         owner_spec: inputs.InputSpec | None = None,
         task: str | None = None,
+        overrides: inputs.SpecOverrides | None = None,
     ):
         super().__init__(str(path), batch_size)
         options = sources.SourceOptions(
-            Path(model_file) if model_file is not None else None, model_class, fallback=owner_spec, task=task
+            Path(model_file) if model_file is not None else None,
+            model_class,
+            overrides or inputs.SpecOverrides(),
+            fallback=owner_spec,
+            task=task,
         )
         try:
             self.loaded = sources.load(path, options)
@@ -268,6 +273,7 @@ def open_suspect(
     model_class: str | None = None,
     owner_spec: inputs.InputSpec | None = None,
     task: str | None = None,
+    overrides: inputs.SpecOverrides | None = None,
 ) -> Suspect:
     """A callable suspect from a model file or an ``http(s)://host:port/predictions/<name>`` URL.
 
@@ -275,7 +281,8 @@ def open_suspect(
     request (e.g. an ``Authorization`` header). A local file may be a state dict with its
     ``model_file`` (and ``model_class``); ``owner_spec`` is how to feed a file that does not say
     (the fingerprint's recorded spec), ``task`` what it does (the owner's: a regressor's suspect is not
-    probed as a classifier). Raises :class:`SuspectError` on bad input.
+    probed as a classifier), ``overrides`` what the command line says of the file's input. Raises
+    :class:`SuspectError` on bad input.
     """
     if is_url(path_or_url):
         if model_file is not None or model_class is not None:
@@ -290,19 +297,15 @@ def open_suspect(
         model_class=model_class,
         owner_spec=owner_spec,
         task=task,
+        overrides=overrides,
     )
 
 
 def probabilities(out: torch.Tensor, name: str = "suspect") -> torch.Tensor:
-    """Score rows as probability vectors: rows that already are (≥ 0, summing to 1) are kept, logits get a softmax.
-
-    Endpoints usually answer softmax probabilities and checkpoints give logits; comparing outputs
-    (TAFA) needs one scale. Labels alone cannot be compared: that raises :class:`SuspectError`.
-    """
-    out = torch.as_tensor(out)
-    if out.ndim != 2 or not out.is_floating_point():
+    """Score rows as probability vectors (:func:`activeguard.audit.base.as_probabilities`). Endpoints usually
+    answer softmax probabilities and checkpoints give logits; comparing outputs (TAFA) needs one scale.
+    Labels alone cannot be compared: that raises :class:`SuspectError`."""
+    probs = as_probabilities(out)
+    if probs is None:
         raise SuspectError(f"{name} answered labels only, but this audit compares score vectors")
-    out = out.float()
-    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-3):
-        return out
-    return torch.softmax(out, 1)
+    return probs

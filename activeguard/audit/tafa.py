@@ -461,8 +461,8 @@ class KinkEvidence:
     normal_cosines: torch.Tensor  # (n,) |cosine| of the suspect's boundary normal and the owner's (normal test)
     null_rate: float  # share of null windows that match
     bend_p_value: float  # P(at least this many matches | null rate), bend and normal tests
-    slope: SlopeEvidence | None  # the slope test (None: the owner's slopes share a template, or an old file)
-    p_value: float  # the smaller of the two tests' chance probabilities, times two (Bonferroni)
+    slope: SlopeEvidence | None  # the slope test (None: a file from before it)
+    p_value: float  # the uncalibrated score's chance: bends, or with shattered slopes twice the smaller (Bonferroni)
     score: float
 
     def summary(self) -> dict[str, Any]:
@@ -656,9 +656,68 @@ def kink_evidence(fp: TafaFingerprint, suspect: Callable) -> KinkEvidence:
     null_rate = (int(null.sum()) + 1) / (null.numel() + 2)  # Laplace: never a zero null rate
     bend_p = float(binom.sf(k - 1, n, null_rate))
     slope = slope_evidence(fp, suspect) if fp.slopes is not None and fp.slope_scale > 0 else None
-    p_value = bend_p if slope is None else min(1.0, 2 * min(bend_p, slope.p_value))
+    p_value = min(1.0, 2 * min(bend_p, slope.p_value)) if slope is not None and _slopes_gated(fp) else bend_p
     score = min(1.0, max(0.0, -math.log10(max(p_value, 1e-300)) / KINK_LOG10_SCALE))
     return KinkEvidence(match[:, 0], cos[:, 0], ratio[:, 0], normal_cos[:, 0], null_rate, bend_p, slope, p_value, score)
+
+
+PREMISE_PROBES = 64  # random lines on which the owner's piecewise linearity is measured
+PREMISE_SMOOTH_SHARE = 0.5  # beyond this share of bending probes that curve smoothly, the premise fails
+
+
+def smoothness(model: nn.Module, input_shape: tuple[int, ...], bounds, output: str, seed: int = 0) -> str:
+    """Why ``model`` is not piecewise linear along random lines ('' when it is, or no bend shows).
+
+    TAFA's bend, boundary-normal and slope tests assume ReLU-like pieces (ReLU, leaky ReLU, max-pooling,
+    hard limits). At each probe x, along a random unit direction d, the second difference
+    b(h) = f(x + hd) − 2f(x) + f(x − hd) is exactly 0 for a piecewise-linear f unless a boundary lies
+    within h, and then shrinks at most linearly with h (and vanishes once the boundary is out of reach);
+    for a smooth f it is f''(x)·h² at every probe: GELU, SiLU, tanh, sigmoid, and also ReLU networks
+    with a normalization computed per input (LayerNorm, GroupNorm), which divides by a smooth function
+    of the input. A probe *curves smoothly* when b(h)/b(h/2) and b(h/2)/b(h/4) are both near 4.
+    Measured in float64 where the model converts (h = 1e-3 of the box width), else in float32 with
+    h = 1e-2.
+    """
+    import copy
+
+    gen = torch.Generator().manual_seed(seed)
+    low, high = bounds
+    x = low + (high - low) * torch.rand((PREMISE_PROBES, *input_shape), generator=gen, dtype=torch.float64)
+    d = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    d = d / d.flatten(1).norm(dim=1).reshape(-1, *([1] * len(input_shape)))
+    try:
+        wide = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            wide(x[:2])
+        dtype, h, noise = torch.float64, 1e-3 * (high - low), 1e-12
+    except Exception:  # a program whose graph fixes float32
+        wide, dtype, h, noise = model, torch.float32, 1e-2 * (high - low), 1e-5
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = torch.as_tensor(wide(z.to(dtype))).to(dtype).reshape(len(z), -1)  # not _flat_out: keep float64
+        return out - out.mean(1, keepdim=True) if output == "softmax" else out  # a classifier's centred logits
+
+    mid = f(x)
+    second = []
+    for step in (h, h / 2, h / 4):
+        second.append((f(x + step * d) - 2 * mid + f(x - step * d)).norm(dim=1).double())
+    scale = mid.norm(dim=1).double() + 1e-12
+    bending = second[0] > noise * scale
+    if int(bending.sum()) < 8:
+        return ""
+    r1 = second[0] / second[1].clamp_min(1e-300)
+    r2 = second[1] / second[2].clamp_min(1e-300)
+    smooth = bending & (r1 > 3.0) & (r1 < 5.0) & (r2 > 3.0) & (r2 < 5.0)
+    share = float(smooth.sum()) / float(bending.sum())
+    if share <= PREMISE_SMOOTH_SHARE:
+        return ""
+    return (
+        f"the model is not piecewise linear: at {int(smooth.sum())} of {int(bending.sum())} bending probes its "
+        "second difference shrinks as h² (a smooth activation such as GELU, SiLU, tanh or sigmoid, or a "
+        "normalization per input such as LayerNorm or GroupNorm); TAFA's bend, normal and slope tests "
+        "assume ReLU-like pieces"
+    )
 
 
 def generate(
@@ -704,9 +763,7 @@ def generate(
         raise ValueError("the model does not bend measurably at any of its boundary points")
     slope_scale = SLOPE_SCALE_FRACTION * (bounds[1] - bounds[0])
     slopes = _slopes(f, points[bent], slope_scale, output)
-    sharing = _slope_sharing(slopes)
-    if sharing > SLOPE_MAX_SHARING:
-        slope_scale, slopes = 0.0, None
+    sharing = _slope_sharing(slopes)  # the uncalibrated score uses the slope test only where it is low
     return TafaFingerprint(
         points[bent],
         dirs[bent],
@@ -720,7 +777,7 @@ def generate(
         step,
         kinks[bent, 0].float(),
         sizes[bent, 0].float(),
-        None if slopes is None else slopes.float(),
+        slopes.float(),
         slope_scale,
         sharing,
     )
@@ -733,6 +790,15 @@ def verify(fp: TafaFingerprint, suspect: Callable[[torch.Tensor], Any], statisti
     if statistic == "kink":
         return _suspect_call(lambda: kink_evidence(fp, suspect), fp).score
     return _suspect_call(lambda: _scored(fp, suspect, statistic), fp)
+
+
+def _slopes_gated(fp: TafaFingerprint) -> bool:
+    """Whether the uncalibrated kink score includes the slope test (shattered slopes, SLOPE_MAX_SHARING)."""
+    return fp.slopes is not None and fp.slope_scale > 0 and fp.slope_sharing <= SLOPE_MAX_SHARING
+
+
+def _minus_log10(p: float) -> float:
+    return -math.log10(max(p, 1e-300))
 
 
 def _suspect_call(run: Callable, fp: TafaFingerprint):
@@ -788,6 +854,10 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
     needs_data = False
     params_type = TafaParams
     fingerprint_type = TafaFingerprint
+    # bends and slopes: −log10 of their binomial chance; distance and bending: means over the points.
+    # A calibration chooses among them by the references (the slope test's old gate, "shattered"
+    # slopes, accused independent GELU networks whose slopes the owner's shared at 0.85-0.89).
+    scales = {"bends": "chance", "slopes": "chance", "distance": "rate", "bending": "rate"}
 
     def generate(
         self,
@@ -812,6 +882,10 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
             init="uniform",
         )
 
+    def premise(self, owner: Owner) -> str:
+        output = "softmax" if owner.task == "classification" else "raw"
+        return smoothness(owner.model, owner.input_shape, owner.bounds, output)
+
     def score(
         self,
         fingerprint: TafaFingerprint,
@@ -828,27 +902,43 @@ class Tafa(AuditMethod[TafaParams, TafaFingerprint]):
         if fingerprint.output == "softmax":
             call = lambda x: probabilities(suspect(x), getattr(suspect, "name", "suspect"))  # noqa: E731
         evidence: dict[str, Any] = {"points": len(fingerprint.points), "statistic": statistic}
+        statistics = {
+            "distance": _suspect_call(lambda: _scored(fingerprint, call, "distance"), fingerprint),
+            "bending": _suspect_call(lambda: _scored(fingerprint, call, "bending"), fingerprint),
+        }
+        if fingerprint.kinks is None or fingerprint.kink_sizes is None or fingerprint.step <= 0:
+            if statistic == "kink":
+                raise ValueError(
+                    "this fingerprint predates the kink statistic: generate it again or use --statistic distance"
+                )
+            return Score(statistics[statistic], evidence, statistics)
+        found = _suspect_call(lambda: kink_evidence(fingerprint, call), fingerprint)
+        statistics["bends"] = _minus_log10(found.bend_p_value)
+        if found.slope is not None:
+            statistics["slopes"] = _minus_log10(found.slope.p_value)
         if statistic == "kink":
-            found = _suspect_call(lambda: kink_evidence(fingerprint, call), fingerprint)
-            return Score(found.score, {**evidence, **found.summary()})
-        return Score(verify(fingerprint, call, statistic), evidence)
+            return Score(found.score, {**evidence, **found.summary()}, statistics)
+        return Score(statistics[statistic], evidence, statistics)
 
     def describe(self, fingerprint: TafaFingerprint, params: TafaParams) -> dict[str, Any]:
         return {
             "output": fingerprint.output,
             "solver": fingerprint.solver,
-            "slope_test": fingerprint.slopes is not None,
+            "slope_test": _slopes_gated(fingerprint),
             "slope_sharing": round(fingerprint.slope_sharing, 3),
         }
 
     def note(self, fingerprint: TafaFingerprint) -> str:
-        """Whether the slope test came with the fingerprint, and why (see SLOPE_MAX_SHARING)."""
+        """Whether the uncalibrated score uses the slope test, and why (see SLOPE_MAX_SHARING)."""
         if math.isnan(fingerprint.slope_sharing):
             return ""
         shared = f"median cosine of its slopes at two points {fingerprint.slope_sharing:.2f}"
-        if fingerprint.slopes is not None:
-            return f"slope test on: the owner's slopes are shattered ({shared} ≤ {SLOPE_MAX_SHARING})"
-        return f"slope test off: the owner's slopes share a template ({shared} > {SLOPE_MAX_SHARING}); bends only"
+        if _slopes_gated(fingerprint):
+            return f"slope test in the score: the owner's slopes are shattered ({shared} ≤ {SLOPE_MAX_SHARING})"
+        return (
+            f"slope test not in the score: the owner's slopes share a template ({shared} > {SLOPE_MAX_SHARING}); "
+            "a calibration chooses among bends, slopes, distance and bending by its references"
+        )
 
     def explain(self, score: Score) -> str:
         e = score.evidence

@@ -12,6 +12,7 @@ references), as in the CEM paper.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from activeguard.audit import base, conferrable, decisions, ipguard, metrics, tafa
+from activeguard.audit import base, conferrable, ipguard, metrics, tafa
 from activeguard.audit.cache import cached, default_cache_dir
 from activeguard.experiments.suspects import (
     ATTACK_KINDS,
@@ -190,18 +191,58 @@ def _cem_table(
     }
 
 
-def _robustness(c: _Classifiers, columns: dict[str, tuple[float, list[float | None]]]) -> dict[str, Any]:
-    """Issue 15's table: rows = removal attacks and kinds of negative, columns = methods at their
-    decision thresholds (decisions.py) and the combined verdict (a copy when any method says so).
+def _calibrated_columns(c: _Classifiers, quick: bool, seed: int, cache_dir) -> dict[str, Any]:
+    """Every method as a user runs it: references trained by the tool from the workload's data, each
+    fingerprint made with its null, every zoo member judged at α over the three methods."""
+    from activeguard.audit import calibration
+    from activeguard.audit.fingerprinting import make_fingerprint
+    from activeguard.audit.references import DEFAULT_REFERENCES, positive_copies, trained_references
 
-    ``columns`` maps a column's label to (decision threshold, one score per zoo member; None where the
-    method cannot score that member, e.g. TAFA on a random forest).
-    """
-    thresholds = {label: threshold for label, (threshold, _) in columns.items()}
-    flags = {
-        label: [None if v is None else bool(v >= thresholds[label]) for v in scores]
-        for label, (_, scores) in columns.items()
-    }
+    owner = base.Owner(
+        c.owner,
+        tuple(c.data.input_shape),
+        c.data.num_classes,
+        "classification",
+        c.workload.input_spec(c.data).bounds,
+    )
+    references = trained_references(owner, c.data, DEFAULT_REFERENCES, seed=seed, cache_dir=cache_dir)
+    positives = positive_copies(owner, c.data, seed=seed)
+    methods = base.methods()
+    alpha = calibration.DEFAULT_ALPHA / len(methods)
+    columns: dict[str, Any] = {}
+    for method in methods.values():
+        params = method.params_type()
+        if quick:
+            params = dataclasses.replace(params, points=min(params.points, 100))
+        made = make_fingerprint(method, owner, params, c.data, references, positives, seed=seed)
+        verdicts, scores = [], []
+        for suspect in c.suspects:
+            try:
+                statistics = method.score(made.fingerprint, suspect, num_classes=owner.num_classes).statistics
+            except ValueError:  # TAFA compares score vectors: a random forest answers labels only
+                verdicts.append(None)
+                scores.append(None)
+                continue
+            judged = calibration.judge(statistics, made.calibration, alpha)
+            verdicts.append(judged.verdict)
+            scores.append(float(judged.score))
+        columns[method.label] = {
+            "verdicts": verdicts,
+            "scores": scores,
+            "statistic": made.calibration.statistic,
+            "selections": made.calibration.selections,
+            "params": {k: v for k, v in vars(made.params).items() if k != "points"},
+            "null_largest": max(made.calibration.null.scores) if made.calibration.null else None,
+        }
+    return {"columns": columns, "alpha_per_method": alpha, "references": [r.description for r in references]}
+
+
+def _robustness(c: _Classifiers, calibrated: dict[str, Any]) -> dict[str, Any]:
+    """Issue 15's table with calibrated verdicts: rows = removal attacks and kinds of negative, columns =
+    methods (a copy only at a chance bound ≤ α / 3 against the method's references) and the combined
+    verdict (a copy when any method says so, as ``audit all`` decides)."""
+    columns = calibrated["columns"]
+    flags = {label: [v == "copy" if v is not None else None for v in col["verdicts"]] for label, col in columns.items()}
     combined = [any(f[a] for f in flags.values() if f[a] is not None) for a in range(len(c.zoo))]
     rows = []
     for kind, title in {**ATTACK_KINDS, **NEGATIVE_KINDS}.items():
@@ -209,8 +250,8 @@ def _robustness(c: _Classifiers, columns: dict[str, tuple[float, list[float | No
         if not members:
             continue
         cells = {}
-        for label, (_, scores) in columns.items():
-            values = [scores[a] for a in members if scores[a] is not None]
+        for label, col in columns.items():
+            values = [col["scores"][a] for a in members if col["scores"][a] is not None]
             hits = sum(bool(flags[label][a]) for a in members)
             cells[label] = {"flagged": hits, "of": len(values), "scores": [min(values), max(values)] if values else []}
         cells["combined"] = {"flagged": sum(combined[a] for a in members), "of": len(members), "scores": []}
@@ -218,10 +259,14 @@ def _robustness(c: _Classifiers, columns: dict[str, tuple[float, list[float | No
     negatives = [a for a, z in enumerate(c.zoo) if not z.positive]
     positives = [a for a, z in enumerate(c.zoo) if z.positive]
     summary = {}
-    for label, (_, scores) in columns.items():
+    for label, col in columns.items():
+        scores = col["scores"]
         largest = max((a for a in negatives if scores[a] is not None), key=lambda a: scores[a])
         summary[label] = {
-            "threshold": thresholds[label],
+            "statistic": col["statistic"],
+            "selections": col["selections"],
+            "params": col["params"],
+            "null_largest": col["null_largest"],
             "false_accusations": sum(bool(flags[label][a]) for a in negatives),
             "largest_negative": scores[largest],
             "largest_negative_suspect": c.zoo[largest].name,
@@ -230,6 +275,8 @@ def _robustness(c: _Classifiers, columns: dict[str, tuple[float, list[float | No
     return {
         "rows": rows,
         "methods": summary,
+        "alpha_per_method": calibrated["alpha_per_method"],
+        "references": calibrated["references"],
         "negatives": len(negatives),
         "negative_architectures": sorted({_architecture(c.zoo[a].model) for a in negatives}),
         "combined_false_accusations": sum(combined[a] for a in negatives),
@@ -268,7 +315,6 @@ def _tafa_row(owner_model, zoo: list[ZooMember], n_points: int, seed: int, fp_kw
             "gap": metrics.gap(pos, neg),
             "smallest_positive": float(min(pos)),
             "largest_negative": float(max(neg)),
-            "false_accusations": int(sum(v >= decisions.TAFA_THRESHOLD for v in neg)),
             "scores": _by_kind(zoo, scores),
         }
     return row
@@ -382,8 +428,14 @@ def run_audit_evaluation(
     cache_dir: str | Path | None = "default",
     progress: bool = False,
     workload: str | Workload = DEFAULT_WORKLOAD,
+    families: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Build (or load) the zoos, run every table, write audit.json, audit.md and the plots."""
+    """Build (or load) the zoos, run every table, write audit.json, audit.md and the plots; ``families``
+    (default: two with ``quick``, every one without) adds :mod:`activeguard.experiments.family_evaluation`."""
+    if families is None:
+        from activeguard.experiments.families import FAMILIES, QUICK_FAMILIES
+
+        families = QUICK_FAMILIES if quick else tuple(FAMILIES)
     t_start = time.perf_counter()
     n_points = 50 if quick else 100
     c, out, cache_dir, result = _start(out_dir, quick, seed, cache_dir, progress, workload)
@@ -393,18 +445,13 @@ def run_audit_evaluation(
     cem_scores = _zoo_scores("cem", cem_fp, c.suspects)
     result["cem"] = _cem_table(c, cem_fp, cem_scores, result["ipguard"])
     result["tafa"] = _tafa_table(c, quick, seed, _tafa_points(quick), cache_dir)
-    tafa_scores = next(iter(result["tafa"]["tasks"].values()))["member_scores"]
-    default_k = str(ipguard.DEFAULT_K)
-    columns: dict[str, tuple[float, list[float | None]]] = {
-        f"IPGuard-{variant} (k={ipguard.DEFAULT_K:g})": (
-            decisions.IPGUARD_THRESHOLDS[variant],
-            result["ipguard"][variant]["scores_by_k"][default_k],
-        )
-        for variant in ipguard.METHODS
-    }
-    columns["CEM"] = (decisions.CEM_THRESHOLD, cem_scores)
-    columns["TAFA"] = (decisions.TAFA_THRESHOLD, [tafa_scores.get(z.name) for z in c.zoo])
-    result["robustness"] = _robustness(c, columns)
+    result["robustness"] = _robustness(c, _calibrated_columns(c, quick, seed, cache_dir))
+    if families:
+        from activeguard.experiments.families import FAMILIES
+        from activeguard.experiments.family_evaluation import evaluate_family, family_summary
+
+        found = [evaluate_family(FAMILIES[f], quick=quick, seed=seed, cache_dir=cache_dir) for f in families]
+        result["families"] = family_summary(found, quick, seed)
     result["seconds"] = time.perf_counter() - t_start
     result["plots"] = _plots(result, c.zoo, cem_scores, out)
     result["cem"]["scores"] = cem_scores
@@ -429,19 +476,19 @@ def _tafa_markdown(t: dict[str, Any]) -> list[str]:
     lines = [
         "## TAFA (reconstruction, not the published algorithm): ARUC per task and statistic",
         "",
-        f"Threshold {decisions.TAFA_THRESHOLD}; copies and negatives of each task, distilled surrogates left out.",
+        "Copies and negatives of each task, distilled surrogates left out. Scores only: verdicts are the robustness "
+        "table's, each calibrated on its references.",
         "",
         "| task | solver | points | seconds (no data) | statistic | ARUC | ROC AUC | smallest positive "
-        "| largest negative | false accusations |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| largest negative |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for task, row in t["tasks"].items():
         for stat in tafa.STATISTICS:
             v = row[stat]
             lines.append(
                 f"| {task} | {row['solver']} | {row['points']} | {row['seconds']:.1f} | {stat} | {v['aruc']:.3f} "
-                f"| {v['roc_auc']:.3f} | {v['smallest_positive']:.2f} | {v['largest_negative']:.2f} "
-                f"| {v['false_accusations']} |"
+                f"| {v['roc_auc']:.3f} | {v['smallest_positive']:.2f} | {v['largest_negative']:.2f} |"
             )
     return [
         *lines,
@@ -510,6 +557,10 @@ def _markdown(r: dict[str, Any]) -> str:
         *_tafa_markdown(r["tafa"]),
         *_robustness_markdown(r["robustness"]),
     ]
+    if "families" in r:
+        from activeguard.experiments.family_evaluation import family_markdown
+
+        lines += ["", family_markdown(r["families"]).replace("# Calibrated", "## Calibrated", 1)]
     return "\n".join(lines)
 
 
@@ -519,8 +570,10 @@ def _robustness_markdown(rob: dict[str, Any]) -> list[str]:
     lines = [
         "## Robustness: removal attacks and the negative set",
         "",
-        "Each cell: suspects flagged as copies / suspects (score range), at the method's decision threshold "
-        "(decisions.py). Combined: a copy when any method says so (`activeguard audit all`). "
+        "Each cell: suspects judged copies / suspects (range of the calibrated statistic). Every method is "
+        f"calibrated on {len(rob['references'])} references trained by the tool from the owner's data and accuses "
+        f"only at a chance bound ≤ {rob['alpha_per_method']:.2g} (α 1e-3 over the methods). Combined: a copy "
+        "when any method says so (`activeguard audit all`). "
         f"{rob['negatives']} negatives over {len(rob['negative_architectures'])} model families "
         f"({', '.join(rob['negative_architectures'])}). The weight watermark's column is "
         "`benchmarks/bench_watermark.py`'s table (this owner carries no watermark).",
@@ -538,12 +591,18 @@ def _robustness_markdown(rob: dict[str, Any]) -> list[str]:
             cells.append(text)
         title = row["title"] if row["positive"] else f"*{row['title']}*"
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | threshold | false accusations | largest negative score | distilled copies flagged |"]
-    lines.append("|---|---|---|---|---|")
+    lines += [
+        "",
+        "| method | calibrated statistic (variant) | references' largest | false accusations | largest negative "
+        "| distilled copies flagged |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
     for label, m in rob["methods"].items():
+        params = ", ".join(f"{k} {v}" for k, v in m["params"].items())
+        null = "–" if m["null_largest"] is None else f"{m['null_largest']:.3g}"
         lines.append(
-            f"| {label} | {m['threshold']:g} | {m['false_accusations']} | {m['largest_negative']:.2f} "
-            f"({m['largest_negative_suspect']}) | {m['distilled_flagged']} |"
+            f"| {label} | {m['statistic']} ({params}; among {m['selections']}) | {null} | {m['false_accusations']} "
+            f"| {m['largest_negative']:.3g} ({m['largest_negative_suspect']}) | {m['distilled_flagged']} |"
         )
     missed = ", ".join(rob["missed"]) or "none"
     lines += [

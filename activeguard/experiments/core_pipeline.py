@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from activeguard.credentials.control import ControlConfig
-from activeguard.experiments.attacks import fine_tune, prune_layer
 from activeguard.experiments.core_evaluation import (
     authentication_table,
     control_accuracy,
@@ -28,6 +27,7 @@ from activeguard.experiments.core_evaluation import (
 )
 from activeguard.models import workloads
 from activeguard.models.architectures import accuracy, save_model
+from activeguard.models.attacks import fine_tune, prune_layer
 from activeguard.models.data import Split
 from activeguard.watermark import digits as wm
 

@@ -1,7 +1,7 @@
 """Suspect zoos for the black-box audits (IPGuard §5.1.2).
 
 Positives are post-processed copies of the owner's model (the removal attacks of
-:mod:`activeguard.experiments.attacks`), negatives are independently trained models.  Zoos are cached by
+:mod:`activeguard.models.attacks`), negatives are independently trained models.  Zoos are cached by
 content hash (:mod:`activeguard.audit.cache`).
 """
 
@@ -22,7 +22,8 @@ from activeguard.audit.cache import (
     cached,
     default_cache_dir,
 )
-from activeguard.experiments.attacks import (
+from activeguard.models.architectures import predict
+from activeguard.models.attacks import (
     filter_prune,
     fine_tune,
     fine_tune_last_layer,
@@ -33,7 +34,6 @@ from activeguard.experiments.attacks import (
     rescale_channels,
     retrain_last_layer,
 )
-from activeguard.models.architectures import predict
 from activeguard.models.workloads import DEFAULT_WORKLOAD, Workload, WorkloadSize
 from activeguard.models.workloads import get as get_workload
 

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from activeguard.audit.cache import _hash, _tensor_digest, cached
-from activeguard.experiments.attacks import (
+from activeguard.experiments.suspects import PRUNING_RATES, ZooMember
+from activeguard.models.architectures import FCGenerator, MLPRegressor, model_id, predict, train, train_wgan_generator
+from activeguard.models.attacks import (
     fine_tune,
     fine_tune_last_layer,
     global_prune,
@@ -39,8 +41,6 @@ from activeguard.experiments.attacks import (
     quantize_int8,
     retrain_last_layer,
 )
-from activeguard.experiments.suspects import PRUNING_RATES, ZooMember
-from activeguard.models.architectures import FCGenerator, MLPRegressor, model_id, predict, train, train_wgan_generator
 
 
 @dataclass

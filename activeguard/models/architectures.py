@@ -278,8 +278,11 @@ def train(
     schedule: str = "constant",
     progress: bool = False,
     desc: str = "training",
+    stop_when: Callable[[nn.Module], bool] | None = None,
 ) -> nn.Module:
     """Seeded mini-batch training; ``regularizer`` adds a term (e.g. the watermark's Eq. 4).
+
+    ``stop_when`` is asked after each epoch (the model in eval mode) and ends training early when true.
 
     ``schedule="onecycle"`` warms the learning rate up to ``lr`` and anneals it to ~0 over the run:
     a BatchNorm ResNet reaches its accuracy in a few epochs that way, which matters on a CPU.
@@ -317,6 +320,9 @@ def train(
             if scheduler is not None:
                 scheduler.step()
             bar.update()
+        if stop_when is not None and stop_when(model.eval()):
+            break
+        model.train()
     bar.close()
     return model.eval()
 

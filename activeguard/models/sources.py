@@ -54,8 +54,9 @@ TASKS = ("classification", "regression", "generation")
 
 
 @dataclass(frozen=True)
-class ConvLayer:
-    """A 4-D conv weight a watermark can go into."""
+class WatermarkLayer:
+    """A weight a watermark can go into: a layer's ``weight`` of two or more dimensions (Linear,
+    Conv1d/2d/3d and the like)."""
 
     name: str
     shape: tuple[int, ...]
@@ -84,8 +85,8 @@ class LoadedModel:
     def network(self) -> nn.Module:
         return self.model.network
 
-    def conv_layers(self) -> list[ConvLayer]:
-        return conv_layers(self.network)
+    def watermark_layers(self) -> list[WatermarkLayer]:
+        return watermark_layers(self.network)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.network.parameters())
@@ -106,7 +107,7 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """What ``activeguard inspect`` reports."""
-        layers = self.conv_layers()
+        layers = self.watermark_layers()
         return {
             "path": str(self.path),
             "source": self.source.name,
@@ -118,21 +119,28 @@ class LoadedModel:
             "input": self.spec.to_dict(),
             "watermark_layers": [{"name": c.name, "shape": list(c.shape), "parameters": c.parameters} for c in layers],
             "default_watermark_layer": default_watermark_layer(self.network) if layers else None,
-            "can_embed_watermark": self.source.trainable,
+            "can_embed_watermark": self.source.trainable and bool(layers),
             **({"model_file": str(self.model_file), "model_class": self.model_class} if self.model_file else {}),
         }
 
 
-def conv_layers(network: nn.Module) -> list[ConvLayer]:
-    return [ConvLayer(name, tuple(p.shape)) for name, p in network.named_parameters() if p.dim() == 4]
+def watermark_layers(network: nn.Module) -> list[WatermarkLayer]:
+    """Every layer weight of two or more dimensions, in definition order (what ``watermark embed`` accepts)."""
+    return [
+        WatermarkLayer(name, tuple(p.shape))
+        for name, p in network.named_parameters()
+        if p.dim() >= 2 and name.rsplit(".", 1)[-1] == "weight"
+    ]
 
 
 def default_watermark_layer(network: nn.Module) -> str:
-    """The conv weight with the most parameters (the first such, in definition order)."""
-    layers = conv_layers(network)
+    """The convolution weight (three or more dimensions) with the most parameters, else the largest
+    matrix (a Linear layer's); the first such, in definition order."""
+    layers = watermark_layers(network)
     if not layers:
-        raise SourceError("the model has no conv layer (4-D weight) to carry a watermark")
-    return max(layers, key=lambda c: c.parameters).name
+        raise SourceError("the model has no layer weight of two or more dimensions to carry a watermark")
+    convs = [c for c in layers if len(c.shape) >= 3]
+    return max(convs or layers, key=lambda c: c.parameters).name
 
 
 # --- sources ------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Align a suspect's conv layer to the owner's before reading a weight watermark (DESIGN §4.3).
+"""Align a suspect's layer to the owner's before reading a weight watermark (DESIGN §4.3).
+
+Any layer whose weight has two or more dimensions: a convolution's channels are dimension 1 of its
+feature maps, a Linear layer's are the last dimension (its input may be a batch of rows or of
+sequences).
 
 Permuting a layer's filters (and the next layer's inputs to match) or rescaling each filter by a
 positive factor (and dividing the next layer's inputs by it) changes no output, yet moves or scales
@@ -62,13 +66,20 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
 
 
+def channel_rows(activations: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A layer's activations as (channels, everything else): channel dimension 1 for a convolution's
+    feature maps, the last one for a Linear layer's."""
+    moved = activations.movedim(-1 if channels_last else 1, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
 def match_channels(owner: torch.Tensor, suspect: torch.Tensor, extra: torch.Tensor | None = None) -> ChannelMatch:
-    """Match channels of two (N, C, ...) activation tensors of one layer (same C); ``extra`` (C, C)
-    is added to the activation cosines before the assignment (e.g. the filters' weight cosines)."""
-    if owner.shape[1] != suspect.shape[1]:
-        raise ValueError(f"the layers have {owner.shape[1]} and {suspect.shape[1]} channels")
-    a = owner.transpose(0, 1).reshape(owner.shape[1], -1).double()
-    b = suspect.transpose(0, 1).reshape(suspect.shape[1], -1).double()
+    """Match the channels of two (C, M) activation matrices of one layer (same C, one row per channel:
+    :func:`channel_rows`); ``extra`` (C, C) is added to the activation cosines before the assignment
+    (e.g. the filters' weight cosines)."""
+    if owner.shape[0] != suspect.shape[0]:
+        raise ValueError(f"the layers have {owner.shape[0]} and {suspect.shape[0]} channels")
+    a, b = owner.double(), suspect.double()
     cosine = _cosines(a, b)
     rows, cols = linear_sum_assignment(-(cosine if extra is None else cosine + extra.double()).numpy())
     order = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.int64)
@@ -108,10 +119,11 @@ def _feature_maps(model: nn.Module, layer: str, probes: torch.Tensor) -> tuple[t
 
 def align_layer(owner: nn.Module, suspect: nn.Module, layer: str, probes: torch.Tensor) -> LayerAlignment:
     """Match the suspect's input and output channels of ``layer`` to the owner's on ``probes``."""
-    owner_in, owner_out = _feature_maps(owner, layer, probes)
-    suspect_in, suspect_out = _feature_maps(suspect, layer, probes)
-    inputs = match_channels(owner_in, suspect_in)
     reference = _weight(owner, layer)
+    last = reference.dim() == 2  # a Linear layer: channels are the last dimension of its activations
+    owner_in, owner_out = (channel_rows(t, last) for t in _feature_maps(owner, layer, probes))
+    suspect_in, suspect_out = (channel_rows(t, last) for t in _feature_maps(suspect, layer, probes))
+    inputs = match_channels(owner_in, suspect_in)
     with torch.no_grad():
         # the suspect's filters with their inputs in the owner's order and scale, against the owner's
         filters = _weight(suspect, layer)[:, inputs.order] / inputs.scale.view((1, -1) + (1,) * (reference.dim() - 2))
@@ -129,8 +141,8 @@ def block_scales(suspect: torch.Tensor, owner: torch.Tensor, iterations: int = 5
     (i, c) weight blocks (both in the owner's channel order), over the weights the suspect still has
     (pruning zeroes weights, it does not rescale them); blocks whose ratio is not clearly positive do
     not vote, and a filter or input with no vote keeps factor 1."""
-    s = suspect.double().flatten(2)
-    o = owner.double().flatten(2) * (s != 0)  # a pruned (zeroed) weight says nothing about the scale
+    s = suspect.double().reshape(suspect.shape[0], suspect.shape[1], -1)
+    o = owner.double().reshape(owner.shape[0], owner.shape[1], -1) * (s != 0)  # a pruned weight says nothing
     energy = (o * o).sum(2)
     ratio = (s * o).sum(2) / energy.clamp_min(1e-30)
     votes = (ratio > 1e-3) & (energy > 1e-6 * energy.max())
@@ -145,7 +157,7 @@ def block_scales(suspect: torch.Tensor, owner: torch.Tensor, iterations: int = 5
 
 
 def aligned_weight(weight: torch.Tensor, alignment: LayerAlignment) -> torch.Tensor:
-    """The suspect's (out, in, kh, kw) weight read in the owner's frame (module docstring, step 4)."""
+    """The suspect's (out, in, ...) weight read in the owner's frame (module docstring, step 4)."""
     out, inp = alignment.outputs, alignment.inputs
     if weight.shape[0] != len(out.order) or weight.shape[1] != len(inp.order):
         raise ValueError(f"weight {tuple(weight.shape)} does not fit the alignment")

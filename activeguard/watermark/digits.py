@@ -1,8 +1,8 @@
-"""Digit watermark in conv weights for ownership verification (ActiveGuard §2.5, Eq. 4).
+"""Digit watermark in layer weights for ownership verification (ActiveGuard §2.5, Eq. 4).
 
 Fingerprints cannot tell the owner from an authorized user, so the owner also hides an n-digit
 watermark (digits 0-9) in the weights: n secret positions of one of the larger-norm output
-filters of a conv layer are pulled, during fine-tuning or training, towards values that a linear
+filters of a layer (a conv layer in the paper) are pulled, during fine-tuning or training, towards values that a linear
 map d = a·h + b turns into the digits (MSE regularizer λ·mean((d_k − map(v_k))²) added to the task
 loss). Extraction rounds map(v) at the same positions of a suspect model.
 
@@ -11,8 +11,10 @@ range is taken from the positive magnitudes, lo = median |W| and hi = max |W|. D
 therefore sit on large weights that survive magnitude pruning, while digits 0-2 sit near the
 pruning threshold (the paper's wm2 vs. wm1 observation).
 
-Any 4-D conv weight can carry the mark; the default is the one with the most parameters
-(:func:`activeguard.models.sources.default_watermark_layer`, ``conv2.weight`` for LeNet-5). Every function
+Any layer weight of two or more dimensions can carry the mark: a Linear layer's matrix, a Conv1d,
+Conv2d or Conv3d kernel (a "filter" is one output unit's row or kernel). The default is the conv weight
+with the most parameters, else the largest matrix (:func:`activeguard.models.sources.default_watermark_layer`,
+``conv2.weight`` for LeNet-5). Every function
 here takes either a plain network or a :class:`activeguard.models.inputs.ClientView` (what
 ``sources.load`` returns as ``.model``): weights are looked up on the owner's own network
 (``network_of``), so layer names are the owner's (``layer1.0.conv1.weight``) whatever the source,
@@ -48,7 +50,7 @@ from torch import nn
 
 from activeguard.models.architectures import train
 from activeguard.models.inputs import network_of
-from activeguard.models.sources import default_watermark_layer
+from activeguard.models.sources import default_watermark_layer, watermark_layers
 from activeguard.watermark.alignment import align_layer, aligned_weight
 
 WM1: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 1, 0)
@@ -176,21 +178,24 @@ def _check_digits(digits: Sequence[int]) -> list[int]:
     return out
 
 
-def _conv_weight(model: nn.Module, layer: str) -> torch.Tensor:
-    """The named 4-D weight of the owner's network (through a ClientView), as a live parameter."""
+def _layer_weight(model: nn.Module, layer: str) -> torch.Tensor:
+    """The named weight (two or more dimensions) of the owner's network (through a ClientView), as a
+    live parameter."""
     params = dict(network_of(model).named_parameters())
     if layer not in params:
-        conv = [n for n, p in params.items() if p.dim() == 4]
-        raise ValueError(f"model has no parameter {layer!r}; conv weights: {', '.join(conv) or 'none'}")
+        layers = [w.name for w in watermark_layers(network_of(model))]
+        raise ValueError(f"model has no parameter {layer!r}; layer weights: {', '.join(layers) or 'none'}")
     weight = params[layer]
-    if weight.dim() != 4:
-        raise ValueError(f"{layer!r} has shape {tuple(weight.shape)}; the watermark needs a 4-D conv weight")
+    if weight.dim() < 2:
+        raise ValueError(
+            f"{layer!r} has shape {tuple(weight.shape)}; the watermark needs a weight of two or more dimensions"
+        )
     return weight
 
 
 def _target_weights(model: nn.Module, key: WatermarkKey) -> torch.Tensor:
     """The watermarked weights v (differentiable); ValueError if the suspect's layer does not fit."""
-    weight = _conv_weight(model, key.layer)
+    weight = _layer_weight(model, key.layer)
     size = int(np.prod(weight.shape[1:]))
     if key.filter >= weight.shape[0] or max(key.positions) >= size:
         raise ValueError(
@@ -206,7 +211,7 @@ def _key_rng(experiment_seed: int | None = None) -> random.Random:
 
 
 def candidate_filters(weight: torch.Tensor) -> list[int]:
-    """Indices of the upper ``FILTER_CANDIDATE_FRACTION`` of a conv weight's filters by L2 norm."""
+    """Indices of the upper ``FILTER_CANDIDATE_FRACTION`` of a layer weight's filters (rows) by L2 norm."""
     norms = weight.detach().float().flatten(1).norm(dim=1)
     count = max(1, math.ceil(FILTER_CANDIDATE_FRACTION * len(norms)))
     return sorted(int(i) for i in norms.argsort(descending=True)[:count])
@@ -237,8 +242,8 @@ def generate_key(
 ) -> WatermarkKey:
     """Draw a large-norm filter and n positions, and map [median|W|, max|W|] → [0, 9].
 
-    ``layer`` names a conv weight of the owner's network; None takes the one with the most
-    parameters (``sources.default_watermark_layer``).
+    ``layer`` names a weight (two or more dimensions) of the owner's network; None takes
+    ``sources.default_watermark_layer``.
 
     Filter and positions come from the OS CSPRNG, so nobody can recompute them. Pass
     ``experiment_seed`` only for reproducible experiments: anyone who knows or guesses it can
@@ -248,7 +253,7 @@ def generate_key(
     if layer is None:
         layer = default_watermark_layer(network_of(model))
     with torch.no_grad():
-        weight = _conv_weight(model, layer).detach().float().cpu()
+        weight = _layer_weight(model, layer).detach().float().cpu()
         size = int(np.prod(weight.shape[1:]))
         if len(digits) > size:
             raise ValueError(f"{len(digits)} digits but a filter of {layer!r} has only {size} positions")
@@ -337,7 +342,7 @@ def _extract(
         raise ValueError("aligning to the owner's model needs probe inputs")
     _target_weights(model, key)  # the same shape checks (a clear error for another architecture)
     alignment = align_layer(reference, model, key.layer, probes)
-    weight = aligned_weight(_conv_weight(model, key.layer), alignment)
+    weight = aligned_weight(_layer_weight(model, key.layer), alignment)
     index = torch.tensor(key.positions, dtype=torch.long)
     values = key.map(weight[key.filter].reshape(-1)[index].double())
     similarity = float(alignment.outputs.similarity[key.filter])

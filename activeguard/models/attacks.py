@@ -1,13 +1,12 @@
 """Removal attacks a pirate applies to a stolen model (ActiveGuard §3.5, IPGuard §5.1.2).
 
 Every function returns a new model and leaves its input untouched, so one source model can
-spawn a whole zoo of suspects: the core evaluation's watermark robustness and the audits'
-suspect zoos both attack models with them.
+spawn a whole zoo of suspects. They sit with the models, below the audits, because an audit's
+calibration makes its own copies of the owner's model with them (the evaluations' zoos use them too).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from activeguard.models.architectures import train
+from activeguard.models.fresh import clone
 
 MAX_ACCURACY_DROP = 0.03  # IPGuard §5.1.2: stop pruning when accuracy drops by more than 3 points
 
@@ -32,7 +32,7 @@ def fine_tune(
 ) -> nn.Module:
     """Fine-tune all layers (SGD, momentum 0.9) on the attacker's data, without any regularizer."""
     return train(
-        copy.deepcopy(model),
+        clone(model),
         x,
         y,
         loss=loss,
@@ -62,7 +62,7 @@ def _check_rate(rate: float) -> None:
 def prune_layer(model: nn.Module, parameter: str, rate: float) -> nn.Module:
     """The paper's pruning attack: zero the ``rate`` fraction of smallest-|w| weights of one parameter."""
     _check_rate(rate)
-    pruned = copy.deepcopy(model)
+    pruned = clone(model)
     params = dict(pruned.named_parameters())
     if parameter not in params:
         raise ValueError(f"model has no parameter {parameter!r}; it has {', '.join(params)}")
@@ -74,8 +74,8 @@ def prune_layer(model: nn.Module, parameter: str, rate: float) -> nn.Module:
 def global_prune(model: nn.Module, rate: float) -> nn.Module:
     """Zero the ``rate`` fraction of smallest-|w| weights across all weight matrices and kernels."""
     _check_rate(rate)
-    pruned = copy.deepcopy(model)
-    weights = [p for name, p in pruned.named_parameters() if name.endswith("weight") and p.ndim > 1]
+    pruned = clone(model)
+    weights = [p for p in pruned.parameters() if p.ndim > 1]  # matrices and kernels (an RNN's weight_ih_l0 too)
     k = int(round(rate * sum(w.numel() for w in weights)))
     if k == 0:
         return pruned
@@ -113,7 +113,7 @@ def fine_tune_last_layer(
     model: nn.Module, x, y, *, epochs: int = 5, lr: float = 0.01, seed: int = 0, loss: str = "cross_entropy"
 ) -> nn.Module:
     """FTLL: fine-tune only the last layer."""
-    copy_ = copy.deepcopy(model)
+    copy_ = clone(model)
     parent, name = _last_linear(copy_)
     return _train_subset(
         copy_,
@@ -140,7 +140,7 @@ def retrain_last_layer(
     loss: str = "cross_entropy",
 ) -> nn.Module:
     """RTLL (``all_layers=False``) / RTAL (``True``): re-initialize the last layer, then retrain."""
-    copy_ = copy.deepcopy(model)
+    copy_ = clone(model)
     parent, name = _last_linear(copy_)
     old = getattr(parent, name)
     torch.manual_seed(seed)
@@ -153,7 +153,7 @@ def retrain_last_layer(
 def filter_prune(model: nn.Module, fraction: float) -> nn.Module:
     """Zero the ``fraction`` of each conv layer's filters with the smallest L1 norm (and their biases)."""
     _check_rate(fraction)
-    pruned = copy.deepcopy(model)
+    pruned = clone(model)
     for conv in (m for m in pruned.modules() if isinstance(m, nn.Conv2d)):
         n = int(round(fraction * conv.out_channels))
         if n == 0:
@@ -209,7 +209,7 @@ def _edit_channels(
     model: nn.Module, producer: str, consumer: str, order: torch.Tensor, scale: torch.Tensor
 ) -> nn.Module:
     """Producer channel i becomes ``scale[i]`` × old channel ``order[i]``; the consumer undoes both."""
-    edited = copy.deepcopy(model)
+    edited = clone(model)
     prod, cons, block = _producer_consumer(edited, producer, consumer)
     with torch.no_grad():
         view = (-1,) + (1,) * (prod.weight.dim() - 1)
@@ -247,10 +247,10 @@ def rescale_channels(
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Every weight tensor stored as int8 and read back: symmetric per-tensor scale max|W| / 127
     (what an int8 export keeps of the weights; biases stay float, as in int8 inference)."""
-    quantized = copy.deepcopy(model)
+    quantized = clone(model)
     with torch.no_grad():
-        for name, p in quantized.named_parameters():
-            if name.endswith("weight") and p.dim() > 1:
+        for p in quantized.parameters():
+            if p.dim() > 1:
                 scale = p.abs().max().clamp_min(1e-12) / 127.0
                 p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
     return quantized
