@@ -380,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Debian's dataset-fashion-mnist). The trained owner is cached under $ACTIVEGUARD_CACHE "
         "(default .activeguard-cache)/workloads in all four model sources",
     )
+    p.add_argument(
+        "--families",
+        default=None,
+        metavar="NAME,NAME",
+        help="audit, families: the model families to run (fmnist-conv1d, fmnist-gru, digits-mlp, "
+        "mnist-separable, mnist-tanh; 'none' for none; default: every one, two with --quick)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
 

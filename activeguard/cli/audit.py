@@ -71,6 +71,11 @@ def _owner_data(args: argparse.Namespace, loaded: Any, method: base.AuditMethod,
         if method.requires_data(params):
             raise UsageError(f"{args.kind} fingerprints with these settings need the owner's data: give --data")
         return None
+    if loaded.task == "generation":
+        raise UsageError(
+            "a generator's references cannot be trained here (that needs its own adversarial training): "
+            "give models of the same task with --reference instead of --data"
+        )
     if loaded.task == "classification" and loaded.num_classes is None:
         raise UsageError(f"{args.model} gives no class scores: it cannot be fingerprinted as a classifier")
     if method.requires_data(params) and loaded.task != "classification":
@@ -393,7 +398,15 @@ def cmd_all(args: argparse.Namespace) -> int:
 
 def _print_evaluation(args: argparse.Namespace, run: Callable[..., dict[str, Any]], report: str) -> int:
     """Run one ``activeguard evaluate`` suite and print its ``report`` file (or the result as JSON)."""
-    result = run(args.out, quick=args.quick, seed=args.seed, progress=progress_enabled(args), workload=args.workload)
+    families = None if args.families is None else tuple(f for f in args.families.split(",") if f and f != "none")
+    result = run(
+        args.out,
+        quick=args.quick,
+        seed=args.seed,
+        progress=progress_enabled(args),
+        workload=args.workload,
+        families=families,
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=float))
     else:

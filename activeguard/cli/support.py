@@ -200,7 +200,7 @@ def model_data(name: str, loaded: LoadedModel, seed: int) -> Split:
     (fingerprints and fine-tuning work on inputs exactly as clients send them)."""
     from activeguard.models.data import load_data
 
-    split = load_data(name, seed, shape=loaded.spec.shape, num_classes=loaded.num_classes)
+    split = load_data(name, seed, shape=loaded.spec.shape, num_classes=loaded.num_classes, task=loaded.task)
     low, high = loaded.spec.bounds
     seen_low = float(min(split.x_train.min(), split.x_test.min()))
     seen_high = float(max(split.x_train.max(), split.x_test.max()))

@@ -399,6 +399,7 @@ def run_tafa_evaluation(
     cache_dir: str | Path | None = "default",
     progress: bool = False,
     workload: str | Workload = DEFAULT_WORKLOAD,
+    families: tuple[str, ...] | None = None,  # not this suite's: accepted so every suite takes the same flags
 ) -> dict[str, Any]:
     """TAFA's scenario table alone, written to tafa.json and tafa.md: without IPGuard's margin sweep
     and CEM's ensemble of owner-architecture models, the costly parts on a large workload."""

@@ -228,11 +228,12 @@ def run_family_evaluation(
     quick: bool = False,
     seed: int = 0,
     progress: bool = False,
-    families: list[str] | None = None,
+    families: tuple[str, ...] | None = None,
+    cache_dir: Any = "default",
     **_: Any,
 ) -> dict[str, Any]:
     """Every family (or ``families``), written to ``families.json`` and ``families.md`` in ``out_dir``."""
-    names = families or list(FAMILIES)
+    names = list(FAMILIES) if families is None else list(families)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown families {', '.join(unknown)}; known: {', '.join(FAMILIES)}")

@@ -194,8 +194,9 @@ DATA_HELP = (
 )
 
 
-def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2) -> Split:
-    """An owner's own data: ``x`` rows and ``y`` integer labels, split by ``seed`` (no pickles are read)."""
+def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2, task: str = "classification") -> Split:
+    """An owner's own data: ``x`` rows and ``y`` integer labels (a regressor's: targets, one or more per
+    row), split by ``seed`` (no pickles are read)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -215,29 +216,38 @@ def load_npz(path: str | Path, seed: int = 0, test_fraction: float = 0.2) -> Spl
         raise ValueError(
             f"{path}: x must be numeric rows (N, ...) and y one label per row; got {x.shape} and {y.shape}"
         )
-    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))) or (y < 0).any():
-        raise ValueError(f"{path}: y must hold non-negative integer class labels")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: x holds NaN or infinite values")
+    if task == "regression":
+        if not np.issubdtype(y.dtype, np.number) or y.ndim > 2 or not np.isfinite(y).all():
+            raise ValueError(f"{path}: y must hold finite numeric targets, one row per x row")
+        return _split(path.stem, "regression", x, y.astype(np.float32), seed, test_fraction)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.round(y))) or (y < 0).any():
+        raise ValueError(f"{path}: y must hold non-negative integer class labels")
     return _split(path.stem, "classification", x, y.astype(np.int64), seed, test_fraction)
 
 
 def load_data(
-    name_or_path: str, seed: int = 0, *, shape: tuple[int, ...] | None = None, num_classes: int | None = None
+    name_or_path: str,
+    seed: int = 0,
+    *,
+    shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    task: str = "classification",
 ) -> Split:
-    """``--data``: a bundled dataset name or an .npz, checked against the model it is for."""
+    """``--data``: a bundled dataset name or an .npz, checked against the model (and its task) it is for."""
     if name_or_path.endswith(".npz") or Path(name_or_path).suffix == ".npz":
-        split = load_npz(name_or_path, seed)
+        split = load_npz(name_or_path, seed, task=task)
     else:
         split = load_dataset(name_or_path, seed)
-    if split.task != "classification":
-        raise ValueError(f"--data {name_or_path} is a {split.task} dataset; this command needs a classification one")
+    if split.task != task:
+        raise ValueError(f"--data {name_or_path} is a {split.task} dataset; this model needs a {task} one")
     if shape is not None and tuple(split.input_shape) != tuple(shape):
         raise ValueError(
             f"--data {name_or_path} has rows of shape {tuple(split.input_shape)}, but the model takes {tuple(shape)}"
         )
-    if num_classes is not None and split.num_classes > num_classes:
+    if task == "classification" and num_classes is not None and split.num_classes > num_classes:
         raise ValueError(
             f"--data {name_or_path} has labels up to {split.num_classes - 1}, but the model has {num_classes} classes"
         )
