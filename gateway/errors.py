@@ -32,6 +32,7 @@ HANDLER_REASON_CODES: dict[str, grpc.StatusCode] = {
     p.FO_MISMATCH: Code.PERMISSION_DENIED,
     p.MALFORMED_INPUT: Code.INVALID_ARGUMENT,
     p.INTERNAL_ERROR: Code.INTERNAL,
+    p.REVOCATION_LIST_STALE: Code.UNAVAILABLE,  # the handler holds no fresh revocation list: retry later
 }
 
 # TorchServe's codes that mean "this worker or frontend cannot answer now": retried once.

@@ -107,7 +107,8 @@ class Metrics:
 
 
 class RevocationSync:
-    """Polls ListRevocations with a cursor; keeps the last list when the server is unreachable."""
+    """Polls ListRevocations with a cursor; keeps the last list when the server is unreachable; writes the
+    server's signed list to ``revocation_file`` for the handlers on this host."""
 
     def __init__(self, config: GatewayConfig, metrics: Metrics):
         self.config, self.metrics = config, metrics
@@ -143,16 +144,24 @@ class RevocationSync:
             return
         if resp.revocations:
             self.revoked = self.revoked | {r.license_id for r in resp.revocations}
-            self._write_file()
         self.cursor = max(self.cursor, resp.cursor)
         self.last_ok = time.monotonic()
+        self._write_file()
 
     def _write_file(self) -> None:
+        """The license server's signed list, every sync, for the handlers on this host (they verify it, and
+        its fresh issue time keeps their staleness bounded by the poll interval)."""
         path = self.config.revocation_file
         if path is None:
             return
+        try:
+            text = self._client.revocation_list().text
+        except grpc.RpcError as err:
+            self.metrics.sync_errors.inc()
+            log.warning("signed revocation list not fetched (%s); the file keeps the last one", err.code().name)
+            return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{i}\n" for i in sorted(self.revoked)))
+        tmp.write_text(text)
         tmp.replace(path)  # atomic: the handler never reads half a file
 
     def staleness(self) -> float:

@@ -21,8 +21,17 @@ from activeguard.guard.guard import Guard
 from activeguard.guard.outcomes import INTERNAL_ERROR, Outcome, Request, Verdict
 from activeguard.guard.profile import PROFILE_FILE, Profile
 from activeguard.models import inputs, sources
-from handlers.composition import OwnerFrontEnd, attested_answer, owner_handler_class, owner_row, postprocess_all
+from handlers.composition import (
+    CREDENTIAL_FIELDS,
+    OwnerFrontEnd,
+    attested_answer,
+    body_credentials,
+    owner_handler_class,
+    owner_row,
+    postprocess_all,
+)
 from handlers.metrics import record_batch
+from handlers.revocations import ServerFetch
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +48,12 @@ def _request(row: dict, headers: dict[str, str]) -> Request:
     row = row if isinstance(row, dict) else {"body": row}
     lower = {str(k).lower(): v for k, v in (headers or {}).items()}
     body = row.get("data") if row.get("data") is not None else row.get("body")
-    license = lower[LICENSE_HEADER] if LICENSE_HEADER in lower else row.get("license")
+    _, inline = body_credentials(body)  # a license in a JSON body, under any handler
+    fields = {**inline, **{k: row[k] for k in CREDENTIAL_FIELDS if k in row}}
+    license = lower[LICENSE_HEADER] if LICENSE_HEADER in lower else fields.get("license")
     auth = lower.get("authorization")
-    session = auth[7:] if isinstance(auth, str) and auth.lower().startswith("bearer ") else row.get("session")
-    return Request(body=body, license=license, session=session, explain=row.get("explain"))
+    session = auth[7:] if isinstance(auth, str) and auth.lower().startswith("bearer ") else fields.get("session")
+    return Request(body=body, license=license, session=session, explain=fields.get("explain"))
 
 
 def _headers(context, i: int, rows: int) -> dict:
@@ -113,6 +124,11 @@ def load_archived(model_dir: Path, manifest: dict, profile: Profile) -> sources.
     return loaded
 
 
+def _fetch(profile: Profile) -> ServerFetch | None:
+    """The gRPC client for a profile that names its license server as the revocation source."""
+    return ServerFetch(profile.revocation_server, profile.model_id) if profile.revocation_server else None
+
+
 class ActiveGuardHandler(BaseHandler):
     """Replaces ``initialize`` (our archive holds a model of any source plus a protection profile)
     and ``handle`` (one guarded forward pass per batch); keeps BaseHandler's attributes.
@@ -132,8 +148,9 @@ class ActiveGuardHandler(BaseHandler):
         else:
             self.device = place(loaded.model, serving_device(properties.get("gpu_id")))
             self.map_location = self.device.type
-            self.guard = Guard(loaded.model, profile, device=self.device)
+            self.guard = Guard(loaded.model, profile, device=self.device, revocation_fetch=_fetch(profile))
             self.model, self.owner, self.front = self.guard.model, None, self.guard.front
+        self.guard.revocations.start()  # a background refresh: no request waits for the list
         self.initialized = True
         logger.info(
             "ActiveGuard ready: %s model %s on %s, handler %s, policy %s, paper mode %s",
@@ -151,7 +168,8 @@ class ActiveGuardHandler(BaseHandler):
         ones; a probe warns where the owner's inference answers otherwise than the profiled model."""
         self.owner = owner_handler_class(profile.owner_handler)()
         self.owner.initialize(context)
-        self.guard = Guard(None, profile, device="cpu")  # the owner's handler holds the one served copy
+        # the owner's handler holds the one served copy
+        self.guard = Guard(None, profile, device="cpu", revocation_fetch=_fetch(profile))
         self.front = OwnerFrontEnd(self.owner, profile.spec)
         self.device = self.front.device
         self.map_location = self.device.type
@@ -189,7 +207,7 @@ class ActiveGuardHandler(BaseHandler):
         for i, outcome in enumerate(answers):
             if outcome.status != 200:
                 context.set_response_status(outcome.status, outcome.reason, idx=i)
-        record_batch(context.metrics, answers, (time.perf_counter() - start) * 1000)
+        record_batch(context.metrics, answers, (time.perf_counter() - start) * 1000, self.guard.revocations.current())
         return [outcome.body if composed and outcome.status == 200 else json.dumps(outcome.body) for outcome in answers]
 
     def _answer(self, i: int, verdict: Verdict, value: Any, context) -> Outcome:

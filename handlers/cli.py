@@ -20,6 +20,7 @@ from activeguard.cli.support import (
 from activeguard.credentials.control import PAPER_EPSILON, POLICIES, configured
 from activeguard.credentials.licenses import key_id, load_public_key, public_key_pem
 from activeguard.guard.profile import Profile
+from activeguard.guard.revocation import STALE_POLICIES
 from handlers.packaging import classes_of, package_model, protect
 from handlers.server import ManagedTorchServe, Ports
 
@@ -61,6 +62,10 @@ def _profile(args: argparse.Namespace, loaded) -> Profile:
         license_public_keys=keys,
         gateway_public_key=_pem(args.gateway_key)[1] if args.gateway_key else None,
         revocation_file=str(Path(args.revocation_file).resolve()) if args.revocation_file else None,
+        revocation_server=args.revocation_server,
+        revocation_refresh_s=args.revocation_refresh_s,
+        revocation_max_age_s=args.revocation_max_age_s,
+        revocation_stale_policy=args.revocation_stale_policy,
         source=loaded.source.name,
         input_spec=loaded.spec.to_dict(),
         model_class=loaded.model_class,
@@ -161,7 +166,36 @@ def _add_protection_arguments(p: argparse.ArgumentParser) -> None:
         help="license server public key (repeat while keys rotate)",
     )
     p.add_argument("--gateway-key", metavar="PEM", help="gateway public key whose session tokens are trusted")
-    p.add_argument("--revocation-file", help="file of revoked license ids, re-read when it changes")
+    g = p.add_argument_group(
+        "revocation (enforced by TorchServe alone): a list signed by the license server, verified by the handler"
+    )
+    source = g.add_mutually_exclusive_group()
+    source.add_argument(
+        "--revocation-server",
+        metavar="HOST:PORT",
+        help="the license server's gRPC address: each worker fetches its signed revocation list every "
+        "--revocation-refresh-s seconds",
+    )
+    source.add_argument(
+        "--revocation-file",
+        metavar="FILE",
+        help="a signed revocation list file, checked on every batch: the one the gateway rewrites on every sync, "
+        "or one `activeguard license revocations --out FILE` exported (air-gapped deployments)",
+    )
+    g.add_argument("--revocation-refresh-s", type=float, default=5.0, help="seconds between fetches (default 5)")
+    g.add_argument(
+        "--revocation-max-age-s",
+        type=float,
+        default=300.0,
+        help="past this age of the newest list the handler holds, --revocation-stale-policy applies (default 300)",
+    )
+    g.add_argument(
+        "--revocation-stale-policy",
+        choices=STALE_POLICIES,
+        default="refuse",
+        help="refuse (default: fail closed, every licensed request is refused as revocation_list_stale until a "
+        "fresh list arrives) or serve (keep serving on the last list)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

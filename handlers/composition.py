@@ -30,7 +30,8 @@ from activeguard.guard.outcomes import EXPLANATION, InputError, Read, Request, V
 from activeguard.models.inputs import InputSpec, log_probabilities
 
 # Fields of a request that are ActiveGuard's, not the owner's: read, then removed from the row the
-# owner's preprocess sees (over gRPC they arrive in the same input map as the payload).
+# owner's preprocess sees (over gRPC they arrive in the same input map as the payload; over HTTP they
+# may sit in a JSON object body, which the owner's handler then gets without them).
 CREDENTIAL_FIELDS = ("license", "session", "explain")
 HANDLER_METHODS = ("initialize", "preprocess", "inference", "postprocess")
 
@@ -75,11 +76,39 @@ def owner_handler_class(handler: str) -> type:
     return classes[0]
 
 
+def body_credentials(body: Any) -> tuple[Any, dict[str, Any]]:
+    """(the body without ActiveGuard's credential fields, those fields) for a JSON object body: the
+    dict TorchServe decoded from an ``application/json`` request, or JSON bytes that hold an object.
+    Anything else is returned as it is, with no credentials."""
+    parsed = body
+    if isinstance(body, (bytes, bytearray, str)):
+        text = bytes(body).lstrip()[:1] if not isinstance(body, str) else body.lstrip()[:1].encode()
+        if text != b"{":
+            return body, {}
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            return body, {}
+    if not isinstance(parsed, dict) or not any(k in parsed for k in CREDENTIAL_FIELDS):
+        return body, {}
+    found = {k: parsed[k] for k in CREDENTIAL_FIELDS if k in parsed}
+    cleaned = {k: v for k, v in parsed.items() if k not in CREDENTIAL_FIELDS}
+    if isinstance(body, dict):
+        return cleaned, found
+    encoded = json.dumps(cleaned)
+    return (encoded if isinstance(body, str) else encoded.encode("utf-8")), found
+
+
 def owner_row(row: Any) -> Any:
-    """The request as the owner's handler would have received it unprotected: credentials removed."""
-    if isinstance(row, dict) and any(k in row for k in CREDENTIAL_FIELDS):
-        return {k: v for k, v in row.items() if k not in CREDENTIAL_FIELDS}
-    return row
+    """The request as the owner's handler would have received it unprotected: credentials removed from
+    the row (gRPC's input map) and from a JSON object body (HTTP)."""
+    if not isinstance(row, dict):
+        return row
+    cleaned = {k: v for k, v in row.items() if k not in CREDENTIAL_FIELDS}
+    for field in ("body", "data"):
+        if field in cleaned:
+            cleaned[field] = body_credentials(cleaned[field])[0]
+    return cleaned
 
 
 def postprocess_all(owner: Any, verdicts: list[Verdict]) -> dict[int, Any]:

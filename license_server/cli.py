@@ -374,6 +374,30 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_revocations(args) -> int:
+    """The server's signed revocation list, verified against its keys, written as a file that a handler
+    can read (and check) without reaching the server: for air-gapped or file-fed deployments."""
+    from activeguard.credentials.revocations import verify_revocations
+
+    with _client(args) as c:
+        msg = c.revocation_list(args.model_id or "")
+        listed = verify_revocations(msg.text, c.verification_keys())
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(msg.text)
+    tmp.replace(out)  # a reader never sees half a list
+    d = {
+        "file": str(out),
+        "version": listed.version,
+        "issued_at": listed.issued_at,
+        "model_id": listed.model_id,
+        "revoked": len(listed.revoked),
+    }
+    scope = f"model {listed.model_id[:16]}…" if listed.model_id else "every model"
+    _emit(args, d, f"wrote {out}: {len(listed.revoked)} revoked licenses of {scope}, version {listed.version}")
+    return 0
+
+
 def cmd_header(args) -> int:
     """The compact header value of a license file; offline, so a client script can call it."""
     from activeguard.credentials.header import encode_license_header
@@ -444,6 +468,18 @@ def add_license_commands(sub) -> None:
     p.add_argument("--model-id", default=None)
     _add_client(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "revocations",
+        help="export the server's signed revocation list to a file (for handlers that read a file)",
+        description="Writes the list signed with the license server's key; a handler packaged with "
+        "--revocation-file FILE checks the signature and refuses a list older than the one it holds. "
+        "Re-export it as often as your staleness bound asks (the handler's --revocation-max-age-s).",
+    )
+    p.add_argument("--model-id", default=None, help="only this model's revocations (default: every model's)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write it (replaced atomically)")
+    _add_client(p)
+    p.set_defaults(func=cmd_revocations)
 
     p = sub.add_parser(
         "header",

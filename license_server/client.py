@@ -187,6 +187,10 @@ class LicenseClient:
     def revocations(self, since: int = 0, model_id: str = "") -> license_pb2.ListRevocationsResponse:
         return self._rpc("ListRevocations", license_pb2.ListRevocationsRequest(since=since, model_id=model_id))
 
+    def revocation_list(self, model_id: str = "") -> license_pb2.SignedRevocationList:
+        """The signed revocation list (open: no admin token needed)."""
+        return self._rpc("GetRevocationList", license_pb2.GetRevocationListRequest(model_id=model_id))
+
     def verification_keys(self) -> dict:
         """{key_id: Ed25519PublicKey} for every key the server has signed with."""
         resp = self._rpc("GetVerificationKey", license_pb2.GetVerificationKeyRequest())

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from activeguard.credentials import licenses as lic
 from activeguard.credentials.fo_space import FO
+from activeguard.credentials.revocations import sign_revocations
 from license_server.checkpoints import fingerprint_from_bytes
 from license_server.config import ServerConfig
 from license_server.errors import ClientGone, Conflict, GenerationFailed, InvalidRequest, NotFound
@@ -259,6 +260,14 @@ class Issuer:
         check_text("model_id", model_id, limit=MAX_ID)
         rows = self.store.list_revocations(since, model_id, min(page_size or 1000, MAX_REVOCATION_PAGE))
         return rows, rows[-1].seq if rows else since
+
+    def revocation_list(self, model_id: str = "") -> tuple[str, int]:
+        """(the signed revocation list's text, its version): every license revoked (of ``model_id``, or
+        of all), signed with this server's license key (:mod:`activeguard.credentials.revocations`)."""
+        check_text("model_id", model_id, limit=MAX_ID)
+        version, revoked = self.store.revocation_snapshot(model_id)
+        self.metrics.revocation_version.set(version)
+        return sign_revocations(revoked, version, self.key, model_id=model_id), version
 
     def fo_of(self, r: LicenseRecord) -> FO:
         """A license's whole FO, from its model's FO space."""

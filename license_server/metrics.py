@@ -52,6 +52,11 @@ class Metrics:
             ["path"],
             registry=r,
         )
+        self.revocation_version = Gauge(
+            "activeguard_revocation_list_version",
+            "Version (last revocation sequence number) of the newest signed revocation list served",
+            registry=r,
+        )
         self.on_demand_batch = Histogram(
             "activeguard_on_demand_batch_size",
             "IssueLicense requests served by one on-demand optimization",

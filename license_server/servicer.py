@@ -181,6 +181,13 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
             "RevokeLicense", context, lambda: self._license(self.issuer.revoke(request.license_id, request.reason))
         )
 
+    def GetRevocationList(self, request, context):  # noqa: N802
+        def run() -> license_pb2.SignedRevocationList:
+            text, version = self.issuer.revocation_list(request.model_id)
+            return license_pb2.SignedRevocationList(text=text, version=version)
+
+        return self._errors.run("GetRevocationList", context, run)
+
     def ListRevocations(self, request, context):  # noqa: N802
         def run() -> license_pb2.ListRevocationsResponse:
             rows, cursor = self.issuer.revocations(request.since, request.model_id, request.page_size)

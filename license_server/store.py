@@ -633,6 +633,18 @@ class Store:
         with self.engine.connect() as conn:
             return [_record(RevocationRecord, r) for r in conn.execute(q.order_by(revocations.c.seq).limit(limit))]
 
+    @_guarded("reading the revocation list")
+    def revocation_snapshot(self, model_id: str = "") -> tuple[int, list[str]]:
+        """(version, revoked license ids): the last revocation sequence number over every model, and every
+        license revoked up to it (of ``model_id``, or of all). The version only grows, so a list with a
+        smaller one is older."""
+        with self.engine.connect() as conn:
+            version = conn.execute(select(func.max(revocations.c.seq))).scalar() or 0
+            q = select(revocations.c.license_id).where(revocations.c.seq <= version)
+            if model_id:
+                q = q.where(revocations.c.model_id == model_id)
+            return int(version), [r[0] for r in conn.execute(q)]
+
 
 class _WriteTxn:
     """``with store._write() as conn``: one transaction, serialized in-process on SQLite."""

@@ -22,6 +22,7 @@ from PIL import Image
 from activeguard.credentials import licenses
 from activeguard.credentials.control import ControlConfig
 from activeguard.credentials.fingerprints import generate_fingerprints
+from activeguard.credentials.revocations import sign_revocations
 from activeguard.experiments.core_evaluation import seed_images
 from activeguard.models import inputs, sources, workloads
 from activeguard.models.data import Split
@@ -83,6 +84,11 @@ class Licensing:
 
     def write_public_key(self, path: Path) -> Path:
         path.write_bytes(licenses.public_key_pem(self.key.public_key()))
+        return path
+
+    def write_revocations(self, path: Path, *license_ids: str, version: int = 0) -> Path:
+        """The license server's signed revocation list (nothing revoked, at version 0, by default)."""
+        path.write_text(sign_revocations(license_ids, version, self.key))
         return path
 
     def license(self, row: int, user: str) -> licenses.SignedLicense:

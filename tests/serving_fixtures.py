@@ -16,6 +16,7 @@ from activeguard.credentials import licenses
 from activeguard.credentials.control import ControlConfig
 from activeguard.credentials.fingerprints import generate_fingerprints
 from activeguard.credentials.header import encode_license_header
+from activeguard.credentials.revocations import sign_revocations
 from activeguard.experiments.core_evaluation import seed_images
 from activeguard.guard.profile import Profile
 from activeguard.models.architectures import save_model
@@ -34,6 +35,12 @@ class Deployment:
     revocation_file: Path
     fingerprints: torch.Tensor  # one per user in `users`
     users: list[int]
+    revocation_version: int = 0
+
+    def revoke(self, *license_ids: str) -> None:
+        """Write the license server's signed revocation list with these ids (a newer version each time)."""
+        self.revocation_version += 1
+        write_revocations(self.revocation_file, self.server_key, license_ids, self.revocation_version)
 
     def profile(self, **kw) -> Profile:
         pub = self.server_key.public_key()
@@ -75,16 +82,23 @@ def build(model: torch.nn.Module, x_seed: torch.Tensor, root: Path, users: list[
     mid = save_model(model, model_path)
     fps = generate_fingerprints(model, CONFIG, users, seed_images(x_seed, len(users), 3))
     assert fps.success.all()
-    return Deployment(
+    deployment = Deployment(
         root / "store",
         model_path,
         mid,
         Ed25519PrivateKey.generate(),
         Ed25519PrivateKey.generate(),
-        root / "revoked.txt",
+        root / "revocations.agrevocations",
         fps.inputs,
         users,
     )
+    write_revocations(deployment.revocation_file, deployment.server_key, (), 0)  # nothing revoked yet
+    return deployment
+
+
+def write_revocations(path: Path, key: Ed25519PrivateKey, license_ids, version: int) -> None:
+    """A signed revocation list, as the license server (or the gateway, for it) writes one."""
+    path.write_text(sign_revocations(license_ids, version, key))
 
 
 def header_value(license_text: str) -> str:

@@ -35,8 +35,7 @@ def stack(fashion_archive, tmp_path_factory):
     gateway_pub = root / "gateway.pub.pem"
     gateway_pub.write_bytes(licenses.public_key_pem(gateway_key.public_key()))
     license_pub = licensing.write_public_key(root / "license.pub.pem")
-    revoked = root / "revoked.txt"
-    revoked.write_text("")
+    revoked = licensing.write_revocations(root / "revocations.agrevocations")
     (store / "fashion.mar").write_bytes(fashion_archive["mar"].read_bytes())
     args = [
         "protect",

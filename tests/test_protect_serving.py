@@ -30,8 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def served(fashion_archive, tmp_path_factory):
     root, store = fashion_archive["root"], tmp_path_factory.mktemp("store")
     pub = fashion_archive["licensing"].write_public_key(root / "license.pub.pem")
-    revoked = root / "revoked.txt"
-    revoked.write_text("")
+    revoked = fashion_archive["licensing"].write_revocations(root / "revocations.agrevocations")
     common = ["--out-dir", str(store), "--license-key", str(pub), "--revocation-file", str(revoked)]
     common += ["--input-shape", "1,28,28"]  # plain TorchScript does not say what its input is
     (store / "fashion.mar").write_bytes(fashion_archive["mar"].read_bytes())
@@ -103,13 +102,13 @@ def test_a_revoked_license_is_refused_without_restart(served, fashion_archive):
     alice_id = alice.parsed().license_id
     headers = {"X-ActiveGuard-License": encode_license_header(alice.to_text())}
     assert http(ts, "strict", body, headers)[0] == 200
-    served["revoked"].write_text(alice_id + "\n")
+    licensing.write_revocations(served["revoked"], alice_id, version=1)
     try:
         status, answer = http(ts, "strict", body, headers)
         assert status == 403 and answer["reason"] == "revoked"
         assert http(ts, "strict", body, {"X-ActiveGuard-License": encode_license_header(bob.to_text())})[0] == 200
     finally:
-        served["revoked"].write_text("")
+        licensing.write_revocations(served["revoked"], version=2)
 
 
 def test_a_request_the_owners_handler_cannot_read_fails_alone(served, fashion_archive):

@@ -18,6 +18,7 @@ from activeguard.guard.guard import Guard
 from activeguard.guard.outcomes import Request
 from activeguard.guard.profile import Profile
 from activeguard.models.architectures import model_id
+from tests.serving_fixtures import write_revocations
 
 CONFIG = ControlConfig()
 
@@ -41,9 +42,16 @@ def make_profile(lenet, keys, tmp_path=None, **kw):
             licenses.key_id(server.public_key()): licenses.public_key_pem(server.public_key()).decode()
         },
         gateway_public_key=licenses.public_key_pem(gateway.public_key()).decode(),
-        revocation_file=str(tmp_path / "revoked.txt") if tmp_path else None,
+        revocation_file=str(revocations(tmp_path, server)) if tmp_path else None,
         **kw,
     )
+
+
+def revocations(tmp_path, key, *revoked: str, version: int = 0):
+    """The license server's signed revocation list in ``tmp_path``."""
+    path = tmp_path / "revocations.agrevocations"
+    write_revocations(path, key, revoked, version)
+    return path
 
 
 def license_text(lenet, keys, fps, row=0, validity=3600, mid=None):
@@ -123,7 +131,7 @@ def test_every_refusal_has_its_own_reason(lenet, mnist, keys, fps, tmp_path):
     # revocation is picked up from the file without a restart
     lic_id = json.loads(base64.b64decode(doc["payload"]))["license_id"]
     assert guard.handle([Request(x, license=good)])[0].reason == "authorized"
-    (tmp_path / "revoked.txt").write_text(lic_id + "\n")
+    revocations(tmp_path, keys[0], lic_id, version=1)
     assert guard.handle([Request(x, license=good)])[0].reason == "revoked"
 
 
@@ -229,7 +237,7 @@ def test_a_licenses_fingerprint_runs_once_but_expiry_and_revocation_are_checked_
     assert [first[0].reason, second[0].reason] == ["authorized", "authorized"]
     assert front.rows == [4, 3]  # the fingerprint's row joined the first pass only
     assert torch.allclose(first[0].outputs, second[0].outputs, atol=1e-5)
-    (tmp_path / "revoked.txt").write_text(licenses.SignedLicense.from_text(lic).parsed().license_id + "\n")
+    revocations(tmp_path, keys[0], licenses.SignedLicense.from_text(lic).parsed().license_id, version=1)
     assert guard.decide([Request(x, license=lic)], front)[0].reason == "revoked"
     short = license_text(lenet, keys, fps, row=1, validity=2)
     assert guard.decide([Request(x, license=short)], front)[0].reason == "authorized"

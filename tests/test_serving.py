@@ -93,12 +93,12 @@ def test_bad_licenses_are_refused_each_with_its_reason(server, deployment, mnist
     status, body = post(url(server, "strict"), x, {"X-ACTIVEGUARD-LICENSE": header_value(good)})
     assert status == 200 and "outputs" in body
     lic_id = json.loads(base64.b64decode(json.loads(good)["payload"]))["license_id"]
-    d.revocation_file.write_text(lic_id + "\n")
+    d.revoke(lic_id)
     try:
         status, body = post(url(server, "strict"), x, {"X-ActiveGuard-License": header_value(good)})
         assert (status, body["reason"]) == (403, "revoked")
     finally:
-        d.revocation_file.write_text("")
+        d.revoke()
 
 
 def test_paper_mode(server, deployment, mnist, lenet):

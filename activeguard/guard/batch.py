@@ -25,6 +25,7 @@ class Batch:
     """What the guard learns about each request of one batch, keyed by position."""
 
     revoked: frozenset[str]
+    stale: bool = False  # no fresh revocation list under the refuse policy: every credential is refused
     verdicts: dict[int, Verdict] = field(default_factory=dict)  # decided before the forward pass
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     auth_only: set[int] = field(default_factory=set)  # a credential check without input (the gateway's)

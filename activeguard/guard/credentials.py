@@ -104,7 +104,9 @@ class CredentialCheck:
         batch: Batch,
         front: FrontEnd,
     ) -> None:
-        if session is not None:  # a session was sent and a gateway key is trusted
+        if batch.stale and (session is not None or _present(request.license) or "license" in extras):
+            batch.denied[i] = o.REVOCATION_LIST_STALE
+        elif session is not None:  # a session was sent and a gateway key is trusted
             if isinstance(session, sessions.SessionError):
                 raise session
             batch.sessions[i] = sessions.admit_claims(session, model_id=self.profile.model_id, revoked=batch.revoked)

@@ -8,7 +8,7 @@ sequence of steps, each a collaborator with one job:
    :class:`~activeguard.guard.parsing.BodyParser`: JSON ``{"inputs": ...}`` or ``.npy`` bytes);
 2. **sort** each request by its credential (:class:`~activeguard.guard.credentials.CredentialCheck`:
    a gateway session, a signed license, or in paper mode a bare fingerprint) against the current
-   revocations (:class:`~activeguard.guard.revocation.RevocationFile`);
+   signed revocation list (:mod:`activeguard.guard.revocation`);
 3. **one forward pass** over every admitted input *and* every fingerprint to check
    (:class:`~activeguard.guard.batch.ModelPass`; a pass that fails splits into one per request);
 4. **decide**: a license is admitted only if its fingerprint's output decodes to the licensed user;
@@ -34,7 +34,7 @@ from activeguard.guard.outcomes import EXPLANATION, Outcome, Request, Verdict, i
 from activeguard.guard.parsing import BodyParser
 from activeguard.guard.policy import RefusalPolicy
 from activeguard.guard.profile import Profile
-from activeguard.guard.revocation import RevocationFile
+from activeguard.guard.revocation import Fetch, revocation_source
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +42,25 @@ logger = logging.getLogger(__name__)
 class Guard:
     """Decides a batch of requests against one model and its profile."""
 
-    def __init__(self, model: nn.Module | None, profile: Profile, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: nn.Module | None,
+        profile: Profile,
+        device: torch.device | str | None = None,
+        revocation_fetch: Fetch | None = None,
+    ):
         """``device`` is where the model runs (TorchServe's ``gpu_id``); requests are parsed on the
         CPU and moved there in one batch. Default: wherever the model's parameters already are.
-        ``model`` None: every decision goes through a front end that runs its own model (an owner's handler)."""
+        ``model`` None: every decision goes through a front end that runs its own model (an owner's handler).
+        ``revocation_fetch`` reads the signed revocation list from ``profile.revocation_server`` (the
+        handler's gRPC client; the library does not speak gRPC)."""
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device).eval() if model is not None else None
         self.profile = profile
         self.config = profile.control
         self.parser = BodyParser(profile.input_shape, profile.max_body_bytes, profile.max_rows)
         self.credentials = CredentialCheck(profile, self.parser)
-        self.revocations = RevocationFile(profile.revocation_file)
+        self.revocations = revocation_source(profile, self.credentials.license_keys, revocation_fetch)
         self.model_pass = ModelPass()
         self.policy = RefusalPolicy(self.config)
         self.front = FrontEnd(self.parser, self.model, self.device)
@@ -69,7 +77,8 @@ class Guard:
         guard's own (JSON/.npy tensors in the input spec, the model is a :class:`ClientView`).
         """
         front = front or self.front
-        batch = Batch(self.revocations.current())  # one look at the revocation list per batch
+        state = self.revocations.current()  # one look at the revocation list per batch
+        batch = Batch(state.revoked, state.stale)
         reads = front.read_all(requests)
         for i, request in enumerate(requests):
             try:

@@ -26,6 +26,7 @@ WRONG_MODEL = "wrong_model"
 FO_MISMATCH = "fo_mismatch"
 MALFORMED_INPUT = "malformed_input"
 INTERNAL_ERROR = "internal_error"
+REVOCATION_LIST_STALE = "revocation_list_stale"  # no fresh signed revocation list: credentials are refused
 BAD_SESSION = sessions.SessionError.reason
 EXPIRED_SESSION = sessions.ExpiredSession.reason
 
@@ -40,6 +41,7 @@ REFUSED_REASONS = (
     FO_MISMATCH,
     MALFORMED_INPUT,
     INTERNAL_ERROR,
+    REVOCATION_LIST_STALE,
     BAD_SESSION,
     EXPIRED_SESSION,
 )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from activeguard.credentials.control import ControlConfig
+from activeguard.guard.revocation import STALE_POLICIES
 from activeguard.models.inputs import InputSpec, SpecOverrides
 from activeguard.models.sources import SOURCES, SourceOptions
 
@@ -34,7 +35,11 @@ class Profile:
     paper_mode: bool = False
     license_public_keys: dict[str, str] = field(default_factory=dict)  # key id -> PEM
     gateway_public_key: str | None = None  # PEM
-    revocation_file: str | None = None
+    revocation_file: str | None = None  # a signed revocation list (activeguard.credentials.revocations)
+    revocation_server: str | None = None  # or the license server (host:port) to fetch it from
+    revocation_refresh_s: float = 5.0  # how often the list is fetched (the staleness bound when all is well)
+    revocation_max_age_s: float = 300.0  # past this age of the held list the stale policy applies
+    revocation_stale_policy: str = "refuse"  # "refuse" (fail closed) or "serve" (keep the last list)
     max_body_bytes: int = 4 * 1024 * 1024
     max_rows: int = 256
     source: str = "checkpoint"
@@ -51,6 +56,12 @@ class Profile:
         _ = self.control  # building the ControlConfig raises ValueError on bad settings
         if self.paper_mode and self.runner_up_confidences:
             raise ValueError("paper mode keeps the paper's FO space: a bare output is the credential")
+        if self.revocation_file and self.revocation_server:
+            raise ValueError("a profile takes its revocation list from a file or from a server, not both")
+        if self.revocation_stale_policy not in STALE_POLICIES:
+            raise ValueError(f"revocation_stale_policy must be one of {', '.join(STALE_POLICIES)}")
+        if not (self.revocation_refresh_s > 0 and self.revocation_max_age_s > 0):
+            raise ValueError("revocation_refresh_s and revocation_max_age_s must be positive")
         if self.source not in SOURCES:
             raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too

@@ -199,3 +199,17 @@ class GetVerificationKeyResponse(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[VerificationKey]
     def __init__(self, keys: _Optional[_Iterable[_Union[VerificationKey, _Mapping]]] = ...) -> None: ...
+
+class GetRevocationListRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class SignedRevocationList(_message.Message):
+    __slots__ = ("text", "version")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    version: int
+    def __init__(self, text: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,11 @@ class LicenseServiceStub:
                 request_serializer=activeguard_dot_v1_dot_license__pb2.GetVerificationKeyRequest.SerializeToString,
                 response_deserializer=activeguard_dot_v1_dot_license__pb2.GetVerificationKeyResponse.FromString,
                 _registered_method=True)
+        self.GetRevocationList = channel.unary_unary(
+                '/activeguard.v1.LicenseService/GetRevocationList',
+                request_serializer=activeguard_dot_v1_dot_license__pb2.GetRevocationListRequest.SerializeToString,
+                response_deserializer=activeguard_dot_v1_dot_license__pb2.SignedRevocationList.FromString,
+                _registered_method=True)
 
 
 class LicenseServiceServicer:
@@ -127,6 +132,15 @@ class LicenseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevocationList(self, request, context):
+        """Open. Every revoked license (of one model, or of all), signed with the server's license key, with a
+        version that never goes down: a handler verifies it without trusting the channel and keeps the
+        last list it verified when the server cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LicenseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +178,11 @@ def add_LicenseServiceServicer_to_server(servicer, server):
                     servicer.GetVerificationKey,
                     request_deserializer=activeguard_dot_v1_dot_license__pb2.GetVerificationKeyRequest.FromString,
                     response_serializer=activeguard_dot_v1_dot_license__pb2.GetVerificationKeyResponse.SerializeToString,
+            ),
+            'GetRevocationList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocationList,
+                    request_deserializer=activeguard_dot_v1_dot_license__pb2.GetRevocationListRequest.FromString,
+                    response_serializer=activeguard_dot_v1_dot_license__pb2.SignedRevocationList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +374,33 @@ class LicenseService:
             '/activeguard.v1.LicenseService/GetVerificationKey',
             activeguard_dot_v1_dot_license__pb2.GetVerificationKeyRequest.SerializeToString,
             activeguard_dot_v1_dot_license__pb2.GetVerificationKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevocationList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/activeguard.v1.LicenseService/GetRevocationList',
+            activeguard_dot_v1_dot_license__pb2.GetRevocationListRequest.SerializeToString,
+            activeguard_dot_v1_dot_license__pb2.SignedRevocationList.FromString,
             options,
             channel_credentials,
             insecure,
