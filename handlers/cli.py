@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import signal
 import sys
 import threading
@@ -66,6 +67,7 @@ def _profile(args: argparse.Namespace, loaded) -> Profile:
         revocation_refresh_s=args.revocation_refresh_s,
         revocation_max_age_s=args.revocation_max_age_s,
         revocation_stale_policy=args.revocation_stale_policy,
+        control_secret=secrets.token_hex(32),
         source=loaded.source.name,
         input_spec=loaded.spec.to_dict(),
         model_class=loaded.model_class,

@@ -27,7 +27,7 @@ import torch
 
 from activeguard.guard.front import FrontEnd
 from activeguard.guard.outcomes import EXPLANATION, InputError, Read, Request, Verdict
-from activeguard.models.inputs import InputSpec, log_probabilities
+from activeguard.models.inputs import InputSpec
 
 # Fields of a request that are ActiveGuard's, not the owner's: read, then removed from the row the
 # owner's preprocess sees (over gRPC they arrive in the same input map as the payload; over HTTP they
@@ -217,7 +217,3 @@ class OwnerFrontEnd(FrontEnd):
 
     def logits(self, raw: Any) -> torch.Tensor:
         return self.spec.logits(raw)
-
-    def fake(self, probabilities: torch.Tensor, like: Any) -> Any:
-        rows = probabilities if self.spec.outputs == "probabilities" else log_probabilities(probabilities)
-        return rows.to(device=like.device, dtype=like.dtype)

@@ -19,6 +19,7 @@ from activeguard.cli.support import (
     EXIT_NEGATIVE,
     EXIT_OK,
     EXIT_USAGE,
+    MODEL_HELP,
     PASSPHRASE_ENV,
     UsageError,
     add_common,
@@ -26,6 +27,7 @@ from activeguard.cli.support import (
     add_evaluation_suite,
     add_model_arguments,
     add_passphrase,
+    add_spec_arguments,
     emit,
     load_model_argument,
     model_data,
@@ -345,6 +347,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EVALUATION_SUITES[args.suite].run(args)
 
 
+def _evaluate_control_layer(args: argparse.Namespace) -> int:
+    from activeguard.experiments.control_layer import run_control_layer_evaluation
+
+    loaded = load_model_argument(args) if args.model is not None else None
+    data = model_data(args.data, loaded, args.seed) if loaded is not None and args.data else None
+    result = run_control_layer_evaluation(args.out, args.quick, args.seed, loaded=loaded, data=data)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(Path(args.out, "control_layer.md").read_text())
+    return EXIT_OK
+
+
 def _evaluate_core(args: argparse.Namespace) -> int:
     return _run_core(args, "ActiveGuard core evaluation (Tables 1-4 and Figure 2 analogs)")
 
@@ -359,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="paper-shaped evaluation tables")
     add_evaluation_suite("core", "ActiveGuard Tables 1-4 and Figure 2 analogs", _evaluate_core)
+    add_evaluation_suite(
+        "control-layer",
+        "how well a classifier on what clients see tells licensed from unlicensed answers (two_sample_auc)",
+        _evaluate_control_layer,
+    )
     suite = p.add_argument("suite", choices=EVALUATION_SUITES)  # the dict: plugins registered below count too
     p.add_argument(
         "--quick",
@@ -380,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Debian's dataset-fashion-mnist). The trained owner is cached under $ACTIVEGUARD_CACHE "
         "(default .activeguard-cache)/workloads in all four model sources",
     )
+    g = p.add_argument_group("control-layer: the model to measure (default: the bundled MNIST LeNet-5)")
+    g.add_argument("--model", type=Path, default=None, metavar="MODEL", help=MODEL_HELP)
+    g.add_argument("--model-file", type=Path, metavar="FILE.py", help="network code, for a state dict")
+    g.add_argument("--model-class", metavar="NAME", help="the network class in --model-file")
+    add_spec_arguments(g)
+    add_data_argument(g, note="control-layer: the inputs to send (default: the model's test rows, else noise)")
     p.add_argument(
         "--families",
         default=None,

@@ -14,7 +14,6 @@ from torch import nn
 
 from activeguard.guard.outcomes import Read, Request
 from activeguard.guard.parsing import BodyParser
-from activeguard.models.inputs import log_probabilities
 
 
 class FrontEnd:
@@ -53,6 +52,7 @@ class FrontEnd:
         """The model's raw answer as logits (the control layer decides on softmax of these)."""
         return raw
 
-    def fake(self, probabilities: torch.Tensor, like: Any) -> Any:
-        """Rows in the model's own output form, for a refused request under ``random``."""
-        return log_probabilities(probabilities)
+    def permuted(self, raw: Any, index: torch.Tensor) -> Any:
+        """The model's own output rows with their classes reordered (row i's column j becomes its
+        column ``index[i, j]``), in the model's own output form: the refusal policy's answer."""
+        return raw.gather(1, index.to(raw.device))

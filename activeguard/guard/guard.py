@@ -62,7 +62,7 @@ class Guard:
         self.credentials = CredentialCheck(profile, self.parser)
         self.revocations = revocation_source(profile, self.credentials.license_keys, revocation_fetch)
         self.model_pass = ModelPass()
-        self.policy = RefusalPolicy(self.config)
+        self.policy = RefusalPolicy(self.config, profile.secret)
         self.front = FrontEnd(self.parser, self.model, self.device)
 
     def handle(self, requests: list[Request]) -> list[Outcome]:

@@ -50,12 +50,21 @@ class Profile:
     owner_handler: str | None = None
     # the ranked FO space's runner-up grid (activeguard.credentials.fo_space); empty: the paper's (t, c) space
     runner_up_confidences: tuple[float, ...] = ()
+    # keys the refusal policy's permutations (hex; activeguard.guard.policy): drawn at package time, so every
+    # worker and replica answers an unlicensed input alike. None (an older archive): each worker draws its own.
+    control_secret: str | None = field(default=None, repr=False)
 
     def validated(self) -> Profile:
         """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
         _ = self.control  # building the ControlConfig raises ValueError on bad settings
         if self.paper_mode and self.runner_up_confidences:
             raise ValueError("paper mode keeps the paper's FO space: a bare output is the credential")
+        if self.control_secret is not None:
+            try:
+                if len(bytes.fromhex(self.control_secret)) < 16:
+                    raise ValueError
+            except ValueError:
+                raise ValueError("control_secret must be at least 16 bytes of hex") from None
         if self.revocation_file and self.revocation_server:
             raise ValueError("a profile takes its revocation list from a file or from a server, not both")
         if self.revocation_stale_policy not in STALE_POLICIES:
@@ -85,6 +94,10 @@ class Profile:
             self.model_class,
             SpecOverrides.pinned(self.spec),
         )
+
+    @property
+    def secret(self) -> bytes | None:
+        return bytes.fromhex(self.control_secret) if self.control_secret else None
 
     @property
     def control(self) -> ControlConfig:
