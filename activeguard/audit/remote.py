@@ -10,13 +10,20 @@ methods (``ipguard.verify``, ``conferrable.caeacc``, ``tafa.verify``) accept:
 * an ``http://`` or ``https://`` URL, e.g. ``http://host:8080/predictions/mnist``: every batch of
   at most ``batch_size`` rows is sent as ``POST {"inputs": [...]}`` (the body our handlers and the
   plain TorchServe handler accept) on one kept-alive connection; the answer is
-  ``{"outputs": [[...], ...]}``, or a bare list of score vectors, or a bare list of labels.
+  ``{"outputs": [[...], ...]}``, or a bare list of score vectors, or a bare list of labels;
+* a ``grpc://host:port/<model>[/<version>]`` URL (port 7070 when left out): TorchServe's gRPC
+  inference API, ``InferenceAPIsService/Predictions``, one call per row by default with the row's
+  JSON in the ``input`` map under ``data``; the answer's ``prediction`` bytes are read as JSON.
+
+Any other JSON API is spoken through an :class:`activeguard.audit.endpoints.EndpointApi`: a request
+template (``{"instances": {{rows}}}``, or ``{{row}}`` for one request per row), a response path
+(``predictions[*].probs``), headers (API keys) and, for gRPC, the input map's key.
 
 Nothing is retried: the first failure raises :class:`SuspectError` (a ``ValueError``, so the CLI
 reports it as an input error, exit 2) saying what went wrong - connection refused, timeout, an
-HTTP error status (with the server's reason when its body is JSON), an answer that is not JSON,
-the wrong number of rows, NaN or infinite values, ragged rows, or a local model that cannot take
-the fingerprint's input shape.
+HTTP error status or gRPC code (with the server's reason), an answer that is not JSON or that the
+response path does not fit, the wrong number of rows, NaN or infinite values, ragged rows, or a
+local model that cannot take the fingerprint's input shape.
 """
 
 from __future__ import annotations
@@ -33,10 +40,13 @@ from typing import Any
 import torch
 
 from activeguard.audit.base import MODEL_ERRORS, as_probabilities, error_reason
+from activeguard.audit.endpoints import DEFAULT_TEMPLATE, ROW_TEMPLATE, EndpointApi, EndpointError, RequestTemplate
 from activeguard.models import inputs, sources
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BATCH_SIZE = 64  # 64 MNIST rows are ~1 MB of JSON, far below TorchServe's 6.5 MB default request limit
+DEFAULT_GRPC_PORT = 7070  # TorchServe's gRPC inference port
+SCHEMES = ("http", "https", "grpc")
 
 
 class SuspectError(ValueError):
@@ -141,8 +151,39 @@ class LocalSuspect(Suspect):
             ) from exc
 
 
-class RemoteSuspect(Suspect):
-    """A model behind ``POST <url>`` with a JSON body ``{"inputs": [...]}``, queried over one kept-alive connection."""
+class EndpointSuspect(Suspect):
+    """A model behind a JSON API: each batch (each row, for a ``{{row}}`` template) goes through the request
+    template, and the scores or labels are read from each answer with the response path."""
+
+    default_template: RequestTemplate = DEFAULT_TEMPLATE
+
+    def __init__(self, name: str, batch_size: int, timeout_s: float, api: EndpointApi | None):
+        super().__init__(name, batch_size)
+        if timeout_s <= 0:
+            raise SuspectError(f"timeout must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.api = api or EndpointApi()
+        self.template = self.api.template or self.default_template
+
+    def _ask(self, body: bytes) -> Any:
+        """The decoded JSON answer to one request body; :class:`SuspectError` on any failure."""
+        raise NotImplementedError
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.tolist()
+        try:
+            if self.template.per_row:
+                values = [self.api.one_row(self._ask(self.template.render(row)), self.name) for row in rows]
+            else:
+                values = self.api.rows(self._ask(self.template.render(rows)), len(rows), self.name)
+        except EndpointError as exc:
+            raise SuspectError(str(exc)) from None
+        return parse_outputs(values, len(rows), self.api.where(self.name))
+
+
+class RemoteSuspect(EndpointSuspect):
+    """A model behind ``POST <url>`` with a JSON body (``{"inputs": [...]}`` unless the API says otherwise),
+    queried over one kept-alive connection."""
 
     def __init__(
         self,
@@ -151,18 +192,21 @@ class RemoteSuspect(Suspect):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         batch_size: int = DEFAULT_BATCH_SIZE,
         headers: dict[str, str] | None = None,
+        api: EndpointApi | None = None,
     ):
-        super().__init__(url, batch_size)
+        super().__init__(url, batch_size, timeout_s, api)
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SuspectError(f"{url!r} is not an http(s) URL")
         if parts.path in ("", "/"):
             raise SuspectError(f"{url}: give the full prediction URL, e.g. http://host:8080/predictions/<model>")
-        if timeout_s <= 0:
-            raise SuspectError(f"timeout must be positive, got {timeout_s}")
-        self.timeout_s = timeout_s
         self.path = parts.path + (f"?{parts.query}" if parts.query else "")
-        self.headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
+        self.headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            **(headers or {}),
+            **dict(self.api.headers),
+        }
         try:
             port = parts.port
         except ValueError as exc:
@@ -191,9 +235,9 @@ class RemoteSuspect(Suspect):
         except (http.client.HTTPException, OSError) as exc:
             raise SuspectError(f"connection to {self.name} failed: {type(exc).__name__}: {exc}") from exc
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def _ask(self, body: bytes) -> Any:
         try:
-            status, raw = self._post(json.dumps({"inputs": x.tolist()}).encode())
+            status, raw = self._post(body)
         except SuspectError:
             self.conn.close()  # a half-used connection is not reused for the next call
             raise
@@ -205,7 +249,89 @@ class RemoteSuspect(Suspect):
                 raise SuspectError(f"{self.name} did not answer JSON (HTTP {status}): {_excerpt(raw)}") from None
         if status >= 400:
             raise SuspectError(f"{self.name} answered HTTP {status}: {_reason(answer, raw)}")
-        return parse_outputs(answer, len(x), self.name)
+        return answer
+
+
+class GrpcSuspect(EndpointSuspect):
+    """A model behind TorchServe's gRPC inference API, ``grpc://host:port/<model>[/<version>]``: one
+    ``Predictions`` call per request body, the body in the ``input`` map under the API's key (``data``),
+    headers as call metadata, the answer's ``prediction`` bytes read as JSON. Plaintext only, as
+    TorchServe's gRPC API serves by default."""
+
+    default_template = ROW_TEMPLATE
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        api: EndpointApi | None = None,
+    ):
+        super().__init__(url, batch_size, timeout_s, api)
+        self.target, self.model, self.version = _grpc_address(url)
+        if not self.api.grpc_input_key:
+            raise SuspectError("the gRPC input key must not be empty")
+        try:
+            import grpc
+
+            from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
+        except ImportError as exc:
+            raise SuspectError(
+                f"grpc:// suspects need grpcio ({exc.name} is missing): pip install -e '.[grpc]'"
+            ) from None
+        self._grpc, self._pb2 = grpc, inference_pb2
+        self.metadata = tuple((name.lower(), value) for name, value in self.api.headers)
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _ask(self, body: bytes) -> Any:
+        request = self._pb2.PredictionsRequest(
+            model_name=self.model, model_version=self.version, input={self.api.grpc_input_key: body}
+        )
+        try:
+            raw = self.stub.Predictions(request, timeout=self.timeout_s, metadata=self.metadata).prediction
+        except self._grpc.RpcError as err:
+            raise SuspectError(self._failure(err)) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise SuspectError(f"{self.name} did not answer JSON: {_excerpt(raw)}") from None
+
+    def _failure(self, err: Any) -> str:
+        """One line for a failed call: what the code means here, and the first line of TorchServe's words."""
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        text = str(err.details() if callable(getattr(err, "details", None)) else err) or ""
+        details = next((line.strip() for line in text.splitlines() if line.strip()), "no details")[:300]
+        codes = self._grpc.StatusCode
+        if code == codes.UNAVAILABLE:
+            return f"cannot reach {self.name}: UNAVAILABLE (is TorchServe's gRPC inference API listening there?): {details}"
+        if code == codes.NOT_FOUND or "ModelNotFoundException" in text:  # TorchServe 0.12 says INTERNAL
+            return (
+                f"{self.name}: TorchServe there has no model {self.model!r} ({getattr(code, 'name', code)}: {details})"
+            )
+        if code == codes.DEADLINE_EXCEEDED:
+            return f"{self.name} did not answer within the {self.timeout_s:g} s timeout"
+        return f"{self.name} answered gRPC {getattr(code, 'name', code)}: {details}"
+
+
+def _grpc_address(url: str) -> tuple[str, str, str]:
+    """``grpc://host[:port]/<model>[/<version>]`` → (``host:port``, model, version or '')."""
+    parts = urllib.parse.urlsplit(url)
+    names = [urllib.parse.unquote(p) for p in parts.path.split("/")[1:] if p]
+    if parts.scheme != "grpc" or not parts.hostname:
+        raise SuspectError(f"{url!r} is not a grpc:// URL")
+    if not 1 <= len(names) <= 2 or parts.query:
+        raise SuspectError(f"{url}: give the model, e.g. grpc://host:{DEFAULT_GRPC_PORT}/<model>[/<version>]")
+    try:
+        port = parts.port or DEFAULT_GRPC_PORT
+    except ValueError as exc:
+        raise SuspectError(f"{url}: {exc}") from exc
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}", names[0], names[1] if len(names) == 2 else ""
 
 
 def _excerpt(raw: bytes, limit: int = 120) -> str:
@@ -260,7 +386,8 @@ def _is_number(v: Any) -> bool:
 
 
 def is_url(path_or_url: str | Path) -> bool:
-    return isinstance(path_or_url, str) and urllib.parse.urlsplit(path_or_url).scheme in ("http", "https")
+    """Whether a suspect is an endpoint (http, https or grpc URL) rather than a model file."""
+    return isinstance(path_or_url, str) and urllib.parse.urlsplit(path_or_url).scheme in SCHEMES
 
 
 def open_suspect(
@@ -269,16 +396,19 @@ def open_suspect(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     batch_size: int = DEFAULT_BATCH_SIZE,
     headers: dict[str, str] | None = None,
+    api: EndpointApi | None = None,
     model_file: str | Path | None = None,
     model_class: str | None = None,
     owner_spec: inputs.InputSpec | None = None,
     task: str | None = None,
     overrides: inputs.SpecOverrides | None = None,
 ) -> Suspect:
-    """A callable suspect from a model file or an ``http(s)://host:port/predictions/<name>`` URL.
+    """A callable suspect from a model file, an ``http(s)://host:port/predictions/<name>`` URL or a
+    ``grpc://host:port/<name>`` URL (TorchServe's gRPC inference API).
 
-    ``timeout_s`` bounds each HTTP request (connect and answer); ``headers`` are sent with every
-    request (e.g. an ``Authorization`` header). A local file may be a state dict with its
+    ``timeout_s`` bounds each request (connect and answer); ``headers`` are sent with every HTTP
+    request (e.g. an ``Authorization`` header); ``api`` says how to speak an endpoint's own JSON API
+    (request template, response path, headers, gRPC input key) and is ignored for a file. A local file may be a state dict with its
     ``model_file`` (and ``model_class``); ``owner_spec`` is how to feed a file that does not say
     (the fingerprint's recorded spec), ``task`` what it does (the owner's: a regressor's suspect is not
     probed as a classifier), ``overrides`` what the command line says of the file's input. Raises
@@ -287,9 +417,11 @@ def open_suspect(
     if is_url(path_or_url):
         if model_file is not None or model_class is not None:
             raise SuspectError(f"{path_or_url}: a suspect model file or class applies to a local file, not an endpoint")
-        return RemoteSuspect(str(path_or_url), timeout_s=timeout_s, batch_size=batch_size, headers=headers)
+        if urllib.parse.urlsplit(str(path_or_url)).scheme == "grpc":
+            return GrpcSuspect(str(path_or_url), timeout_s=timeout_s, batch_size=batch_size, api=api)
+        return RemoteSuspect(str(path_or_url), timeout_s=timeout_s, batch_size=batch_size, headers=headers, api=api)
     if isinstance(path_or_url, str) and "://" in path_or_url:
-        raise SuspectError(f"{path_or_url!r}: only http:// and https:// endpoints are supported")
+        raise SuspectError(f"{path_or_url!r}: only http://, https:// and grpc:// endpoints are supported")
     return LocalSuspect(
         path_or_url,
         batch_size=batch_size,

@@ -6,9 +6,10 @@
 
 The owner's model is any source :mod:`activeguard.models.sources` loads (checkpoint, TorchScript,
 exported program, state dict + ``--model-file``); the fingerprint file records its input spec.
-A suspect is a local model file of any source (fed with its own spec, else the owner's) or a
-TorchServe-style endpoint (``http://host:8080/predictions/<name>``, see
-:mod:`activeguard.audit.remote`). Exit codes, as
+A suspect is a local model file of any source (fed with its own spec, else the owner's) or an
+endpoint: ``http://host:8080/predictions/<name>``, any other JSON API (``--request-template``,
+``--response-path``, ``--header``), or TorchServe's gRPC API (``grpc://host:7070/<name>``); see
+:mod:`activeguard.audit.remote` and :mod:`activeguard.audit.endpoints`. Exit codes, as
 the rest of the CLI: 0 the suspect is judged a copy of the owner's model (ownership verified),
 1 it is not, 2 a usage or input error (missing or empty file, unreachable or garbled endpoint,
 a suspect with another input shape or output size).
@@ -23,7 +24,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from activeguard.audit import base
 from activeguard.cli.app import add_owner_argument, cmd_watermark_verify
@@ -43,6 +44,9 @@ from activeguard.cli.support import (
     stage,
 )
 from activeguard.models.sources import TASKS
+
+if TYPE_CHECKING:
+    from activeguard.audit.endpoints import EndpointApi
 
 EXIT_CODES = (
     "Exit codes: 0 copy (ownership verified), 1 not a copy, 2 usage or input error, 3 inconclusive "
@@ -94,8 +98,11 @@ def _params(method: base.AuditMethod, args: argparse.Namespace) -> base.Params:
         raise UsageError(str(exc)) from None
 
 
-def _references(args: argparse.Namespace, owner: Any, loaded: Any, data: Any, stack: contextlib.ExitStack) -> list:
-    """The fingerprint's references: trained from ``--data`` (``--train-references N``) and supplied (``--reference``)."""
+def _references(
+    args: argparse.Namespace, owner: Any, loaded: Any, data: Any, stack: contextlib.ExitStack, api: EndpointApi
+) -> list:
+    """The fingerprint's references: trained from ``--data`` (``--train-references N``) and supplied (``--reference``,
+    endpoints spoken through ``api``)."""
     from activeguard.audit.references import ReferenceError, trained_references
     from activeguard.audit.remote import open_suspect
 
@@ -115,6 +122,9 @@ def _references(args: argparse.Namespace, owner: Any, loaded: Any, data: Any, st
         suspect = stack.enter_context(
             open_suspect(
                 str(path),
+                timeout_s=args.timeout,
+                batch_size=args.batch_size,
+                api=api,
                 model_file=args.reference_model_file,
                 model_class=args.reference_model_class,
                 owner_spec=loaded.spec,
@@ -138,12 +148,14 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
     method = base.get(args.kind)
     params = _params(method, args)
+    _check_transport(args)
+    api = _endpoint_api(args, [str(r) for r in args.reference], "--reference")  # checked before any training
     loaded = load_model_argument(args)
     owner = base.Owner.from_loaded(loaded)
     data = _owner_data(args, loaded, method, params)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        references = _references(args, owner, loaded, data, stack)
+        references = _references(args, owner, loaded, data, stack, api)
         positives = positive_copies(owner, data, seed=args.seed) if references else []
         try:
             made = make_fingerprint(
@@ -232,6 +244,29 @@ def _check_transport(args: argparse.Namespace) -> None:
         raise UsageError("--batch-size must be at least 1 and --timeout positive")
 
 
+ENDPOINT_FLAGS = "--request-template, --response-path, --header and --grpc-input-key"
+
+
+def _endpoint_api(args: argparse.Namespace, targets: list[str], flag: str = "--suspect") -> EndpointApi:
+    """How to speak the endpoints among ``targets``, from the endpoint flags, checked at start (a template
+    without its placeholder, a path that does not parse, a header without ':'): one line, exit 2."""
+    from activeguard.audit import endpoints
+    from activeguard.audit.remote import is_url
+
+    if not args.grpc_input_key:
+        raise UsageError("--grpc-input-key must not be empty")
+    api = endpoints.EndpointApi(
+        template=None if args.request_template is None else endpoints.read_template(args.request_template),
+        response=endpoints.parse_response_path(args.response_path),
+        headers=tuple(endpoints.parse_header(h, n) for n, h in enumerate(args.header, 1)),
+        grpc_input_key=args.grpc_input_key,
+    )
+    explicit = args.request_template is not None or args.response_path is not None or args.header
+    if (explicit or args.grpc_input_key != "data") and not any(is_url(t) for t in targets):
+        raise UsageError(f"{ENDPOINT_FLAGS} apply to endpoints, and no {flag} is a URL")
+    return api
+
+
 EXIT_INCONCLUSIVE = 3
 VERDICT_EXIT = {"copy": EXIT_OK, "not a copy": EXIT_NEGATIVE, "inconclusive": EXIT_INCONCLUSIVE}
 VERDICT_SHOUT = {"copy": "COPY", "not a copy": "not a copy", "inconclusive": "inconclusive"}
@@ -243,9 +278,12 @@ def _suspect_overrides(args: argparse.Namespace) -> Any:
     return spec_overrides(args)
 
 
-def _black_box(fingerprint: Path, alpha: float, args: argparse.Namespace, kind: str | None = None) -> dict:
-    """One method's verdict on ``args.suspect`` with one fingerprint file (of ``kind``, when given):
-    the score of every statistic, the null, the chance bound and the verdict at ``alpha``."""
+def _black_box(
+    fingerprint: Path, alpha: float, args: argparse.Namespace, api: EndpointApi, kind: str | None = None
+) -> dict:
+    """One method's verdict on ``args.suspect`` (an endpoint spoken through ``api``) with one fingerprint file
+    (of ``kind``, when given): the score of every statistic, the null, the chance bound and the verdict at
+    ``alpha``."""
     from activeguard.audit import calibration as cal
     from activeguard.audit import files
     from activeguard.audit.remote import open_suspect
@@ -257,6 +295,7 @@ def _black_box(fingerprint: Path, alpha: float, args: argparse.Namespace, kind: 
         args.suspect,
         timeout_s=args.timeout,
         batch_size=args.batch_size,
+        api=api,
         model_file=args.suspect_model_file,
         model_class=args.suspect_model_class,
         owner_spec=loaded.input_spec,
@@ -311,18 +350,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     method = base.get(args.audit_command)
     _check_transport(args)
     _check_alpha(args.alpha)
-    payload = _black_box(args.fingerprint, args.alpha, args, kind=method.name)
+    api = _endpoint_api(args, [str(args.suspect)])
+    payload = _black_box(args.fingerprint, args.alpha, args, api, kind=method.name)
     emit(args, payload, lambda: f"{_verdict_line(payload)}\n  suspect {args.suspect}")
     return VERDICT_EXIT[payload["verdict"]]
 
 
 def _watermark(args: argparse.Namespace) -> dict:
     """The white-box check of ``audit all``: a local suspect that has the key's layer."""
+    from activeguard.audit.remote import is_url
     from activeguard.cli.app import check_watermark
     from activeguard.models import sources
 
     skipped = {"method": "watermark", "verified": False}
-    if str(args.suspect).startswith(("http://", "https://")):
+    if is_url(str(args.suspect)):
         return {**skipped, "skipped": "the suspect is an endpoint: the watermark needs its weights"}
     options = sources.SourceOptions(args.suspect_model_file, args.suspect_model_class, _suspect_overrides(args))
     suspect = sources.load(args.suspect, options)
@@ -355,9 +396,10 @@ def cmd_all(args: argparse.Namespace) -> int:
     _check_alpha(args.alpha)
     if not args.fingerprint and args.key is None:
         raise UsageError("give at least one --fingerprint (black-box) or --key (watermark)")
+    api = _endpoint_api(args, [str(args.suspect)])
     methods = len(args.fingerprint) + (args.key is not None)
     alpha = args.alpha / methods
-    rows = [_black_box(path, alpha, args) for path in args.fingerprint]
+    rows = [_black_box(path, alpha, args, api) for path in args.fingerprint]
     if args.key is not None:
         rows.append(_watermark(args))
     judged = [r for r in rows if "skipped" not in r]
@@ -456,7 +498,8 @@ def _add_suspect_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="PATH_OR_URL",
         help="a model file (checkpoint, TorchScript, .pt2, or a state dict with --suspect-model-file), or an "
-        "endpoint such as http://127.0.0.1:8080/predictions/mnist; a file that does not carry its input "
+        "endpoint: http://127.0.0.1:8080/predictions/mnist, any JSON API (see --request-template), or TorchServe's "
+        "gRPC API, grpc://127.0.0.1:7070/mnist; a file that does not carry its input "
         "spec is fed as the fingerprint records the owner's, unless --input-shape and the like say otherwise",
     )
     p.add_argument(
@@ -508,9 +551,41 @@ def _add_reference_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference-model-class", metavar="NAME", help="the network class in --reference-model-file")
 
 
-def _add_transport_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per HTTP request (default 64)")
+def _add_transport_arguments(p: argparse.ArgumentParser, what: str = "a URL suspect") -> None:
+    """How to reach and speak an endpoint (:mod:`activeguard.audit.endpoints`): transport, body, answer, headers."""
+    g = p.add_argument_group(
+        f"endpoints ({what}: http(s)://host:port/..., or TorchServe's gRPC API, grpc://host:7070/<model>)"
+    )
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    g.add_argument("--batch-size", type=int, default=64, help="rows per request with {{rows}} (default 64)")
+    g.add_argument(
+        "--request-template",
+        metavar="TEMPLATE",
+        help="the request body as JSON text (or @FILE.json) with one placeholder where the inputs go: {{rows}} "
+        "for a list of rows, {{row}} for one request per row, e.g. '{\"instances\": {{rows}}}' (default: "
+        '{"inputs": {{rows}}} over HTTP, {{row}} over gRPC)',
+    )
+    g.add_argument(
+        "--response-path",
+        metavar="PATH",
+        help="where the scores or labels are in each answer: keys joined by dots, [N] indexes, [*] for every "
+        'element of a list, ["odd.key"] quoted keys, . the whole answer; e.g. predictions[*].probs, or label '
+        "with {{row}} (default auto: outputs in an object, else the whole answer)",
+    )
+    g.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="sent with every request (HTTP header, gRPC metadata), e.g. an API key; repeat for each; "
+        "values are never printed",
+    )
+    g.add_argument(
+        "--grpc-input-key",
+        default="data",
+        metavar="KEY",
+        help="the key of TorchServe's gRPC input map that carries the request body (default data)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -530,8 +605,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "audit",
         help="audit a suspect model for ownership: black-box fingerprints or the watermark",
         description="Judge whether a suspect model is a copy of yours. Black-box methods need only the "
-        "suspect's outputs, from a local checkpoint or an HTTP endpoint "
-        '(POST http://host:port/predictions/<name> with {"inputs": [...]}): first make a '
+        "suspect's outputs, from a local checkpoint or an endpoint "
+        '(POST http://host:port/predictions/<name> with {"inputs": [...]}, any JSON API with --request-template '
+        "and --response-path, or TorchServe's gRPC API at grpc://host:7070/<name>): first make a "
         "fingerprint of your model, then audit suspects against it.",
         epilog=EXIT_CODES,
     )
@@ -575,6 +651,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "(default: what the file says, else classification)",
             )
         _add_reference_arguments(p)
+        _add_transport_arguments(p, "--reference URLs")
         _add_params(p, method.params_type)
         add_common(p)
         p.set_defaults(func=cmd_fingerprint)
