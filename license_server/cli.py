@@ -63,6 +63,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061, help="0: any free port (see --ready-file)")
     p.add_argument("--metrics-port", type=int, default=9461, help="Prometheus endpoint; -1 disables, 0 any free port")
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address the Prometheus endpoint binds (0.0.0.0 in a pod)"
+    )
+    p.add_argument(
+        "--register-pool",
+        type=int,
+        default=100,
+        metavar="N",
+        help="fingerprints every registration starts pre-generating in the background, a small batch first, so "
+        "a new model's first licenses come from the pool within seconds (default 100; 0: none, every license "
+        "generated on demand until `license register --pregenerate` or `pregenerate`)",
+    )
     p.add_argument("--signing-key", default=None, help="Ed25519 PEM key (created 0600 on first start)")
     p.add_argument(
         "--admin-token-hash-file",
@@ -144,6 +156,9 @@ def _server_config(args: argparse.Namespace) -> Any:
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
+        pregenerate_on_register=args.register_pool > 0,
+        register_pool=max(1, args.register_pool),
         signing_key=Path(args.signing_key) if args.signing_key else None,
         admin_token_hash_file=Path(args.admin_token_hash_file) if args.admin_token_hash_file else None,
         default_validity=int(args.default_validity_days * 86400),
@@ -263,13 +278,21 @@ def cmd_register(args) -> int:
         "capacity": resp.capacity,
         "issued": resp.issued,
         "pregenerated": resp.pregenerated,
+        "pregeneration_target": resp.pregeneration_target,
         "fo_scheme": resp.profile.fo_scheme,
     }
+    filling = (
+        f"; pre-generating up to {d['pregeneration_target']} fingerprints in the background, so the first licenses "
+        "come from the pool within seconds"
+        if d["pregeneration_target"] > d["pregenerated"]
+        else ""
+    )
     _emit(
         args,
         d,
         f"{d['source']} model {d['model_id']} ({'registered' if d['created'] else 'already registered'}): "
-        f"{d['fo_scheme']} FO space, {d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated",
+        f"{d['fo_scheme']} FO space, {d['issued']}/{d['capacity']} slots issued, {d['pregenerated']} pre-generated"
+        + filling,
     )
     return 0
 

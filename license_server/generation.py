@@ -70,8 +70,9 @@ class FingerprintGenerator:
 
     # -- batches (pre-generation) ----------------------------------------------------------------
 
-    def generate(self, m: LoadedModel, slots: list[Slot], seed: int) -> dict[Slot, bytes]:
-        """On the worker: fingerprints for ``slots`` in one batch; only those that pass the re-check."""
+    def generate(self, m: LoadedModel, slots: list[Slot], seed: int, max_steps: int | None = None) -> dict[Slot, bytes]:
+        """On the worker: fingerprints for ``slots`` in one batch; only those that pass the re-check. A batch
+        lasts as long as its slowest row: ``max_steps`` below the default cuts a hurried batch short."""
         start = time.perf_counter()
         book = m.slots
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -83,7 +84,7 @@ class FingerprintGenerator:
             bounds=m.spec.bounds,
             encoding=m.row.encoding,
             seed=seed,
-            max_steps=self.cfg.max_steps,
+            max_steps=max_steps or self.cfg.max_steps,
         )
         self.metrics.generation.observe(time.perf_counter() - start)
         out = {}

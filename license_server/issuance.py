@@ -44,6 +44,7 @@ from license_server.validation import MAX_ID, check_issue, check_list, check_rea
 __all__ = ["Issuer", "Registration", "license_state"]
 
 MAX_REVOCATION_PAGE = 10000
+FIRST_BATCH_WAIT_S = 10.0  # how long an issue waits for a just-registered model's first pooled batch
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Registered:
     created: bool
     issued: int
     pregenerated: int
+    pregeneration_target: int = 0  # the pool size filling goes on towards (0: none)
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,14 @@ class Issuer:
         """Register (or find again) a classifier of any source and its protection profile; optionally
         pre-generate (every slot of a paper space, 1,000 of a ranked one, or ``pregenerate_count``)."""
         m, created = self.registry.register(req)
-        if req.pregenerate:
-            self.pool.fill(m, req.pregenerate_count or self.pool.default_count(m))
+        target = 0
+        if req.pregenerate:  # the first batch before the call returns, the rest in the background
+            target = req.pregenerate_count or self.pool.default_count(m)
+            self.pool.fill(m, target)
+        elif self.cfg.pregenerate_on_register:  # everything in the background, a small batch first
+            target = req.pregenerate_count or min(self.cfg.register_pool, self.pool.default_count(m))
+            if not self.pool.fill(m, target, now=False):
+                target = 0
         row = m.row
         log_event(
             logging.INFO,
@@ -112,6 +120,7 @@ class Issuer:
             created=created,
             issued=self.store.count_licenses(row.model_id),
             pregenerated=len(m.slots.pool),
+            pregeneration_target=target,
         )
 
     def issue(
@@ -121,6 +130,7 @@ class Issuer:
         start = time.perf_counter()
         validity = check_issue(user, model_id, validity_seconds, self.cfg.default_validity)
         m = self.registry.get(model_id)
+        self.pool.wait_for_first(m, FIRST_BATCH_WAIT_S)
         lost: set[Slot] = set()  # slots this call gave up: hard FOs, or taken by a concurrent issuer
         failed: list[str] = []
         for _attempt in range(len(m.slots.all_slots) + 1):

@@ -24,7 +24,9 @@ OWN_TOKEN = object()  # client(): use the token this server was started with
 class LicenseServerProcess(ReadyFileProcess):
     """``python -m license_server serve`` with its data (SQLite, signing key) in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, token: str, database_url: str = "", *, log_level: str = "INFO"):
+    def __init__(
+        self, data_dir: Path, token: str, database_url: str = "", *, log_level: str = "INFO", register_pool: int = 100
+    ):
         cmd = [
             sys.executable,
             "-m",
@@ -38,6 +40,8 @@ class LicenseServerProcess(ReadyFileProcess):
             "0",
             "--log-level",
             log_level,
+            "--register-pool",
+            str(register_pool),
         ]
         if database_url:
             cmd += ["--database-url", database_url]

@@ -136,6 +136,7 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
                 capacity=done.model.capacity,
                 issued=done.issued,
                 pregenerated=done.pregenerated,
+                pregeneration_target=done.pregeneration_target,
                 source=done.model.source,
                 input_spec=done.model.input_spec or "",
             )

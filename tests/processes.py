@@ -16,5 +16,5 @@ __all__ = ["TOKEN", "GatewayProcess", "ServerProcess"]
 class ServerProcess(LicenseServerProcess):
     """A license server with the tests' admin token."""
 
-    def __init__(self, data_dir: Path, database_url: str = "", token: str = TOKEN):
-        super().__init__(data_dir, token, database_url)
+    def __init__(self, data_dir: Path, database_url: str = "", token: str = TOKEN, register_pool: int = 100):
+        super().__init__(data_dir, token, database_url, register_pool=register_pool)

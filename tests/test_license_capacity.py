@@ -47,9 +47,10 @@ def _pool(store: Store, mid: str) -> list[tuple[int, int]]:
 def test_concurrent_on_demand_requests_share_one_search_and_get_distinct_working_licenses(
     servers, tmp_path, lenet_path, lenet
 ):
-    server = servers(tmp_path / "ls")
+    server = servers(tmp_path / "ls", register_pool=0)
     with server.client() as c:
         reg = c.register_model(model_path=str(lenet_path))  # no pool: every license is generated on demand
+    assert reg.pregeneration_target == 0
     mid, profile = reg.profile.model_id, reg.profile
     assert profile.fo_scheme == "ranked" and reg.capacity >= 10_000 and reg.pregenerated == 0
     clients = [LicenseClient(server.target, TOKEN, timeout=120) for _ in range(4)]
@@ -122,3 +123,15 @@ def test_pregeneration_resumes_after_a_kill_without_duplicates_and_feeds_issuanc
         issued = [c.issue(mid, f"pool-{i}", 3600) for i in range(5)]
     assert {(m.fo.user_index // per_class, m.fo.user_index % per_class) for m in issued} <= set(slots)
     assert _metric(again, 'activeguard_license_issue_seconds_count{path="pregenerated"}') == 5
+
+
+def test_registration_starts_a_pool_so_the_first_license_comes_from_it(servers, tmp_path, lenet_path):
+    """Every registration starts a small pool in the background (a small first batch), and says so; an
+    issue that comes at once waits for that batch instead of starting a search of its own."""
+    server = servers(tmp_path / "ls")
+    with server.client() as c:
+        reg = c.register_model(model_path=str(lenet_path))
+        assert reg.pregeneration_target == 100 and reg.pregenerated < 100
+        c.issue(reg.profile.model_id, "first", 3600)
+    assert _metric(server, 'activeguard_license_issue_seconds_count{path="pregenerated"}') == 1
+    assert _metric(server, 'activeguard_license_issue_seconds_count{path="generated"}') == 0

@@ -26,47 +26,47 @@ _sym_db = _symbol_database.Default()
 from activeguard_proto.v1 import common_pb2 as activeguard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tiveguard/v1/license.proto\x12\x0e\x61\x63tiveguard.v1\x1a\x1b\x61\x63tiveguard/v1/common.proto\"\xd8\x02\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\ncheckpoint\x18\x03 \x01(\x0c\x12\x19\n\x11\x65xpected_model_id\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0b\x63onfidences\x18\x06 \x03(\x01\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x08 \x01(\t\x12\x13\n\x0bpregenerate\x18\t \x01(\x08\x12\x17\n\x0fmodel_file_text\x18\n \x01(\t\x12\x13\n\x0bmodel_class\x18\x0b \x01(\t\x12\x12\n\ninput_spec\x18\x0c \x01(\t\x12\x11\n\tfo_scheme\x18\r \x01(\t\x12\x1d\n\x15runner_up_confidences\x18\x0e \x03(\x01\x12\x19\n\x11pregenerate_count\x18\x0f \x01(\r\"\xb3\x01\n\x15RegisterModelResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.activeguard.v1.ModelProfile\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x0e\n\x06issued\x18\x04 \x01(\r\x12\x14\n\x0cpregenerated\x18\x05 \x01(\r\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x12\n\ninput_spec\x18\x07 \x01(\t\"O\n\x13IssueLicenseRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x18\n\x10validity_seconds\x18\x03 \x01(\x03\"\xaa\x02\n\x07License\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12-\n\x02\x66o\x18\x04 \x01(\x0b\x32!.activeguard.v1.FingerprintOutput\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.activeguard.v1.LicenseState\x12\x12\n\nrevoked_at\x18\t \x01(\x03\x12\x15\n\rrevoke_reason\x18\n \x01(\t\x12-\n\x06signed\x18\x0b \x01(\x0b\x32\x1d.activeguard.v1.SignedLicense\"\'\n\x11GetLicenseRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\"\xa1\x01\n\x13ListLicensesRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.activeguard.v1.LicenseState\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x16\n\x0einclude_signed\x18\x06 \x01(\x08\"Z\n\x14ListLicensesResponse\x12)\n\x08licenses\x18\x01 \x03(\x0b\x32\x17.activeguard.v1.License\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14RevokeLicenseRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"h\n\nRevocation\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x12\n\nlicense_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nrevoked_at\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\"L\n\x16ListRevocationsRequest\x12\r\n\x05since\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\"Z\n\x17ListRevocationsResponse\x12/\n\x0brevocations\x18\x01 \x03(\x0b\x32\x1a.activeguard.v1.Revocation\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\"\x1b\n\x19GetVerificationKeyRequest\"^\n\x0fVerificationKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x08\"K\n\x1aGetVerificationKeyResponse\x12-\n\x04keys\x18\x01 \x03(\x0b\x32\x1f.activeguard.v1.VerificationKey\",\n\x18GetRevocationListRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x14SignedRevocationList\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03*}\n\x0cLicenseState\x12\x1d\n\x19LICENSE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LICENSE_STATE_ACTIVE\x10\x01\x12\x19\n\x15LICENSE_STATE_REVOKED\x10\x02\x12\x19\n\x15LICENSE_STATE_EXPIRED\x10\x03\x32\xe7\x05\n\x0eLicenseService\x12\\\n\rRegisterModel\x12$.activeguard.v1.RegisterModelRequest\x1a%.activeguard.v1.RegisterModelResponse\x12L\n\x0cIssueLicense\x12#.activeguard.v1.IssueLicenseRequest\x1a\x17.activeguard.v1.License\x12H\n\nGetLicense\x12!.activeguard.v1.GetLicenseRequest\x1a\x17.activeguard.v1.License\x12Y\n\x0cListLicenses\x12#.activeguard.v1.ListLicensesRequest\x1a$.activeguard.v1.ListLicensesResponse\x12N\n\rRevokeLicense\x12$.activeguard.v1.RevokeLicenseRequest\x1a\x17.activeguard.v1.License\x12\x62\n\x0fListRevocations\x12&.activeguard.v1.ListRevocationsRequest\x1a\'.activeguard.v1.ListRevocationsResponse\x12k\n\x12GetVerificationKey\x12).activeguard.v1.GetVerificationKeyRequest\x1a*.activeguard.v1.GetVerificationKeyResponse\x12\x63\n\x11GetRevocationList\x12(.activeguard.v1.GetRevocationListRequest\x1a$.activeguard.v1.SignedRevocationListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tiveguard/v1/license.proto\x12\x0e\x61\x63tiveguard.v1\x1a\x1b\x61\x63tiveguard/v1/common.proto\"\xd8\x02\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x12\n\ncheckpoint\x18\x03 \x01(\x0c\x12\x19\n\x11\x65xpected_model_id\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0b\x63onfidences\x18\x06 \x03(\x01\x12\x0f\n\x07\x65psilon\x18\x07 \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x08 \x01(\t\x12\x13\n\x0bpregenerate\x18\t \x01(\x08\x12\x17\n\x0fmodel_file_text\x18\n \x01(\t\x12\x13\n\x0bmodel_class\x18\x0b \x01(\t\x12\x12\n\ninput_spec\x18\x0c \x01(\t\x12\x11\n\tfo_scheme\x18\r \x01(\t\x12\x1d\n\x15runner_up_confidences\x18\x0e \x03(\x01\x12\x19\n\x11pregenerate_count\x18\x0f \x01(\r\"\xd1\x01\n\x15RegisterModelResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.activeguard.v1.ModelProfile\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12\x0e\n\x06issued\x18\x04 \x01(\r\x12\x14\n\x0cpregenerated\x18\x05 \x01(\r\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x12\n\ninput_spec\x18\x07 \x01(\t\x12\x1c\n\x14pregeneration_target\x18\x08 \x01(\r\"O\n\x13IssueLicenseRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x18\n\x10validity_seconds\x18\x03 \x01(\x03\"\xaa\x02\n\x07License\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12-\n\x02\x66o\x18\x04 \x01(\x0b\x32!.activeguard.v1.FingerprintOutput\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.activeguard.v1.LicenseState\x12\x12\n\nrevoked_at\x18\t \x01(\x03\x12\x15\n\rrevoke_reason\x18\n \x01(\t\x12-\n\x06signed\x18\x0b \x01(\x0b\x32\x1d.activeguard.v1.SignedLicense\"\'\n\x11GetLicenseRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\"\xa1\x01\n\x13ListLicensesRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.activeguard.v1.LicenseState\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x16\n\x0einclude_signed\x18\x06 \x01(\x08\"Z\n\x14ListLicensesResponse\x12)\n\x08licenses\x18\x01 \x03(\x0b\x32\x17.activeguard.v1.License\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14RevokeLicenseRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"h\n\nRevocation\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x12\n\nlicense_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nrevoked_at\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\"L\n\x16ListRevocationsRequest\x12\r\n\x05since\x18\x01 \x01(\x03\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\"Z\n\x17ListRevocationsResponse\x12/\n\x0brevocations\x18\x01 \x03(\x0b\x32\x1a.activeguard.v1.Revocation\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\"\x1b\n\x19GetVerificationKeyRequest\"^\n\x0fVerificationKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x08\"K\n\x1aGetVerificationKeyResponse\x12-\n\x04keys\x18\x01 \x03(\x0b\x32\x1f.activeguard.v1.VerificationKey\",\n\x18GetRevocationListRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"5\n\x14SignedRevocationList\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03*}\n\x0cLicenseState\x12\x1d\n\x19LICENSE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LICENSE_STATE_ACTIVE\x10\x01\x12\x19\n\x15LICENSE_STATE_REVOKED\x10\x02\x12\x19\n\x15LICENSE_STATE_EXPIRED\x10\x03\x32\xe7\x05\n\x0eLicenseService\x12\\\n\rRegisterModel\x12$.activeguard.v1.RegisterModelRequest\x1a%.activeguard.v1.RegisterModelResponse\x12L\n\x0cIssueLicense\x12#.activeguard.v1.IssueLicenseRequest\x1a\x17.activeguard.v1.License\x12H\n\nGetLicense\x12!.activeguard.v1.GetLicenseRequest\x1a\x17.activeguard.v1.License\x12Y\n\x0cListLicenses\x12#.activeguard.v1.ListLicensesRequest\x1a$.activeguard.v1.ListLicensesResponse\x12N\n\rRevokeLicense\x12$.activeguard.v1.RevokeLicenseRequest\x1a\x17.activeguard.v1.License\x12\x62\n\x0fListRevocations\x12&.activeguard.v1.ListRevocationsRequest\x1a\'.activeguard.v1.ListRevocationsResponse\x12k\n\x12GetVerificationKey\x12).activeguard.v1.GetVerificationKeyRequest\x1a*.activeguard.v1.GetVerificationKeyResponse\x12\x63\n\x11GetRevocationList\x12(.activeguard.v1.GetRevocationListRequest\x1a$.activeguard.v1.SignedRevocationListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'activeguard.v1.license_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LICENSESTATE']._serialized_start=1924
-  _globals['_LICENSESTATE']._serialized_end=2049
+  _globals['_LICENSESTATE']._serialized_start=1954
+  _globals['_LICENSESTATE']._serialized_end=2079
   _globals['_REGISTERMODELREQUEST']._serialized_start=78
   _globals['_REGISTERMODELREQUEST']._serialized_end=422
   _globals['_REGISTERMODELRESPONSE']._serialized_start=425
-  _globals['_REGISTERMODELRESPONSE']._serialized_end=604
-  _globals['_ISSUELICENSEREQUEST']._serialized_start=606
-  _globals['_ISSUELICENSEREQUEST']._serialized_end=685
-  _globals['_LICENSE']._serialized_start=688
-  _globals['_LICENSE']._serialized_end=986
-  _globals['_GETLICENSEREQUEST']._serialized_start=988
-  _globals['_GETLICENSEREQUEST']._serialized_end=1027
-  _globals['_LISTLICENSESREQUEST']._serialized_start=1030
-  _globals['_LISTLICENSESREQUEST']._serialized_end=1191
-  _globals['_LISTLICENSESRESPONSE']._serialized_start=1193
-  _globals['_LISTLICENSESRESPONSE']._serialized_end=1283
-  _globals['_REVOKELICENSEREQUEST']._serialized_start=1285
-  _globals['_REVOKELICENSEREQUEST']._serialized_end=1343
-  _globals['_REVOCATION']._serialized_start=1345
-  _globals['_REVOCATION']._serialized_end=1449
-  _globals['_LISTREVOCATIONSREQUEST']._serialized_start=1451
-  _globals['_LISTREVOCATIONSREQUEST']._serialized_end=1527
-  _globals['_LISTREVOCATIONSRESPONSE']._serialized_start=1529
-  _globals['_LISTREVOCATIONSRESPONSE']._serialized_end=1619
-  _globals['_GETVERIFICATIONKEYREQUEST']._serialized_start=1621
-  _globals['_GETVERIFICATIONKEYREQUEST']._serialized_end=1648
-  _globals['_VERIFICATIONKEY']._serialized_start=1650
-  _globals['_VERIFICATIONKEY']._serialized_end=1744
-  _globals['_GETVERIFICATIONKEYRESPONSE']._serialized_start=1746
-  _globals['_GETVERIFICATIONKEYRESPONSE']._serialized_end=1821
-  _globals['_GETREVOCATIONLISTREQUEST']._serialized_start=1823
-  _globals['_GETREVOCATIONLISTREQUEST']._serialized_end=1867
-  _globals['_SIGNEDREVOCATIONLIST']._serialized_start=1869
-  _globals['_SIGNEDREVOCATIONLIST']._serialized_end=1922
-  _globals['_LICENSESERVICE']._serialized_start=2052
-  _globals['_LICENSESERVICE']._serialized_end=2795
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=634
+  _globals['_ISSUELICENSEREQUEST']._serialized_start=636
+  _globals['_ISSUELICENSEREQUEST']._serialized_end=715
+  _globals['_LICENSE']._serialized_start=718
+  _globals['_LICENSE']._serialized_end=1016
+  _globals['_GETLICENSEREQUEST']._serialized_start=1018
+  _globals['_GETLICENSEREQUEST']._serialized_end=1057
+  _globals['_LISTLICENSESREQUEST']._serialized_start=1060
+  _globals['_LISTLICENSESREQUEST']._serialized_end=1221
+  _globals['_LISTLICENSESRESPONSE']._serialized_start=1223
+  _globals['_LISTLICENSESRESPONSE']._serialized_end=1313
+  _globals['_REVOKELICENSEREQUEST']._serialized_start=1315
+  _globals['_REVOKELICENSEREQUEST']._serialized_end=1373
+  _globals['_REVOCATION']._serialized_start=1375
+  _globals['_REVOCATION']._serialized_end=1479
+  _globals['_LISTREVOCATIONSREQUEST']._serialized_start=1481
+  _globals['_LISTREVOCATIONSREQUEST']._serialized_end=1557
+  _globals['_LISTREVOCATIONSRESPONSE']._serialized_start=1559
+  _globals['_LISTREVOCATIONSRESPONSE']._serialized_end=1649
+  _globals['_GETVERIFICATIONKEYREQUEST']._serialized_start=1651
+  _globals['_GETVERIFICATIONKEYREQUEST']._serialized_end=1678
+  _globals['_VERIFICATIONKEY']._serialized_start=1680
+  _globals['_VERIFICATIONKEY']._serialized_end=1774
+  _globals['_GETVERIFICATIONKEYRESPONSE']._serialized_start=1776
+  _globals['_GETVERIFICATIONKEYRESPONSE']._serialized_end=1851
+  _globals['_GETREVOCATIONLISTREQUEST']._serialized_start=1853
+  _globals['_GETREVOCATIONLISTREQUEST']._serialized_end=1897
+  _globals['_SIGNEDREVOCATIONLIST']._serialized_start=1899
+  _globals['_SIGNEDREVOCATIONLIST']._serialized_end=1952
+  _globals['_LICENSESERVICE']._serialized_start=2082
+  _globals['_LICENSESERVICE']._serialized_end=2825
 # @@protoc_insertion_point(module_scope)

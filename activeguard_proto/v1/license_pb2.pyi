@@ -55,7 +55,7 @@ class RegisterModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., checkpoint: _Optional[bytes] = ..., expected_model_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., confidences: _Optional[_Iterable[float]] = ..., epsilon: _Optional[float] = ..., encoding: _Optional[str] = ..., pregenerate: _Optional[bool] = ..., model_file_text: _Optional[str] = ..., model_class: _Optional[str] = ..., input_spec: _Optional[str] = ..., fo_scheme: _Optional[str] = ..., runner_up_confidences: _Optional[_Iterable[float]] = ..., pregenerate_count: _Optional[int] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
-    __slots__ = ("profile", "created", "capacity", "issued", "pregenerated", "source", "input_spec")
+    __slots__ = ("profile", "created", "capacity", "issued", "pregenerated", "source", "input_spec", "pregeneration_target")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class RegisterModelResponse(_message.Message):
     PREGENERATED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SPEC_FIELD_NUMBER: _ClassVar[int]
+    PREGENERATION_TARGET_FIELD_NUMBER: _ClassVar[int]
     profile: _common_pb2.ModelProfile
     created: bool
     capacity: int
@@ -70,7 +71,8 @@ class RegisterModelResponse(_message.Message):
     pregenerated: int
     source: str
     input_spec: str
-    def __init__(self, profile: _Optional[_Union[_common_pb2.ModelProfile, _Mapping]] = ..., created: _Optional[bool] = ..., capacity: _Optional[int] = ..., issued: _Optional[int] = ..., pregenerated: _Optional[int] = ..., source: _Optional[str] = ..., input_spec: _Optional[str] = ...) -> None: ...
+    pregeneration_target: int
+    def __init__(self, profile: _Optional[_Union[_common_pb2.ModelProfile, _Mapping]] = ..., created: _Optional[bool] = ..., capacity: _Optional[int] = ..., issued: _Optional[int] = ..., pregenerated: _Optional[int] = ..., source: _Optional[str] = ..., input_spec: _Optional[str] = ..., pregeneration_target: _Optional[int] = ...) -> None: ...
 
 class IssueLicenseRequest(_message.Message):
     __slots__ = ("model_id", "user", "validity_seconds")
