@@ -30,6 +30,7 @@ from handlers.composition import (
     owner_row,
     postprocess_all,
 )
+from handlers.envelopes import ROW_ORIGINS, RowOrigin, install
 from handlers.metrics import record_batch
 from handlers.revocations import ServerFetch
 
@@ -38,9 +39,12 @@ logger = logging.getLogger(__name__)
 LICENSE_HEADER = "x-activeguard-license"
 MODEL_FILE = "model.pt"  # the serialized file when the manifest does not name one
 
+install()  # envelopes of this worker keep each row's request and its body's credentials
 
-def _request(row: dict, headers: dict[str, str]) -> Request:
-    """Credentials from HTTP headers (case-insensitive) or, over gRPC, from the input map.
+
+def _request(row: dict, headers: dict[str, str], inline: dict[str, Any] | None = None) -> Request:
+    """Credentials from HTTP headers (case-insensitive) or, over gRPC, from the input map, or from a
+    JSON body (``inline``: what an envelope took out of it, else read here).
 
     A field the client sent at all (even empty) is passed on, so the guard can call it malformed
     rather than missing; types are the guard's to check.
@@ -48,7 +52,8 @@ def _request(row: dict, headers: dict[str, str]) -> Request:
     row = row if isinstance(row, dict) else {"body": row}
     lower = {str(k).lower(): v for k, v in (headers or {}).items()}
     body = row.get("data") if row.get("data") is not None else row.get("body")
-    _, inline = body_credentials(body)  # a license in a JSON body, under any handler
+    if inline is None:
+        _, inline = body_credentials(body)  # a license in a JSON body, under any handler
     fields = {**inline, **{k: row[k] for k in CREDENTIAL_FIELDS if k in row}}
     license = lower[LICENSE_HEADER] if LICENSE_HEADER in lower else fields.get("license")
     auth = lower.get("authorization")
@@ -56,33 +61,39 @@ def _request(row: dict, headers: dict[str, str]) -> Request:
     return Request(body=body, license=license, session=session, explain=fields.get("explain"))
 
 
-def _headers(context, i: int, rows: int) -> dict:
-    """Request ``i``'s headers; none when rows are not requests (an envelope split requests into
-    instances: credentials cannot be matched to rows, so every row goes without)."""
+def row_requests(context, rows: int) -> list[RowOrigin | None]:
+    """Each row's request: itself, or under an envelope, the request whose instances it is (recorded
+    by :mod:`handlers.envelopes`); None where rows cannot be matched to requests (every such row
+    goes without credentials, which the log says)."""
+    origins = getattr(context, ROW_ORIGINS, None)
+    if origins is not None and len(origins) == rows:
+        return list(origins)
     requests = len(getattr(context, "request_ids", None) or {}) or rows
     if requests != rows:
-        if i == 0:
-            logger.warning(
-                "%d rows for %d requests: credentials cannot be matched; send one instance per request", rows, requests
-            )
-        return {}
-    return context.get_all_request_header(i)
+        logger.warning(
+            "%d rows for %d requests: credentials cannot be matched; send one instance per request", rows, requests
+        )
+        return [None] * rows
+    return [RowOrigin(i, None) for i in range(rows)]
 
 
-def _read_batch(data: list, context, composed: bool = False) -> list[Request | None]:
-    """One Request per row; a row whose headers or fields cannot be read becomes None (its own 500).
-    ``composed``: the body is the row itself, credentials removed, as the owner's preprocess expects."""
+def _read_batch(data: list, context, composed: bool = False) -> tuple[list[Request | None], list[int | None]]:
+    """One Request per row and the index of the request it came from; a row whose headers or fields
+    cannot be read becomes None (its own 500). ``composed``: the body is the row itself, credentials
+    removed, as the owner's preprocess expects."""
     requests: list[Request | None] = []
-    for i, row in enumerate(data):
+    origins = row_requests(context, len(data))
+    for row, origin in zip(data, origins):
         try:
-            request = _request(row, _headers(context, i, len(data)))
+            headers = context.get_all_request_header(origin.request) if origin is not None else {}
+            request = _request(row, headers, origin.credentials if origin is not None else {})
             if composed:
                 request.body = owner_row(row)
             requests.append(request)
         except Exception:
-            logger.exception("could not read request %d of a batch", i)
+            logger.exception("could not read a request of a batch")
             requests.append(None)
-    return requests
+    return requests, [o.request if o is not None else None for o in origins]
 
 
 def serving_device(gpu_id: object) -> torch.device:
@@ -191,7 +202,7 @@ class ActiveGuardHandler(BaseHandler):
     def handle(self, data: list, context) -> list:
         start = time.perf_counter()
         composed = self.owner is not None
-        requests = _read_batch(data, context, composed)
+        requests, request_of_row = _read_batch(data, context, composed)
         internal = Verdict(500, INTERNAL_ERROR, message="internal error")
         try:
             decided = iter(self.guard.decide([r for r in requests if r is not None], self.front))
@@ -206,7 +217,8 @@ class ActiveGuardHandler(BaseHandler):
             answers = [self.guard.render(v) for v in verdicts]
         for i, outcome in enumerate(answers):
             if outcome.status != 200:
-                context.set_response_status(outcome.status, outcome.reason, idx=i)
+                request = request_of_row[i]
+                context.set_response_status(outcome.status, outcome.reason, idx=i if request is None else request)
         record_batch(context.metrics, answers, (time.perf_counter() - start) * 1000, self.guard.revocations.current())
         return [outcome.body if composed and outcome.status == 200 else json.dumps(outcome.body) for outcome in answers]
 

@@ -49,6 +49,9 @@ def http(ts, model: str, body: bytes, headers: dict[str, str] | None = None) -> 
     return post(f"{ts.url}/predictions/{model}", body, {"Content-Type": "image/png", **(headers or {})})
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def license_header(licensing: Licensing, row: int, user: str) -> dict[str, str]:
     return {"X-ActiveGuard-License": encode_license_header(licensing.license(row, user).to_text())}
 
@@ -69,6 +72,27 @@ def test_licensed_png_clients_get_the_owners_answers_over_http_and_grpc(served, 
             inference_pb2.PredictionsRequest(model_name="guarded", input={"data": body, "license": grpc_license})
         )
         assert json.loads(got.prediction) == json.loads(want.prediction) == plain
+
+
+def test_a_license_in_a_json_body_is_taken_out_before_the_owners_handler(served, fashion_archive):
+    """The owner's handler refuses unknown JSON fields: under protect it never sees the license, and
+    the licensed answer is the unprotected archive's (never the control layer's)."""
+    ts, licensing = served["ts"], fashion_archive["licensing"]
+    text = licensing.license(0, "alice").to_text()
+    for image in fashion_archive["images"][:6]:
+        plain = {"image": image[0].tolist()}
+        status, want = post(f"{ts.url}/predictions/fashion", json.dumps(plain).encode(), JSON)
+        assert status == 200 and set(want) == {"label", "confidence"}
+        body = json.dumps({**plain, "license": text}).encode()
+        assert post(f"{ts.url}/predictions/fashion", body, JSON)[0] >= 400  # unprotected: the field reaches it
+        for model in ("guarded", "strict"):
+            assert post(f"{ts.url}/predictions/{model}", body, JSON) == (200, want)
+    forged = Licensing(licensing.model_id, Ed25519PrivateKey.generate(), licensing.users, licensing.fingerprints)
+    body = json.dumps(
+        {"image": fashion_archive["images"][0][0].tolist(), "license": forged.license(0, "eve").to_text()}
+    )
+    status, answer = post(f"{ts.url}/predictions/strict", body.encode(), JSON)
+    assert status == 403 and answer["reason"] == "bad_signature"
 
 
 def test_unlicensed_clients_get_chance_labels_under_random_and_403_under_reject(served, fashion_archive):

@@ -104,3 +104,20 @@ def test_unlicensed_clients_get_random_predictions_of_the_same_form(stock):
         answers.append(torch.tensor(body["predictions"][0]).argmax())
     accuracy = float((torch.stack(answers) == y).float().mean())
     assert accuracy < 0.4, accuracy  # the real model is ~97% accurate on these digits; chance is 0.1
+
+
+def test_a_license_in_the_envelopes_body_covers_every_instance_of_its_request(stock):
+    """TorchServe's JSON envelope drops all but the instances; the license beside them still counts,
+    for each instance of a request with several, and a request without one stays unlicensed."""
+    ts, licensing, x = stock["ts"], stock["licensing"], stock["x"][:3]
+    status, plain = predict(ts, "digits", x)
+    assert status == 200 and len(plain["predictions"]) == 3
+    body = json.dumps({"instances": x.tolist(), "license": licensing.license(1, "bob").to_text()}).encode()
+    status, guarded = post(f"{ts.url}/predictions/guarded", body)
+    assert status == 200
+    assert torch.allclose(torch.tensor(guarded["predictions"]), torch.tensor(plain["predictions"]), atol=1e-4)
+    headers = {"X-ActiveGuard-License": encode_license_header(licensing.license(0, "alice").to_text())}
+    status, by_header = predict(ts, "guarded", x, headers)  # several instances, the license in the header
+    assert status == 200 and torch.allclose(
+        torch.tensor(by_header["predictions"]), torch.tensor(plain["predictions"]), atol=1e-4
+    )

@@ -23,7 +23,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from activeguard.credentials import licenses, sessions
-from activeguard.credentials.control import random_outputs
+from activeguard.credentials.control import ControlConfig, random_outputs
 from activeguard.guard.guard import Guard
 from activeguard.guard.outcomes import Request
 from activeguard.guard.profile import Profile
@@ -78,10 +78,13 @@ def measure(
 ) -> dict[str, Any]:
     """The two-sample AUC of the guard's ``random`` policy and of the paper's, on inputs ``x``."""
     gateway = Ed25519PrivateKey.generate()
+    control = ControlConfig.signed_default(int(loaded.num_classes or 2))  # what package and protect use
     profile = Profile(
         model_id=loaded.model_id,
         input_shape=loaded.spec.shape,
-        num_classes=int(loaded.num_classes or 2),
+        num_classes=control.num_classes,
+        confidences=control.confidences,
+        runner_up_confidences=control.runner_up_confidences,
         gateway_public_key=licenses.public_key_pem(gateway.public_key()).decode(),
         source=loaded.source.name,
         input_spec=loaded.spec.to_dict(),

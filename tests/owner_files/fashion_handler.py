@@ -1,5 +1,6 @@
-"""An owner's own TorchServe handler, as an image-classification service writes one: PNG bytes in,
-a label name and its confidence out. ActiveGuard never sees this file except through `protect`."""
+"""An owner's own TorchServe handler, as an image-classification service writes one: PNG bytes (or a
+strict JSON body ``{"image": 28×28 floats}``) in, a label name and its confidence out. ActiveGuard
+never sees this file except through `protect`."""
 
 import io
 import json
@@ -21,6 +22,11 @@ class FashionHandler(BaseHandler):
         rows = []
         for row in data:
             payload = row.get("data") or row.get("body")
+            if isinstance(payload, dict):  # TorchServe decoded an application/json body
+                if set(payload) != {"image"}:
+                    raise ValueError(f"unknown fields {sorted(set(payload) - {'image'})}")
+                rows.append(torch.tensor(payload["image"], dtype=torch.float32)[None])
+                continue
             image = Image.open(io.BytesIO(payload)).convert("L")
             rows.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None])
         return torch.stack(rows).to(self.device)
