@@ -28,31 +28,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import numpy as np
-import torch
-
-from activeguard.audit import base as audit_base
-from activeguard.credentials import licenses
-from activeguard.credentials.control import ControlConfig
-from activeguard.credentials.header import encode_license_header
-from activeguard.guard.profile import Profile
-from activeguard.models.architectures import accuracy, predict, save_model, train_lenet5
-from activeguard.models.attacks import fine_tune, global_prune
-from activeguard.models.data import load_mnist
-from activeguard.watermark import digits as wm
-from activeguard_proto.v1.gateway_pb2 import PredictRequest
-from activeguard_proto.v1.gateway_pb2_grpc import GatewayStub
-from demo.report import write_report
-from gateway.client import GatewayClient
-from gateway.process import GatewayProcess
-from gateway.tensors import to_tensor
-from handlers.packaging import package
-from handlers.server import ManagedTorchServe
-from license_server.client import to_signed
-from license_server.process import LicenseServerProcess
+# The steps import what they use (torch, grpc, the servers) when the demo runs: `activeguard --help`
+# loads this module to register the command and must not wait for them.
+if TYPE_CHECKING:
+    import numpy as np
 
 USERS = ("alice", "bob", "carol")
 REVOKED_USER = "bob"
@@ -135,6 +116,9 @@ class Demo:
                 path.unlink()
 
     def run(self) -> dict[str, Any]:
+        from activeguard.models.data import load_mnist
+        from demo.report import write_report
+
         self.out.mkdir(parents=True, exist_ok=True)
         self._clear_previous_run()
         started = time.perf_counter()
@@ -166,11 +150,16 @@ class Demo:
         return self.report
 
     def train(self) -> dict:
+        from activeguard.models.architectures import accuracy, train_lenet5
+
         s = self.split
         self.base = train_lenet5(s, epochs=self.size.train_epochs, seed=self.seed, progress=self.progress)
         return {"test_accuracy": accuracy(self.base, s.x_test, s.y_test)}
 
     def embed(self) -> dict:
+        from activeguard.models.architectures import accuracy, save_model
+        from activeguard.watermark import digits as wm
+
         s = self.split
         # --seed makes the whole demo repeatable, its key included; an owner's real key comes from
         # `activeguard watermark embed`, which draws it from the OS CSPRNG
@@ -200,6 +189,10 @@ class Demo:
         return result
 
     def start_license_server(self, servers: ExitStack) -> dict:
+        from activeguard.credentials import licenses
+        from license_server.client import to_signed
+        from license_server.process import LicenseServerProcess
+
         token = "agt_demo_" + secrets.token_urlsafe(24)  # lives only in this process and the server's env
         self.license_server = servers.enter_context(LicenseServerProcess(self.out / "license-server", token))
         self.report["processes"]["license_server"] = self.license_server.pid
@@ -241,6 +234,15 @@ class Demo:
         }
 
     def deploy(self, servers: ExitStack) -> dict:
+        import grpc
+
+        from activeguard.credentials import licenses
+        from activeguard.credentials.control import ControlConfig
+        from activeguard.guard.profile import Profile
+        from gateway.process import GatewayProcess
+        from handlers.packaging import package
+        from handlers.server import ManagedTorchServe
+
         gw_dir = self.out / "gateway"
         gw_dir.mkdir(exist_ok=True)
         gateway_key = licenses.generate_signing_key(gw_dir / "gateway.key")
@@ -301,6 +303,12 @@ class Demo:
         return self.split.x_test[:n].numpy(), self.split.y_test[:n].numpy()
 
     def _gateway_accuracy(self, user: str) -> dict:
+        import numpy as np
+        import torch
+
+        from activeguard.models.architectures import predict
+        from gateway.client import GatewayClient
+
         x, y = self._eval_set()
         client = GatewayClient(self.channel, self.licenses[user])
         outputs = np.concatenate([client.predict(MODEL_NAME, x[a : a + 100]) for a in range(0, len(x), 100)])
@@ -328,6 +336,14 @@ class Demo:
             return err.code, json.loads(err.read() or b"{}")
 
     def clients(self) -> dict:
+        import grpc
+        import numpy as np
+
+        from activeguard.credentials.header import encode_license_header
+        from activeguard_proto.v1.gateway_pb2 import PredictRequest
+        from activeguard_proto.v1.gateway_pb2_grpc import GatewayStub
+        from gateway.tensors import to_tensor
+
         x, y = self._eval_set()
         licensed = [self._gateway_accuracy(user) for user in USERS]
         # Without a token the gateway answers UNAUTHENTICATED and no outputs.
@@ -364,6 +380,10 @@ class Demo:
         }
 
     def revoke(self) -> dict:
+        import grpc
+
+        from gateway.client import GatewayClient
+
         x, _ = self._eval_set()
         victim = GatewayClient(self.channel, self.licenses[REVOKED_USER])
         victim.predict(MODEL_NAME, x[:4])  # a live session before the revocation
@@ -394,6 +414,9 @@ class Demo:
         }
 
     def pirates(self) -> dict:
+        from activeguard.models.architectures import accuracy, train_lenet5
+        from activeguard.models.attacks import fine_tune, global_prune
+
         s = self.split
         self.suspects = {  # the paper's attacks: fine-tuning on the training data, pruning 30% of all weights
             "fine-tuned copy": fine_tune(
@@ -417,9 +440,11 @@ class Demo:
 
     def audit(self) -> dict:
         """The watermark and every registered black-box audit, calibrated on references, on every suspect."""
+        from activeguard.audit import base as audit_base
         from activeguard.audit import calibration
         from activeguard.audit.fingerprinting import make_fingerprint
         from activeguard.audit.references import positive_copies, trained_references
+        from activeguard.watermark import digits as wm
 
         p = self.size
         owner = audit_base.Owner(self.owner, tuple(self.split.input_shape), self.split.num_classes, "classification")

@@ -14,6 +14,30 @@ from activeguard.credentials import licenses
 from activeguard_proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.tensors import from_tensor, to_tensor
 
+# What the gateway passes on when a model protected with its owner's handler (`activeguard protect`) cannot
+# read a request: that handler reads its own payload format (an image, text ...), not a tensor's .npy bytes.
+OWNER_HANDLER_REFUSAL = "the model's handler"
+
+
+class PayloadModelError(grpc.RpcError, ValueError):
+    """``predict`` (a tensor) to a model whose own handler reads payloads: use ``predict_payload``.
+
+    Still the gateway's INVALID_ARGUMENT (``code()``, ``details()``), for callers that catch ``grpc.RpcError``."""
+
+    def __init__(self, model: str, refusal: grpc.RpcError):
+        self.model, self.refusal = model, refusal
+        super().__init__(
+            f"model {model!r} is served with its owner's handler, which reads its own payload format, not a "
+            f"tensor ({refusal.details()}): send the bytes it reads with "
+            f"predict_payload({model!r}, data, content_type)"
+        )
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return str(self)
+
 
 class GatewayClient:
     def __init__(self, channel: grpc.Channel, license: licenses.SignedLicense, *, timeout: float = 30.0):
@@ -42,8 +66,14 @@ class GatewayClient:
         return token if token and expires - time.time() > 1.0 else self.authenticate(model)
 
     def predict(self, model: str, inputs: np.ndarray) -> np.ndarray:
-        """The model's outputs for a tensor (ActiveGuard's tensor handler)."""
-        reply = self._predict(gateway_pb2.PredictRequest(model=model, inputs=to_tensor(inputs)))
+        """The model's outputs for a tensor (ActiveGuard's tensor handler). A model protected with its
+        owner's handler takes that handler's payloads instead: :class:`PayloadModelError` says so."""
+        try:
+            reply = self._predict(gateway_pb2.PredictRequest(model=model, inputs=to_tensor(inputs)))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and OWNER_HANDLER_REFUSAL in (err.details() or ""):
+                raise PayloadModelError(model, err) from None
+            raise
         if reply.WhichOneof("body") != "outputs":
             raise ValueError(f"model {model!r} answered a payload, not a tensor: call predict_payload")
         return from_tensor(reply.outputs)

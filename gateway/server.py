@@ -20,8 +20,16 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
 def start(
-    config: GatewayConfig, *, host: str = "127.0.0.1", port: int = 0, metrics_port: int = 0, workers: int = 16
+    config: GatewayConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics_port: int | None = None,
+    workers: int = 16,
 ) -> tuple[grpc.Server, GatewayService, int, int]:
+    """Start the gateway; ``metrics_port`` None means the config's ``metrics_port`` (0: any free port)."""
+    if metrics_port is None:
+        metrics_port = config.metrics_port
     service = GatewayService(config)
     built = build_server(
         [(gateway_pb2_grpc.add_GatewayServicer_to_server, service)],
@@ -39,7 +47,7 @@ def start(
     return built.server, service, built.port, metrics_server.server_port
 
 
-def serve(config: GatewayConfig, *, host: str, port: int, metrics_port: int, ready_file: Path | None) -> int:
+def serve(config: GatewayConfig, *, host: str, port: int, metrics_port: int | None, ready_file: Path | None) -> int:
     server, service, bound, mport = start(config, host=host, port=port, metrics_port=metrics_port)
     log.info("gateway listening on %s:%d (metrics %d)", host, bound, mport)
     if ready_file:

@@ -26,7 +26,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from activeguard.credentials import licenses, sessions
-from activeguard.guard.outcomes import EXPLANATION
+from activeguard.guard.outcomes import EXPLANATION, MALFORMED_INPUT
 from activeguard.guard.recent import Recent
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
@@ -36,6 +36,7 @@ from gateway.upstreams import UpstreamError, UpstreamPool
 
 log = logging.getLogger("activeguard.gateway")
 SESSION_CACHE_ENTRIES = 65536  # verified session tokens remembered (~1 KB each)
+MAX_PROBLEM_CHARS = 300  # of the handler's account of a malformed input, passed on to the client
 
 
 @dataclass
@@ -64,10 +65,15 @@ class GatewayConfig:
     rate_per_user_per_s: float = 200.0
     max_sessions_per_user: int = 8
     max_payload_bytes: int = MAX_PAYLOAD_BYTES  # the largest opaque payload Predict forwards
+    metrics_port: int = 0  # Prometheus; 0: any free port (`gateway --metrics-port` overrides it)
 
     @classmethod
     def from_json(cls, path: Path) -> GatewayConfig:
-        doc = json.loads(Path(path).read_text())
+        return cls.from_json_text(Path(path).read_text())
+
+    @classmethod
+    def from_json_text(cls, text: str) -> GatewayConfig:
+        doc = json.loads(text)
         doc["models"] = [ModelRoute(**m) for m in doc["models"]]
         doc["signing_key"] = Path(doc["signing_key"])
         if doc.get("revocation_file"):
@@ -316,7 +322,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 "gateway's public key in the model's protection profile?",
             )
         if not explanation.get("authorized"):
-            raise handler_refusal(str(explanation.get("reason", "unknown")))
+            reason = str(explanation.get("reason", "unknown"))
+            problem = body.get("error")
+            if reason == MALFORMED_INPUT and isinstance(problem, str):  # the handler's words for its client
+                raise handler_refusal(reason, f"refused: malformed input: {problem[:MAX_PROBLEM_CHARS]}")
+            raise handler_refusal(reason)
         return explanation
 
     def _signed_claims(self, token: str) -> sessions.SessionClaims:

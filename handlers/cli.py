@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from activeguard.cli.support import (
+    MAX_BODY_BYTES,
+    MAX_ROWS,
+    PAPER_EPSILON,
+    POLICIES,
+    STALE_POLICIES,
+    UsageError,
     add_fo_space_arguments,
     add_model_arguments,
     add_spec_arguments,
@@ -18,24 +27,27 @@ from activeguard.cli.support import (
     parse_floats,
     spec_overrides,
 )
-from activeguard.credentials.control import PAPER_EPSILON, POLICIES, configured
-from activeguard.credentials.licenses import key_id, load_public_key, public_key_pem
-from activeguard.guard.profile import Profile
-from activeguard.guard.revocation import STALE_POLICIES
-from handlers.packaging import classes_of, package_model, protect
-from handlers.server import ManagedTorchServe, Ports
+
+if TYPE_CHECKING:  # the commands import what they use when they run: building the parser loads no torch
+    from activeguard.guard.profile import Profile
 
 DEFAULT_STORE = Path("model_store")
 DEFAULT_LOG_DIR = Path("logs/torchserve")
 
 
 def _pem(path: str) -> tuple[str, str]:
+    from activeguard.credentials.licenses import key_id, load_public_key, public_key_pem
+
     key = load_public_key(path)
     return key_id(key), public_key_pem(key).decode()
 
 
 def _profile(args: argparse.Namespace, loaded) -> Profile:
     """The protection profile the flags describe, for ``loaded`` (validated before anything is built)."""
+    from activeguard.credentials.control import configured
+    from activeguard.guard.profile import Profile
+    from handlers.packaging import classes_of
+
     keys = dict(_pem(p) for p in args.license_key)
     if not keys and not args.paper_mode:
         print(
@@ -67,6 +79,8 @@ def _profile(args: argparse.Namespace, loaded) -> Profile:
         revocation_refresh_s=args.revocation_refresh_s,
         revocation_max_age_s=args.revocation_max_age_s,
         revocation_stale_policy=args.revocation_stale_policy,
+        max_rows=getattr(args, "max_rows", MAX_ROWS),  # package only: under protect the owner's handler reads
+        max_body_bytes=getattr(args, "max_body_bytes", MAX_BODY_BYTES),
         control_secret=secrets.token_hex(32),
         source=loaded.source.name,
         input_spec=loaded.spec.to_dict(),
@@ -96,6 +110,8 @@ def _report(args: argparse.Namespace, mar: Path, profile: Profile) -> None:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
+    from handlers.packaging import package_model
+
     loaded = load_model_argument(args)
     profile = _profile(args, loaded)
     _report(args, package_model(loaded, profile, args.name, Path(args.store)), profile)
@@ -103,6 +119,8 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
+    from handlers.packaging import protect
+
     mar, profile = protect(
         Path(args.mar), lambda loaded: _profile(args, loaded), Path(args.out_dir), spec_overrides(args), args.name
     )
@@ -110,11 +128,46 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name that fits TorchServe's URLs (/predictions/NAME)
+
+
+def served_models(specs: list[str], store: Path) -> dict[str, str]:
+    """``NAME`` or ``NAME=FILE.mar`` → {NAME: FILE.mar}; each archive is served under the NAME given, whatever
+    name its manifest holds. A name given twice, a name TorchServe cannot serve, or an archive that is
+    missing or not a zip is refused here, before TorchServe starts."""
+    models: dict[str, str] = {}
+    given: dict[str, str] = {}
+    for spec in specs:  # names first: a collision is the first thing to say
+        name, sep, mar = spec.partition("=")
+        mar = mar if sep else f"{name}.mar"
+        if not MODEL_NAME.fullmatch(name):
+            raise UsageError(f"{spec!r}: a model NAME is letters, digits, '_', '-' and '.' (as in NAME=FILE.mar)")
+        if name in models:
+            raise UsageError(
+                f"model name {name!r} is given twice ({given[name]} and {spec}): TorchServe serves one archive per "
+                f"name; give each its own, e.g. {name}={models[name]} {name}-2={mar}"
+            )
+        if not mar or "," in mar or "=" in mar:
+            raise UsageError(f"{spec!r}: give NAME=FILE.mar, FILE.mar a file name without ',' or '='")
+        models[name], given[name] = mar, spec
+    for name, mar in models.items():
+        path = store / mar
+        if "://" in mar:  # a URL: TorchServe fetches it
+            continue
+        if not path.exists():
+            raise UsageError(f"{path} does not exist (serve {given[name]}: FILE.mar is looked for in --store {store})")
+        if path.suffix == ".mar" and not zipfile.is_zipfile(path):
+            raise UsageError(
+                f"{path} is not a TorchServe archive (not a zip file): build it again with "
+                "`activeguard package`, `activeguard protect` or torch-model-archiver"
+            )
+    return models
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    models = {}
-    for spec in args.model:
-        name, _, mar = spec.partition("=")
-        models[name] = mar or f"{name}.mar"
+    from handlers.server import ManagedTorchServe, Ports
+
+    models = served_models(args.model, Path(args.store))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ports = Ports.choose(
@@ -200,12 +253,56 @@ def _add_protection_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+PACKAGE_LIMITS = (
+    f"Limits: the handler refuses (400, reason malformed_input) a request of more than --max-rows rows (default "
+    f"{MAX_ROWS}) and a body of more than --max-body-bytes bytes (default {MAX_BODY_BYTES}, 4 MiB; checked before "
+    "the body is parsed). `activeguard serve` lets TorchServe take bodies of up to 32 MiB, so that the handler, "
+    "not TorchServe, answers an oversized one (a larger --max-body-bytes also needs max_request_size in serve "
+    "--config). Through the gateway the same limits apply: it forwards a tensor (up to 8,388,608 float32 values) "
+    "to this handler as .npy bytes."
+)
+PROTECT_LIMITS = (
+    "Limits: your handler reads the payloads, so the tensor handler's row and body limits (package --max-rows, "
+    "--max-body-bytes) do not apply; TorchServe's max_request_size bounds a body (`activeguard serve`: 32 MiB, "
+    "or your --config's; TorchServe's own default is 6.5 MB) and the gateway forwards payloads of up to its "
+    "max_payload_bytes (32 MiB)."
+)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("package", help="build a TorchServe .mar with the ActiveGuard handler and a protection profile")
+    p = sub.add_parser(
+        "package",
+        help="build a TorchServe .mar with the ActiveGuard handler and a protection profile",
+        description='Build STORE/NAME.mar: the model, ActiveGuard\'s tensor handler (JSON {"inputs": ...} or '
+        ".npy bodies) and the protection profile (model id, FO space, policy, trusted keys, revocation source).",
+        epilog=PACKAGE_LIMITS,
+    )
     add_model_arguments(p)
     p.add_argument("--name", required=True, help="model name in TorchServe (and of the .mar file)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help="output folder (default model_store/)")
     _add_protection_arguments(p)
+    g = p.add_argument_group("request limits (the handler refuses more, 400 malformed_input)")
+    g.add_argument(
+        "--max-rows",
+        type=_positive_int,
+        default=MAX_ROWS,
+        metavar="N",
+        help=f"rows per request (default {MAX_ROWS})",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=MAX_BODY_BYTES,
+        metavar="BYTES",
+        help=f"bytes of a request body (default {MAX_BODY_BYTES}: 4 MiB; TorchServe under `serve` takes up to 32 MiB)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_package)
 
@@ -218,6 +315,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "refused requests get random outputs through the owner's postprocess, or 403 under --policy reject). "
         "Clients send what they sent before, plus the license header X-ActiveGuard-License (or a "
         "'license' entry in TorchServe's gRPC input map).",
+        epilog=PROTECT_LIMITS,
     )
     p.add_argument("mar", metavar="IN.mar", help="the owner's archive, as torch-model-archiver wrote it")
     p.add_argument(
@@ -237,8 +335,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_protect)
 
-    p = sub.add_parser("serve", help="run a local TorchServe on 127.0.0.1 until Ctrl-C")
-    p.add_argument("model", nargs="+", help="NAME or NAME=FILE.mar from the store")
+    p = sub.add_parser(
+        "serve",
+        help="run a local TorchServe on 127.0.0.1 until Ctrl-C",
+        description="Start TorchServe on 127.0.0.1 with the archives given, wait until each has a READY worker, "
+        "print the endpoints and serve until Ctrl-C or SIGTERM. A start that fails prints what TorchServe "
+        "said (its errors and exceptions) and exits 1; the logs stay in --log-dir.",
+    )
+    p.add_argument(
+        "model",
+        nargs="+",
+        metavar="NAME[=FILE.mar]",
+        help="serve FILE.mar from the store as NAME (POST /predictions/NAME), whatever model name its manifest "
+        "holds, so archives that share one are served side by side; NAME alone serves NAME.mar. Each NAME once",
+    )
     p.add_argument("--store", default=str(DEFAULT_STORE))
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,13 @@ from pathlib import Path
 
 KEEP_LOGS_ENV = "ACTIVEGUARD_KEEP_TS_LOGS"
 LOG_FILES = ("model_log.log", "ts_log.log", "console.log")
+# What explains a failed start in TorchServe's console (its log lines, the workers' output and what it
+# prints outside its logger, such as "Invalid configuration: ..."), and what only looks like it.
+CAUSE = re.compile(r"\[ERROR ?\]|Exception|Error\b|Invalid configuration|[Ff]ailed to load|Load model failed|died")
+NOT_A_CAUSE = re.compile(r"nvidia-smi|xpu-smi|InterruptedException|sun\.reflect|Auto recovery failed")
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:,.]+ ")
+CAUSE_LINES = 15
+WORKER_DEATHS = 3  # a model whose worker died this often while loading will not load: stop waiting
 
 
 class TorchServeError(RuntimeError):
@@ -132,6 +140,7 @@ class ManagedTorchServe:
         self.log_dir = Path(log_dir).resolve() if log_dir is not None else self.workdir / "logs"
         self.keeps_logs = workdir is not None or log_dir is not None or os.environ.get(KEEP_LOGS_ENV) is not None
         self.process: subprocess.Popen | None = None
+        self._console_start = 0  # where this run's output begins in console.log (a reused log_dir keeps older runs')
 
     @property
     def url(self) -> str:
@@ -174,7 +183,8 @@ class ManagedTorchServe:
             "grpc_management_address=127.0.0.1",
             f"grpc_management_port={p.grpc_management}",
             f"model_store={self.model_store}",
-            f"load_models={','.join(self.models.values())}",
+            # NAME=FILE.mar: each archive is registered under the name given, whatever its manifest says
+            f"load_models={','.join(f'{name}={mar}' for name, mar in self.models.items())}",
             f"models={json.dumps(models)}",
             "disable_token_authorization=true",
             # Let oversized bodies reach the handler, which answers a JSON 400 (Netty would reset).
@@ -209,6 +219,29 @@ class ManagedTorchServe:
                 chunks.append(f"--- {name} ---\n" + "\n".join(text))
         return "\n".join(chunks)
 
+    def _console(self) -> str:
+        """What this run has written to console.log so far."""
+        try:
+            with open(self.log_dir / "console.log", "rb") as f:
+                f.seek(self._console_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def cause(self) -> str:
+        """The lines of this run's TorchServe output that say what went wrong (errors, exceptions, failed
+        loads; each once, timestamps dropped), else the logs' last lines; and where the full logs are."""
+        seen: dict[str, None] = {}
+        for raw in self._console().splitlines():
+            if CAUSE.search(raw) and not NOT_A_CAUSE.search(raw):
+                seen.setdefault(TIMESTAMP.sub("", raw).strip(), None)
+        if not seen:
+            return self.log_tail()
+        lines = list(seen)[:CAUSE_LINES]
+        more = f"\n  ... ({len(seen) - CAUSE_LINES} more)" if len(seen) > CAUSE_LINES else ""
+        where = f"\n(full logs in {self.log_dir})" if self.keeps_logs else ""
+        return "TorchServe said:\n" + "\n".join(f"  {line}" for line in lines) + more + where
+
     def start(self) -> ManagedTorchServe:
         if shutil.which("java") is None:
             raise TorchServeError(
@@ -240,6 +273,7 @@ class ManagedTorchServe:
             str(self._config()),
         ]
         console = open(self.log_dir / "console.log", "ab")  # a reused log_dir keeps earlier runs' output
+        self._console_start = console.tell()
         self.process = subprocess.Popen(
             cmd, stdout=console, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
         )
@@ -256,25 +290,49 @@ class ManagedTorchServe:
         pending = set(self.models)
         while pending:
             if self.process.poll() is not None:
-                raise TorchServeError(f"TorchServe exited with code {self.process.returncode}\n{self.log_tail()}")
-            for name in list(pending):
-                if self.worker_status(name) == "READY":
+                raise TorchServeError(f"TorchServe exited with code {self.process.returncode}\n{self.cause()}")
+            for name in sorted(pending):
+                state = self._probe(name)
+                if state == "READY":
                     pending.discard(name)
+                elif state == "missing":  # the API answers only once the initial models are registered
+                    raise TorchServeError(
+                        f"TorchServe did not register model {name!r} from {self.models[name]}\n{self.cause()}"
+                    )
+                elif self._worker_deaths(name) >= WORKER_DEATHS:
+                    raise TorchServeError(
+                        f"no READY worker for {name!r}: its worker died {WORKER_DEATHS} times loading "
+                        f"{self.models[name]}\n{self.cause()}"
+                    )
             if time.monotonic() > deadline:
                 raise TorchServeError(
-                    f"no READY worker for {sorted(pending)} after {self.startup_timeout:.0f} s\n{self.log_tail()}"
+                    f"no READY worker for {sorted(pending)} after {self.startup_timeout:.0f} s\n{self.cause()}"
                 )
             time.sleep(0.3)
 
-    def worker_status(self, name: str) -> str | None:
+    def _worker_deaths(self, name: str) -> int:
+        """How often a worker of ``name`` has died in this run (its Python side's last words, in TorchServe's
+        console under the worker's thread, W-PORT-NAME_VERSION)."""
+        died = re.compile(rf"W-\d+-{re.escape(name)}_\S* .*Backend worker process died")
+        return sum(1 for line in self._console().splitlines() if died.search(line))
+
+    def _probe(self, name: str) -> str | None:
+        """The model's state: READY, another worker status, None (no workers yet, or the management API is
+        not up yet) or "missing" (the API is up and does not know the model)."""
         try:
             with urllib.request.urlopen(f"{self.management_url}/models/{name}", timeout=2) as resp:
                 workers = json.load(resp)[0].get("workers", [])
+        except urllib.error.HTTPError as err:
+            return "missing" if err.code == 404 else None
         except (urllib.error.URLError, OSError, ValueError, IndexError):
             return None
         return (
             "READY" if any(w.get("status") == "READY" for w in workers) else (workers[0]["status"] if workers else None)
         )
+
+    def worker_status(self, name: str) -> str | None:
+        state = self._probe(name)
+        return None if state == "missing" else state
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (our own process group) and wait until they are gone."""

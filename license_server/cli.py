@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from activeguard.cli.support import (
+    ArgumentParser,
     UsageError,
     add_fo_space_arguments,
     add_model_arguments,
@@ -518,28 +519,35 @@ def _run(args: argparse.Namespace) -> int:
     return _guarded(args.func)(args)
 
 
+def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """Exception classes of ``module`` if a command has imported it, else none: nothing can raise them
+    before, and importing grpc or the store only to catch their errors would slow every command."""
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, name) for name in names) if loaded is not None else ()
+
+
 def _guarded(cmd):
     """Wrap a client command: gRPC and input errors become one line on stderr and an exit code."""
 
     def run(args: argparse.Namespace) -> int:
-        import grpc
-
-        from activeguard.credentials.licenses import LicenseError
-        from license_server.errors import InvalidRequest, IssuanceError, NotFound, PreconditionFailed
-        from license_server.store import StoreError
+        from activeguard.credentials.licenses import LicenseError  # no torch
 
         try:
             return cmd(args)
-        except grpc.RpcError as exc:
+        except _loaded("grpc", "RpcError") as exc:  # each except clause is evaluated once something is raised
             code = exc.code().name if exc.code() else "UNKNOWN"
             print(f"error: {code}: {exc.details()}", file=sys.stderr)
             return 2 if code in _USAGE_CODES else 1
         except (OSError, LicenseError, ValueError, UsageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except (IssuanceError, StoreError) as exc:  # commands that work on the store directly (pregenerate)
+        except (
+            *_loaded("license_server.errors", "IssuanceError"),
+            *_loaded("license_server.store", "StoreError"),
+        ) as exc:  # commands that work on the store directly (pregenerate)
+            invalid = _loaded("license_server.errors", "InvalidRequest", "NotFound", "PreconditionFailed")
             print(f"error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, (InvalidRequest, NotFound, PreconditionFailed)) else 1
+            return 2 if isinstance(exc, invalid) else 1
 
     return run
 
@@ -559,14 +567,14 @@ def register(sub) -> None:
 
 def license_main(argv: list[str] | None = None) -> int:
     """``activeguard license issue|revoke|list|show|verify|register ...``."""
-    p = argparse.ArgumentParser(prog="activeguard license", description="administer licenses on a license server")
+    p = ArgumentParser(prog="activeguard license", description="administer licenses on a license server")
     sub = p.add_subparsers(dest="command", required=True)
     add_license_commands(sub)
     return _run(p.parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="activeguard-license-server", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="activeguard-license-server", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gRPC license server")
     add_serve_arguments(s)

