@@ -20,25 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activeguard.credentials import licenses, sessions
-from activeguard.credentials.control import ControlConfig, random_outputs
-from activeguard.guard.guard import Guard
-from activeguard.guard.outcomes import Request
-from activeguard.guard.profile import Profile
+from activeguard.credentials.control import random_outputs
+from activeguard.experiments.served import ServedModel
 from activeguard.models.sources import LoadedModel
 
 FEATURES = ("top_probability", "entropy", "margin", "repeat_agreement", "perturbed_agreement", "perturbed_shift")
-
-
-def _answers(guard: Guard, x: torch.Tensor, session: str | None) -> torch.Tensor:
-    """Probabilities a client gets for each row of ``x`` (one row per request, as a batch)."""
-    body = [json.dumps({"inputs": row[None].tolist()}).encode() for row in x]
-    outcomes = guard.handle([Request(b, session=session) for b in body])
-    if any(o.status != 200 for o in outcomes):
-        raise RuntimeError(f"the guard refused a request it should answer: {outcomes[0].reason}")
-    return torch.tensor([o.body["outputs"][0] for o in outcomes])
 
 
 def _features(first: torch.Tensor, again: torch.Tensor, nearby: torch.Tensor) -> np.ndarray:
@@ -77,32 +64,17 @@ def measure(
     loaded: LoadedModel, x: torch.Tensor, *, noise: float = 0.01, seed: int = 0, y: torch.Tensor | None = None
 ) -> dict[str, Any]:
     """The two-sample AUC of the guard's ``random`` policy and of the paper's, on inputs ``x``."""
-    gateway = Ed25519PrivateKey.generate()
-    control = ControlConfig.signed_default(int(loaded.num_classes or 2))  # what package and protect use
-    profile = Profile(
-        model_id=loaded.model_id,
-        input_shape=loaded.spec.shape,
-        num_classes=control.num_classes,
-        confidences=control.confidences,
-        runner_up_confidences=control.runner_up_confidences,
-        gateway_public_key=licenses.public_key_pem(gateway.public_key()).decode(),
-        source=loaded.source.name,
-        input_spec=loaded.spec.to_dict(),
-        control_secret=bytes(32).hex() if seed == 0 else f"{seed:064x}",
-    ).validated()
-    guard = Guard(loaded.model, profile)
-    token, _ = sessions.issue_session(
-        gateway, license_id="evaluation", user="evaluation", user_index=0, model_id=loaded.model_id, ttl_seconds=3600
-    )
+    served = ServedModel(loaded, control_secret=None if seed == 0 else f"{seed:064x}")
+    token = served.session("evaluation")
     low, high = loaded.spec.bounds
     generator = torch.Generator().manual_seed(seed)
     nearby_x = (x + (torch.rand(x.shape, generator=generator) * 2 - 1) * noise * (high - low)).clamp(low, high)
     runs = {
-        who: [_answers(guard, rows, session) for rows in (x, x, nearby_x)]
+        who: [served.probabilities(rows, session) for rows in (x, x, nearby_x)]
         for who, session in (("licensed", token), ("unlicensed", None))
     }
     feats = {who: _features(*answers) for who, answers in runs.items()}
-    paper = [random_outputs(len(x), profile.num_classes, generator) for _ in range(3)]
+    paper = [random_outputs(len(x), served.profile.num_classes, generator) for _ in range(3)]
     result: dict[str, Any] = {
         "two_sample_auc": two_sample_auc(feats["licensed"], feats["unlicensed"], seed),
         "paper_random_policy_auc": two_sample_auc(feats["licensed"], _features(*paper), seed),

@@ -35,6 +35,7 @@ class Batch:
     fingerprint_keys: dict[int, tuple[str, str]] = field(default_factory=dict)
     denied: dict[int, str] = field(default_factory=dict)
     explain: dict[int, sessions.SessionClaims] = field(default_factory=dict)
+    license_ids: dict[int, str] = field(default_factory=dict)  # the license behind a session or license request
 
     def fail(self, i: int) -> None:
         """Request ``i`` hit a bug: it leaves the forward pass and gets its own internal error."""

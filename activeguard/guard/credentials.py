@@ -110,8 +110,10 @@ class CredentialCheck:
             if isinstance(session, sessions.SessionError):
                 raise session
             batch.sessions[i] = sessions.admit_claims(session, model_id=self.profile.model_id, revoked=batch.revoked)
+            batch.license_ids[i] = batch.sessions[i].license_id
         elif _present(request.license) or "license" in extras:
             payload = self._license(request.license if _present(request.license) else extras["license"], batch.revoked)
+            batch.license_ids[i] = payload.license_id
             passed = self._passed_fingerprints.get(_fingerprint_key(payload))
             if passed is not None:  # this license's fingerprint already authenticated on this model
                 batch.passed[i] = (payload.user, passed)

@@ -27,6 +27,7 @@ from torch import nn
 
 from activeguard.credentials.control import decide
 from activeguard.guard import outcomes as o
+from activeguard.guard.answers import AnswerStamp
 from activeguard.guard.batch import Batch, ModelPass, Outputs
 from activeguard.guard.credentials import CredentialCheck
 from activeguard.guard.front import FrontEnd
@@ -64,6 +65,7 @@ class Guard:
         self.model_pass = ModelPass()
         self.policy = RefusalPolicy(self.config, profile.secret)
         self.front = FrontEnd(self.parser, self.model, self.device)
+        self.answers = AnswerStamp.from_profile(profile)  # None: the answer watermark is off
 
     def handle(self, requests: list[Request]) -> list[Outcome]:
         """One JSON outcome per request, in order (the tensor front end: bodies are JSON or .npy)."""
@@ -93,13 +95,25 @@ class Guard:
             except Exception:
                 logger.exception("request %d of a batch could not be decided", i)
                 batch.verdicts[i] = internal_error(batch.explain.get(i))
+        if self.answers is not None:
+            self.answers.flush()  # durable before any answer of the batch leaves
         for i, verdict in batch.verdicts.items():
             if not verdict.admitted:
                 logger.info("refused request %d: %s", i, verdict.reason)
         return [batch.verdicts[i] for i in range(len(requests))]
 
     def _verdict(self, i: int, outputs: Outputs, batch: Batch, front: FrontEnd) -> Verdict:
-        """Request ``i``'s verdict once the forward pass has answered its input and its fingerprint."""
+        """Request ``i``'s verdict once the forward pass has answered its input and its fingerprint; an
+        admitted answer under a license carries that license's answer watermark."""
+        verdict = self._decision(i, outputs, batch, front)
+        license_id = batch.license_ids.get(i)
+        if self.answers is not None and verdict.admitted and verdict.outputs is not None and license_id:
+            verdict.outputs = self.answers.apply(
+                verdict.outputs, batch.inputs[i], license_id, verdict.user or "", front
+            )
+        return verdict
+
+    def _decision(self, i: int, outputs: Outputs, batch: Batch, front: FrontEnd) -> Verdict:
         explain = batch.explain.get(i)
         raw = outputs[("in", i)][0] if i in batch.inputs else None
         if i in batch.sessions:

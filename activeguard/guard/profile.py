@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,12 @@ class Profile:
     # keys the refusal policy's permutations (hex; activeguard.guard.policy): drawn at package time, so every
     # worker and replica answers an unlicensed input alike. None (an older archive): each worker draws its own.
     control_secret: str | None = field(default=None, repr=False)
+    # the answer watermark (activeguard.watermark.answers): the band's log-probability margin (0: off), the
+    # owner's key file on the serving host (never in the archive) and the journal directory the answers in the
+    # band are written to (activeguard.watermark.journal), which the license server ingests
+    answer_watermark_margin: float = 0.0
+    answer_key_file: str | None = None
+    answer_journal_dir: str | None = None
 
     def validated(self) -> Profile:
         """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
@@ -73,6 +80,10 @@ class Profile:
             raise ValueError("revocation_refresh_s and revocation_max_age_s must be positive")
         if not (self.max_rows >= 1 and self.max_body_bytes >= 1):
             raise ValueError("max_rows and max_body_bytes must be at least 1")
+        if not (self.answer_watermark_margin >= 0 and math.isfinite(self.answer_watermark_margin)):
+            raise ValueError("answer_watermark_margin must be a non-negative number of nats (0: off)")
+        if self.answer_watermark_margin and not (self.answer_key_file and self.answer_journal_dir):
+            raise ValueError("an answer watermark needs its key file and a journal directory")
         if self.source not in SOURCES:
             raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too
