@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from activeguard.cli.app import add_owner_argument, cmd_watermark_verify
+from activeguard.cli.extraction import add_extraction_parser, cmd_extraction
 from activeguard.cli.support import (
     DEFAULT_REFERENCES,
     EXIT_NEGATIVE,
@@ -329,6 +330,20 @@ def _black_box(
         **{k: v for k, v in score.evidence.items() if k not in ("statistic",)},
         "seconds": time.perf_counter() - start,
     }
+
+
+def cmd_extraction_audit(args: argparse.Namespace) -> int:
+    """``audit extraction``, with the suspect opened as every black-box audit opens it."""
+    _check_transport(args)
+    options = {
+        "timeout_s": args.timeout,
+        "batch_size": args.batch_size,
+        "api": _endpoint_api(args, [str(args.suspect)]),
+        "model_file": args.suspect_model_file,
+        "model_class": args.suspect_model_class,
+        "overrides": _suspect_overrides(args),
+    }
+    return cmd_extraction(args, options)
 
 
 def _verdict_line(row: dict) -> str:
@@ -854,6 +869,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_transport_arguments(p)
     add_common(p, seed=False)
     p.set_defaults(func=cmd_all)
+
+    p = add_extraction_parser(audit_sub, _add_suspect_arguments, _add_transport_arguments, add_common)
+    p.set_defaults(func=cmd_extraction_audit)
 
     p = audit_sub.add_parser(
         "watermark",

