@@ -91,6 +91,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="mTLS: refuse clients without a certificate signed by this PEM CA (needs --tls-cert/--tls-key)",
     )
+    p.add_argument(
+        "--answer-journal",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of answer journals (the protection profile's answer_journal_dir) to ingest into the database: "
+        "answer records for the extraction audit, usage and alerts per license; a suspend alert revokes its "
+        "license (repeat for several directories)",
+    )
+    p.add_argument("--journal-poll-s", type=float, default=5.0, help="seconds between journal reads (default 5)")
+    add_retention_argument(p)
     p.add_argument("--ready-file", default=None, help="write {pid, port, metrics_port, key_id} here once serving")
     p.add_argument("--max-steps", type=int, default=1000, help="fingerprint optimizer steps")
     p.add_argument("--log-level", default="INFO")
@@ -100,6 +111,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="create the signing key if needed, write its public half here (for "
         "`activeguard package --license-key`), and exit",
+    )
+
+
+def add_retention_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--answer-retention-days",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="delete answer records (users' inputs in the watermark's band) older than this (default 30; 0 keeps them)",
     )
 
 
@@ -129,8 +150,8 @@ def serve(args: argparse.Namespace) -> int:
         return export_key(args)
     try:
         config = _server_config(args)
-    except ValueError as exc:  # half a TLS setup
-        print(f"error: {exc} (see --tls-cert, --tls-key, --tls-client-ca)", file=sys.stderr)
+    except ValueError as exc:  # half a TLS setup, or a period or retention out of range
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level)
     server = LicenseServer(config).start()
@@ -167,6 +188,9 @@ def _server_config(args: argparse.Namespace) -> Any:
         tls_key=args.tls_key and Path(args.tls_key),
         tls_client_ca=args.tls_client_ca and Path(args.tls_client_ca),
         max_steps=args.max_steps,
+        answer_journals=tuple(Path(d) for d in args.answer_journal),
+        journal_poll_seconds=args.journal_poll_s,
+        answer_retention_days=args.answer_retention_days,
     )
 
 
@@ -230,13 +254,12 @@ def _license_dict(msg) -> dict[str, Any]:
 
 
 def _human(d: dict[str, Any]) -> str:
-    when = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))  # noqa: E731
     text = (
         f"{d['license_id']}  {d['state']:<7}  user={d['user']!r}  model={d['model_id'][:16]}  "
-        f"FO=({d['fo_class']}, {d['fo_confidence']})  expires {when(d['expires_at'])}"
+        f"FO=({d['fo_class']}, {d['fo_confidence']})  expires {_when(d['expires_at'])}"
     )
     if d.get("revoked_at"):
-        text += f"  revoked {when(d['revoked_at'])}: {d['revoke_reason']}"
+        text += f"  revoked {_when(d['revoked_at'])}: {d['revoke_reason']}"
     return text
 
 
@@ -358,13 +381,66 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
+    """The license, and what the server's ingested answer journals say about it."""
     with _client(args) as c:
         msg = c.get(args.license_id)
+        usage = _usage(c, args.license_id)
     d = _license_dict(msg)
     if args.out:
         d["file"] = str(_save_license(msg, args.out))
-    _emit(args, d, _human(d) + (f"\nwritten to {d['file']}" if args.out else ""))
+    if usage is not None:
+        d["usage"] = usage
+    lines = [_human(d), *(_human_usage(usage) if usage is not None else [])]
+    _emit(args, d, "\n".join(lines) + (f"\nwritten to {d['file']}" if args.out else ""))
     return 0
+
+
+def _usage(c, license_id: str) -> dict[str, Any] | None:
+    """The license's usage as a dict; None from a server older than GetLicenseUsage."""
+    import grpc
+
+    try:
+        u = c.usage(license_id)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        raise
+    return {
+        "served": u.served,
+        "refused": {r.reason: r.rows for r in u.refused},
+        "last_seen": u.last_seen or None,
+        "answer_records": u.answer_records,
+        "alerts": [
+            {
+                "reason": a.reason,
+                "policy": a.policy,
+                "at": a.at,
+                "detail": a.detail,
+                **({"acted_at": a.acted_at, "action": a.action} if a.acted_at else {}),
+            }
+            for a in u.alerts
+        ],
+    }
+
+
+def _human_usage(u: dict[str, Any]) -> list[str]:
+    refused = sum(u["refused"].values())
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(u["refused"].items()))
+    seen = _when(u["last_seen"]) if u["last_seen"] else "never (no usage in the ingested journals)"
+    lines = [
+        f"  usage: {u['served']:,} rows served, {refused:,} refused"
+        + (f" ({reasons})" if reasons else "")
+        + f"; last seen {seen}; {u['answer_records']:,} answer records kept for the extraction audit"
+    ]
+    for a in u["alerts"]:
+        acted = f": {a['action']} {_when(a['acted_at'])}" if a.get("acted_at") else ""
+        detail = f" ({a['detail']})" if a["detail"] else ""
+        lines.append(f"  alert {_when(a['at'])}: {a['reason']}{detail}, policy {a['policy']}{acted}")
+    return lines
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
 
 
 def cmd_verify(args) -> int:
@@ -420,6 +496,37 @@ def cmd_revocations(args) -> int:
     scope = f"model {listed.model_id[:16]}…" if listed.model_id else "every model"
     _emit(args, d, f"wrote {out}: {len(listed.revoked)} revoked licenses of {scope}, version {listed.version}")
     return 0
+
+
+def cmd_ingest(args) -> int:
+    """One ingestion pass without a server: into the license server's database (a suspend alert revokes
+    its license there, and the server's signed revocation list picks it up), or into a database of its
+    own for an air-gapped audit (``activeguard audit extraction --records URL`` reads it)."""
+    from license_server.ingestion import JournalIngester
+    from license_server.store import Store
+
+    url = args.database_url or os.environ.get(DB_ENV, "")
+    if not url:
+        raise UsageError(f"give --db URL (or ${DB_ENV}), e.g. sqlite:///audit.db")
+    missing = [d for d in args.directories if not Path(d).is_dir()]
+    if missing:
+        raise UsageError(f"not a directory: {', '.join(missing)}")
+    store = Store(url)
+    try:
+        report = JournalIngester(store, args.directories, retention_days=args.answer_retention_days).poll()
+    finally:
+        store.close()
+    d = report.to_dict()
+    suspended = f"; suspended {', '.join(report.suspended)}" if report.suspended else ""
+    _emit(
+        args,
+        d,
+        f"read {report.bytes:,} bytes of {report.files} journals: {report.answers:,} new answer records, "
+        f"{report.usage:,} usage entries, {report.alerts} alerts{suspended}; pruned {report.pruned:,} records past "
+        f"retention; skipped {report.skipped} entries"
+        + (f"; {report.errors} failures (see the log)" if report.errors else ""),
+    )
+    return 1 if report.errors else 0
 
 
 def cmd_header(args) -> int:
@@ -506,6 +613,26 @@ def add_license_commands(sub) -> None:
     p.set_defaults(func=cmd_revocations)
 
     p = sub.add_parser(
+        "ingest",
+        help="read answer journals into a database once, without a server (air-gapped audits)",
+        description="Stores the journals' answer records (each once), usage and alerts per license, from where "
+        "the last ingest into this database stopped; a suspend alert revokes its license in that database. "
+        "The license server does the same continuously with --answer-journal DIR.",
+    )
+    p.add_argument(
+        "directories",
+        nargs="+",
+        metavar="DIR",
+        help="journal directories (the protection profile's answer_journal_dir)",
+    )
+    p.add_argument(
+        "--db", "--database-url", dest="database_url", default=None, help=f"SQLAlchemy URL (default ${DB_ENV})"
+    )
+    add_retention_argument(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
         "header",
         help="print an .aglicense as the X-ActiveGuard-License header value (base64 of zlib; no server needed)",
         description="TorchServe limits a request header to 8 KB; this compact form fits. Use it as "
@@ -544,6 +671,7 @@ def _guarded(cmd):
         except (
             *_loaded("license_server.errors", "IssuanceError"),
             *_loaded("license_server.store", "StoreError"),
+            *_loaded("activeguard.watermark.record_store", "RecordStoreError"),
         ) as exc:  # commands that work on the store directly (pregenerate)
             invalid = _loaded("license_server.errors", "InvalidRequest", "NotFound", "PreconditionFailed")
             print(f"error: {exc}", file=sys.stderr)

@@ -160,6 +160,10 @@ class LicenseClient:
     def get(self, license_id: str) -> license_pb2.License:
         return self._admin("GetLicense", license_pb2.GetLicenseRequest(license_id=license_id))
 
+    def usage(self, license_id: str) -> license_pb2.LicenseUsage:
+        """What the ingested answer journals say about the license (served, refused, alerts, records kept)."""
+        return self._admin("GetLicenseUsage", license_pb2.GetLicenseRequest(license_id=license_id))
+
     def list(
         self, *, model_id: str = "", user: str = "", state: int = 0, page_size: int = 0, include_signed: bool = False
     ) -> list[license_pb2.License]:

@@ -36,6 +36,11 @@ class ServerConfig:
     pregenerate_on_register: bool = True
     register_pool: int = 100  # fingerprints that fill (a paper space: all of its slots when fewer)
     first_pregeneration_batch: int = 8
+    # answer journals (activeguard.watermark.journal) ingested into the store every journal_poll_seconds;
+    # answer records older than answer_retention_days are deleted (0: kept)
+    answer_journals: tuple[Path, ...] = ()
+    journal_poll_seconds: float = 5.0
+    answer_retention_days: float = 30.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -43,6 +48,9 @@ class ServerConfig:
             self.database_url = f"sqlite:///{(self.data_dir / 'licenses.db').resolve()}"
         self.signing_key = Path(self.signing_key or self.data_dir / "signing_key.pem")
         self.admin_token_hash_file = Path(self.admin_token_hash_file or self.data_dir / "admin_token.sha256")
+        self.answer_journals = tuple(Path(d) for d in self.answer_journals)
+        if self.journal_poll_seconds <= 0 or self.answer_retention_days < 0:
+            raise ValueError("journal_poll_seconds must be positive and answer_retention_days at least 0")
         self._check_tls()
 
     def _check_tls(self) -> None:

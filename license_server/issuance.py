@@ -259,9 +259,13 @@ class Issuer:
         if r is None:
             raise NotFound(f"no license {shown(license_id)}")
         if new:
-            self.metrics.revocations.inc()
-            log_event(logging.INFO, "license revoked", license_id=r.license_id, model_id=r.model_id[:16])
+            self.revoked(r)
         return r
+
+    def revoked(self, r: LicenseRecord) -> None:
+        """Count and log a revocation (by an admin, or by the journal ingester for a suspend alert)."""
+        self.metrics.revocations.inc()
+        log_event(logging.INFO, "license revoked", license_id=r.license_id, model_id=r.model_id[:16])
 
     def revocations(self, since: int, model_id: str, page_size: int) -> tuple[list[RevocationRecord], int]:
         """(revocations after sequence ``since``, the cursor to pass next time)."""

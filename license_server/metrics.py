@@ -57,6 +57,23 @@ class Metrics:
             "Version (last revocation sequence number) of the newest signed revocation list served",
             registry=r,
         )
+        self.journal_entries = Counter(
+            "activeguard_journal_entries_ingested_total",
+            "Answer-journal entries stored, by kind (answer: records new to the store; usage; alert)",
+            ["kind"],
+            registry=r,
+        )
+        self.journal_errors = Counter(
+            "activeguard_journal_ingest_errors_total",
+            "Journal files or ingestion steps a pass could not complete (the next pass retries)",
+            registry=r,
+        )
+        self.answer_records_pruned = Counter(
+            "activeguard_answer_records_pruned_total", "Answer records deleted past the retention", registry=r
+        )
+        self.suspensions = Counter(
+            "activeguard_license_suspensions_total", "Licenses revoked for an extraction alert", registry=r
+        )
         self.on_demand_batch = Histogram(
             "activeguard_on_demand_batch_size",
             "IssueLicense requests served by one on-demand optimization",

@@ -4,7 +4,7 @@ or in this process (:func:`in_process`: tests that read its metrics, use TLS or 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +25,16 @@ class LicenseServerProcess(ReadyFileProcess):
     """``python -m license_server serve`` with its data (SQLite, signing key) in ``data_dir``."""
 
     def __init__(
-        self, data_dir: Path, token: str, database_url: str = "", *, log_level: str = "INFO", register_pool: int = 100
+        self,
+        data_dir: Path,
+        token: str,
+        database_url: str = "",
+        *,
+        log_level: str = "INFO",
+        register_pool: int = 100,
+        extra_args: Sequence[str] = (),
     ):
+        """``extra_args``: more ``serve`` options (``--answer-journal DIR``, ...)."""
         cmd = [
             sys.executable,
             "-m",
@@ -45,6 +53,7 @@ class LicenseServerProcess(ReadyFileProcess):
         ]
         if database_url:
             cmd += ["--database-url", database_url]
+        cmd += extra_args
         self.data_dir = Path(data_dir)
         self.token = token
         super().__init__(cmd, self.data_dir, "license server", log_name="server.log", env={TOKEN_ENV: token})

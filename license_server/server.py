@@ -8,16 +8,19 @@ import os
 from prometheus_client import start_http_server
 
 from activeguard.credentials import licenses as lic
+from activeguard.watermark.record_store import RecordStore
 from activeguard_proto.rpc import BuiltServer, build_server, server_credentials
 from activeguard_proto.v1 import license_pb2_grpc
 from license_server.auth import TOKEN_ENV, AdminAuth, create_admin_token, hash_token, load_token_hash, write_secret
 from license_server.config import ServerConfig
+from license_server.ingestion import IngestLoop, IngestReport, JournalIngester
 from license_server.interceptors import AdminAuthInterceptor
 from license_server.issuance import Issuer
+from license_server.journal_ledger import JournalLedger
 from license_server.logs import log_event
 from license_server.metrics import Metrics
 from license_server.servicer import ADMIN_METHODS, SERVICE_NAME, LicenseServicer
-from license_server.store import Store, redact_url
+from license_server.store import LicenseRecord, Store, redact_url
 
 
 class LicenseServer:
@@ -31,6 +34,7 @@ class LicenseServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._httpd = None
+        self._ingestion: IngestLoop | None = None
 
     @property
     def grpc_server(self):
@@ -76,7 +80,8 @@ class LicenseServer:
         )
         self.metrics = Metrics()
         self.issuer = Issuer(cfg, self.store, key, self.metrics)
-        self.service = LicenseServicer(self.issuer, self.metrics)
+        self.records = RecordStore(self.store.engine)  # answer records, in the license database
+        self.service = LicenseServicer(self.issuer, self.metrics, JournalLedger(self.store), self.records)
         gate = AdminAuthInterceptor(self._admin_auth(), SERVICE_NAME, ADMIN_METHODS, on_refusal=self._auth_refused)
         self._built = build_server(
             [(license_pb2_grpc.add_LicenseServiceServicer_to_server, self.service)],
@@ -92,6 +97,7 @@ class LicenseServer:
         if cfg.metrics_port is not None:
             self._httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._httpd.server_port
+        self._start_ingestion()
         log_event(
             logging.INFO,
             "serving",
@@ -103,7 +109,44 @@ class LicenseServer:
         )
         return self
 
+    def _start_ingestion(self) -> None:
+        """Poll the answer journals (``--answer-journal``) on a thread of their own."""
+        cfg = self.cfg
+        if not cfg.answer_journals:
+            return
+        ingester = JournalIngester(
+            self.store,
+            cfg.answer_journals,
+            retention_days=cfg.answer_retention_days,
+            records=self.records,
+            on_revoked=self._suspended,
+        )
+        self._ingestion = IngestLoop(ingester, cfg.journal_poll_seconds, self._ingested).start()
+        log_event(
+            logging.INFO,
+            "ingesting answer journals",
+            directories=[str(d) for d in cfg.answer_journals],
+            every_s=cfg.journal_poll_seconds,
+            retention_days=cfg.answer_retention_days or None,
+        )
+
+    def _suspended(self, row: LicenseRecord) -> None:
+        self.issuer.revoked(row)
+        self.metrics.suspensions.inc()
+
+    def _ingested(self, report: IngestReport) -> None:
+        m = self.metrics
+        for kind, n in (("answer", report.answers), ("usage", report.usage), ("alert", report.alerts)):
+            m.journal_entries.labels(kind).inc(n)
+        m.journal_errors.inc(report.errors)
+        m.answer_records_pruned.inc(report.pruned)
+        if report.files or report.pruned:
+            log_event(logging.INFO, "answer journals ingested", **report.to_dict())
+
     def stop(self, grace: float = 2.0) -> None:
+        if self._ingestion is not None:
+            self._ingestion.stop()
+            self._ingestion = None
         if self._built is not None:
             self._built.stop(grace)
             self._built = None

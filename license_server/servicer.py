@@ -13,16 +13,18 @@ import grpc
 
 from activeguard.credentials import licenses as lic
 from activeguard.credentials.fo_space import FO
+from activeguard.watermark.record_store import RecordStore, RecordStoreError
 from activeguard_proto.rpc import ErrorMapper
 from activeguard_proto.v1 import common_pb2, license_pb2, license_pb2_grpc
 from license_server import errors as e
 from license_server.issuance import Issuer, Registration, license_state
+from license_server.journal_ledger import JournalLedger, LicenseUsage
 from license_server.logs import log, log_event
 from license_server.metrics import Metrics
 from license_server.store import AlreadyExists, LicenseRecord, ModelRecord, StoreError
 
 SERVICE_NAME = "activeguard.v1.LicenseService"
-ADMIN_METHODS = ("RegisterModel", "IssueLicense", "GetLicense", "ListLicenses", "RevokeLicense")
+ADMIN_METHODS = ("RegisterModel", "IssueLicense", "GetLicense", "ListLicenses", "RevokeLicense", "GetLicenseUsage")
 Code = grpc.StatusCode
 
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
@@ -37,6 +39,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     e.GenerationFailed: Code.INTERNAL,
     AlreadyExists: Code.ALREADY_EXISTS,
     StoreError: Code.UNAVAILABLE,  # its message is the store's own, written for clients
+    RecordStoreError: Code.UNAVAILABLE,
 }
 STATES = {
     "active": license_pb2.LICENSE_STATE_ACTIVE,
@@ -90,11 +93,32 @@ def profile_msg(row: ModelRecord) -> common_pb2.ModelProfile:
     )
 
 
+def usage_msg(u: LicenseUsage, answer_records: int) -> license_pb2.LicenseUsage:
+    return license_pb2.LicenseUsage(
+        license_id=u.license_id,
+        served=u.served,
+        refused=[license_pb2.RefusalCount(reason=k, rows=n) for k, n in sorted(u.refused.items())],
+        last_seen=u.last_seen or 0.0,
+        alerts=[
+            license_pb2.LicenseAlert(
+                reason=a.reason,
+                policy=a.policy,
+                at=a.at,
+                detail=a.detail,
+                acted_at=a.acted_at or 0,
+                action=a.action or "",
+            )
+            for a in u.alerts
+        ],
+        answer_records=answer_records,
+    )
+
+
 class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
     """Thin adapter over :class:`Issuer`; ``store``, ``key_id`` and ``cfg`` are the issuer's, for callers and tests."""
 
-    def __init__(self, issuer: Issuer, metrics: Metrics):
-        self.issuer, self.metrics = issuer, metrics
+    def __init__(self, issuer: Issuer, metrics: Metrics, ledger: JournalLedger, records: RecordStore):
+        self.issuer, self.metrics, self.ledger, self.records = issuer, metrics, ledger, records
         self.store, self.key_id, self.cfg = issuer.store, issuer.key_id, issuer.cfg
         self._errors = ErrorMapper(log, STATUS_CODES, on_result=self._count)
 
@@ -102,7 +126,7 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
         """Failure metrics and the store-error log line (the store's detail never reaches the client)."""
         if method == "IssueLicense" and code != Code.OK:
             self.metrics.issue_failures.labels(code.name).inc()
-        if isinstance(exc, StoreError) and code == Code.UNAVAILABLE:
+        if isinstance(exc, StoreError | RecordStoreError) and code == Code.UNAVAILABLE:
             self.metrics.store_errors.labels(method).inc()
             log_event(logging.ERROR, "store error", method=method, error=str(exc), detail=getattr(exc, "detail", ""))
 
@@ -207,6 +231,14 @@ class LicenseServicer(license_pb2_grpc.LicenseServiceServicer):
             )
 
         return self._errors.run("ListRevocations", context, run)
+
+    def GetLicenseUsage(self, request, context):  # noqa: N802
+        def run() -> license_pb2.LicenseUsage:
+            r = self.issuer.get(request.license_id)
+            kept = self.records.count(model_id=r.model_id, license_id=r.license_id)
+            return usage_msg(self.ledger.usage(r.license_id), kept)
+
+        return self._errors.run("GetLicenseUsage", context, run)
 
     def GetVerificationKey(self, request, context):  # noqa: N802
         def run() -> license_pb2.GetVerificationKeyResponse:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -35,9 +36,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
@@ -48,8 +47,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from activeguard.credentials.control import ControlConfig
+from activeguard.runtime.database import database_errors, describe, lock_schema, open_engine
+from activeguard.runtime.database import redact_url as redact_url  # the server logs the URL through the store
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version -> list of SQL statements that migrate from version-1 to version.
 MIGRATIONS: dict[int, list[str]] = {
     # 2: any model source (activeguard.models.sources), not only project checkpoints: how to load each model
@@ -61,6 +62,9 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # 3: the ranked FO space (activeguard.credentials.fo_space); NULL: the paper's space, as every older model
     3: ["ALTER TABLE ag_models ADD COLUMN runner_up_confidences TEXT"],
+    # 4: the answer journal's usage, alerts and read offsets (license_server.journal_ledger); new tables only,
+    # which create_all makes. The answer records have a table of their own (activeguard.watermark.record_store).
+    4: [],
 }
 
 metadata = MetaData()
@@ -133,6 +137,42 @@ pregenerated = Table(
     Column("conf_index", Integer, primary_key=True),
     Column("fingerprint", LargeBinary, nullable=False),  # float32 little-endian, one input row
     Column("created_at", Integer, nullable=False),
+)
+
+# -- the answer journal's ledger (schema 4; queries in license_server.journal_ledger) ----------------
+# No foreign keys to ag_licenses: an audit database may ingest journals of licenses it never issued.
+
+journal_offsets = Table(
+    "ag_journal_offsets",
+    metadata,
+    Column("journal", String(255), primary_key=True),  # the file's name: unique per worker process
+    Column("offset", BigInteger, nullable=False),  # bytes ingested (whole lines)
+    Column("updated_at", Integer, nullable=False),
+)
+
+license_usage = Table(
+    "ag_license_usage",
+    metadata,
+    Column("license_id", String(64), primary_key=True),
+    Column("outcome", String(16), primary_key=True),  # served | refused
+    Column("reason", String(64), primary_key=True),  # the refusal's reason; "" for served
+    Column("model_id", String(64), nullable=False, index=True),
+    Column("rows", BigInteger, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+license_alerts = Table(
+    "ag_license_alerts",
+    metadata,
+    Column("alert_key", String(64), primary_key=True),  # AlertEntry.key: one alert of one journal, once
+    Column("license_id", String(64), nullable=False, index=True),
+    Column("model_id", String(64), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("policy", String(16), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("acted_at", Integer, nullable=True),  # a suspend alert: when the license was revoked (or found so)
+    Column("action", Text, nullable=True),
 )
 
 signing_keys = Table(
@@ -233,7 +273,7 @@ class SigningKeyRecord:
 R = TypeVar("R")
 
 
-def _record(cls: type[R], row: Any) -> R:
+def as_record(cls: type[R], row: Any) -> R:
     """A frozen dataclass from a result row (bytes columns copied out of driver buffers)."""
     values = {f.name: getattr(row, f.name) for f in fields(cls)}
     return cls(**{k: bytes(v) if isinstance(v, memoryview) else v for k, v in values.items()})
@@ -266,39 +306,23 @@ def _same_spec(old: str | None, new: str | None) -> bool:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _guarded(op: str) -> Callable[[F], F]:
-    """Turn any database failure inside the method into :class:`StoreUnavailable`: no driver or
-    SQLAlchemy exception leaves the store, so callers need to know one error family only."""
+def guarded(op: str) -> Callable[[F], F]:
+    """Turn any database failure inside a store's method (``self._db_errors``) into :class:`StoreUnavailable`:
+    no driver or SQLAlchemy exception leaves a store, so callers need to know one error family only."""
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
-        def inner(self: Store, *args: Any, **kwargs: Any) -> Any:
+        def inner(self: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(self, *args, **kwargs)
             except StoreError:
                 raise
             except self._db_errors as exc:
-                raise StoreUnavailable(op, _describe(exc)) from exc
+                raise StoreUnavailable(op, describe(exc)) from exc
 
         return inner  # type: ignore[return-value]
 
     return wrap
-
-
-def _describe(exc: BaseException) -> str:
-    """A one-line account of a database failure, for the server log."""
-    orig = getattr(exc, "orig", None) or exc
-    return f"{type(orig).__name__}: {str(orig).splitlines()[0] if str(orig) else ''}"
-
-
-def redact_url(url: str) -> str:
-    """The database URL without its password (for logs)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - never let a log line fail
-        return "<unparseable database url>"
 
 
 class Store:
@@ -307,50 +331,25 @@ class Store:
     def __init__(self, url: str, *, echo: bool = False):
         self.url = url
         try:
-            self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=True, future=True)
+            self.engine: Engine = open_engine(url, echo=echo)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise StoreUnavailable("opening the database", _describe(exc)) from exc
-        dbapi = getattr(self.engine.dialect, "loaded_dbapi", None) or getattr(self.engine.dialect, "dbapi", None)
-        driver_error = getattr(dbapi, "Error", None)
-        self._db_errors: tuple[type[BaseException], ...] = (
-            (SQLAlchemyError, driver_error) if isinstance(driver_error, type) else (SQLAlchemyError,)
-        )
+            raise StoreUnavailable("opening the database", describe(exc)) from exc
+        self._db_errors = database_errors(self.engine)
         self.dialect = self.engine.dialect.name
         # ``seq`` columns are INTEGER: 32-bit on PostgreSQL, 64-bit on SQLite. A cursor beyond that range
         # matches no row, and binding it would fail ("integer out of range"): a store error, not a page.
         self.max_sequence = 2**31 - 1 if self.dialect == "postgresql" else 2**63 - 1
-        if self.dialect == "sqlite":
-            self._sqlite_setup(self.engine)
         # SQLite allows one writer; serializing this process's writers avoids busy-wait storms.
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self.ensure_schema()
 
     # -- setup ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _sqlite_setup(engine: Engine) -> None:
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn, _record):  # noqa: ANN001
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn):  # noqa: ANN001
-            # Take the write lock at BEGIN: no deadlock when two processes upgrade read locks.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
     def ensure_schema(self) -> int:
         """Create or migrate the schema; returns the version in force."""
         try:
             with self.engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    # Two servers starting on one empty database must not race on CREATE TABLE.
-                    conn.execute(text("SELECT pg_advisory_xact_lock(7302446117)"))
+                lock_schema(conn)
                 metadata.create_all(conn, checkfirst=True)
                 row = conn.execute(select(schema_version.c.version).where(schema_version.c.id == 1)).first()
                 if row is None:
@@ -370,14 +369,15 @@ class Store:
                     )
                 return SCHEMA_VERSION
         except self._db_errors as exc:
-            raise StoreUnavailable("preparing the database schema", _describe(exc)) from exc
+            raise StoreUnavailable("preparing the database schema", describe(exc)) from exc
 
-    @_guarded("reading the schema version")
+    @guarded("reading the schema version")
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(schema_version.c.version)).scalar_one())
 
-    def _write(self):
+    def write(self) -> _WriteTxn:
+        """One write transaction (``with store.write() as conn``), serialized in-process on SQLite."""
         return _WriteTxn(self)
 
     def close(self) -> None:
@@ -385,24 +385,24 @@ class Store:
 
     # -- keys ----------------------------------------------------------------------------------
 
-    @_guarded("recording the signing key")
+    @guarded("recording the signing key")
     def record_key(self, key_id: str, public_key: bytes) -> None:
-        with self._write() as conn:
+        with self.write() as conn:
             if conn.execute(select(signing_keys.c.key_id).where(signing_keys.c.key_id == key_id)).first() is None:
                 conn.execute(insert(signing_keys).values(key_id=key_id, public_key=public_key, created_at=_now()))
 
-    @_guarded("reading the signing keys")
+    @guarded("reading the signing keys")
     def keys(self) -> list[SigningKeyRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(signing_keys).order_by(signing_keys.c.created_at)).all()
-        return [_record(SigningKeyRecord, r) for r in rows]
+        return [as_record(SigningKeyRecord, r) for r in rows]
 
     # -- models --------------------------------------------------------------------------------
 
-    @_guarded("registering the model")
+    @guarded("registering the model")
     def add_model(self, row: ModelRecord) -> tuple[ModelRecord, bool]:
         """Insert a model; (existing, False) if registered with the same profile; AlreadyExists otherwise."""
-        with self._write() as conn:
+        with self.write() as conn:
             existing = conn.execute(select(models).where(models.c.model_id == row.model_id)).first()
             if existing is not None:
                 old = _model_row(existing)
@@ -452,20 +452,20 @@ class Store:
             )
         return row, True
 
-    @_guarded("reading the model")
+    @guarded("reading the model")
     def get_model(self, model_id: str) -> ModelRecord | None:
         with self.engine.connect() as conn:
             r = conn.execute(select(models).where(models.c.model_id == model_id)).first()
         return None if r is None else _model_row(r)
 
-    @_guarded("listing models")
+    @guarded("listing models")
     def list_models(self) -> list[ModelRecord]:
         with self.engine.connect() as conn:
             return [_model_row(r) for r in conn.execute(select(models).order_by(models.c.created_at)).all()]
 
     # -- slots ---------------------------------------------------------------------------------
 
-    @_guarded("reading issued slots")
+    @guarded("reading issued slots")
     def taken_slots(self, model_id: str) -> set[tuple[int, int]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -473,7 +473,7 @@ class Store:
             ).all()
         return {(r.fo_class, r.conf_index) for r in rows}
 
-    @_guarded("counting licenses")
+    @guarded("counting licenses")
     def count_licenses(self, model_id: str | None = None) -> int:
         q = select(func.count()).select_from(licenses)
         if model_id is not None:
@@ -481,11 +481,11 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
 
-    @_guarded("saving pre-generated fingerprints")
+    @guarded("saving pre-generated fingerprints")
     def save_pregenerated(self, model_id: str, rows: Iterable[tuple[int, int, bytes]]) -> int:
         """Store ready fingerprints for free slots (replacing older ones); returns how many."""
         n = 0
-        with self._write() as conn:
+        with self.write() as conn:
             taken = {
                 (r.fo_class, r.conf_index)
                 for r in conn.execute(
@@ -512,7 +512,7 @@ class Store:
                 n += 1
         return n
 
-    @_guarded("reading a pre-generated fingerprint")
+    @guarded("reading a pre-generated fingerprint")
     def pregenerated_for(self, model_id: str, slot: tuple[int, int]) -> bytes | None:
         with self.engine.connect() as conn:
             r = conn.execute(
@@ -526,7 +526,7 @@ class Store:
             ).first()
         return None if r is None else bytes(r.fingerprint)
 
-    @_guarded("counting pre-generated fingerprints")
+    @guarded("counting pre-generated fingerprints")
     def count_pregenerated(self, model_id: str) -> int:
         with self.engine.connect() as conn:
             return int(
@@ -535,7 +535,7 @@ class Store:
                 ).scalar_one()
             )
 
-    @_guarded("reading pre-generated slots")
+    @guarded("reading pre-generated slots")
     def pregenerated_slots(self, model_id: str) -> set[tuple[int, int]]:
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -545,14 +545,14 @@ class Store:
 
     # -- licenses ------------------------------------------------------------------------------
 
-    @_guarded("storing the license")
+    @guarded("storing the license")
     def insert_license(self, row: dict[str, Any]) -> None:
         """Insert one whole license and drop its slot's pre-generated fingerprint, atomically.
 
         Raises :class:`SlotTaken` when the unique slot constraint (or the license id) refuses it.
         """
         try:
-            with self._write() as conn:
+            with self.write() as conn:
                 conn.execute(insert(licenses).values(**row, revoked=False))
                 conn.execute(
                     delete(pregenerated).where(
@@ -568,13 +568,13 @@ class Store:
                 f"slot ({row['fo_class']}, {row['conf_index']}) of model {row['model_id'][:16]}… is taken"
             ) from exc
 
-    @_guarded("reading the license")
+    @guarded("reading the license")
     def get_license(self, license_id: str) -> LicenseRecord | None:
         with self.engine.connect() as conn:
             r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
-        return None if r is None else _record(LicenseRecord, r)
+        return None if r is None else as_record(LicenseRecord, r)
 
-    @_guarded("listing licenses")
+    @guarded("listing licenses")
     def list_licenses(
         self,
         *,
@@ -600,17 +600,19 @@ class Store:
         elif state == "expired":
             q = q.where(and_(licenses.c.revoked.is_(False), licenses.c.expires_at <= now))
         with self.engine.connect() as conn:
-            return [_record(LicenseRecord, r) for r in conn.execute(q.order_by(licenses.c.seq).limit(limit))]
+            return [as_record(LicenseRecord, r) for r in conn.execute(q.order_by(licenses.c.seq).limit(limit))]
 
-    @_guarded("revoking the license")
+    @guarded("revoking the license")
     def revoke(self, license_id: str, reason: str) -> tuple[LicenseRecord | None, bool]:
         """(row, newly_revoked); row None if the license does not exist."""
-        with self._write() as conn:
-            r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
+        with self.write() as conn:
+            # FOR UPDATE: two servers revoking one license at once (an admin and a suspend alert) on
+            # PostgreSQL must not both insert its revocation; SQLite's BEGIN IMMEDIATE already serializes.
+            r = conn.execute(select(licenses).where(licenses.c.license_id == license_id).with_for_update()).first()
             if r is None:
                 return None, False
             if r.revoked:
-                return _record(LicenseRecord, r), False
+                return as_record(LicenseRecord, r), False
             now = _now()
             conn.execute(
                 update(licenses)
@@ -621,9 +623,9 @@ class Store:
                 insert(revocations).values(license_id=license_id, model_id=r.model_id, revoked_at=now, reason=reason)
             )
             r = conn.execute(select(licenses).where(licenses.c.license_id == license_id)).first()
-        return _record(LicenseRecord, r), True
+        return as_record(LicenseRecord, r), True
 
-    @_guarded("listing revocations")
+    @guarded("listing revocations")
     def list_revocations(self, since: int = 0, model_id: str = "", limit: int = 1000) -> list[RevocationRecord]:
         if since >= self.max_sequence:
             return []
@@ -631,9 +633,9 @@ class Store:
         if model_id:
             q = q.where(revocations.c.model_id == model_id)
         with self.engine.connect() as conn:
-            return [_record(RevocationRecord, r) for r in conn.execute(q.order_by(revocations.c.seq).limit(limit))]
+            return [as_record(RevocationRecord, r) for r in conn.execute(q.order_by(revocations.c.seq).limit(limit))]
 
-    @_guarded("reading the revocation list")
+    @guarded("reading the revocation list")
     def revocation_snapshot(self, model_id: str = "") -> tuple[int, list[str]]:
         """(version, revoked license ids): the last revocation sequence number over every model, and every
         license revoked up to it (of ``model_id``, or of all). The version only grows, so a list with a
@@ -647,7 +649,7 @@ class Store:
 
 
 class _WriteTxn:
-    """``with store._write() as conn``: one transaction, serialized in-process on SQLite."""
+    """``with store.write() as conn``: one transaction, serialized in-process on SQLite."""
 
     def __init__(self, store: Store):
         self.store = store

@@ -204,7 +204,8 @@ def test_a_model_that_does_not_match_the_profile_is_refused(byom, licensed, tmp_
 
 
 def test_a_version_1_license_database_is_migrated(tmp_path):
-    """Schema 2 adds how to load each model, schema 3 the ranked FO space's grid; a database written by
+    """Schema 2 adds how to load each model, schema 3 the ranked FO space's grid (schema 4 only adds tables:
+    tests/test_journal_ingest.py); a database written by
     a schema-1 server gains every column, and its models stay in the paper's FO space."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     store = Store(url)
@@ -221,7 +222,7 @@ def test_a_version_1_license_database_is_migrated(tmp_path):
     store.close()
     store = Store(url)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         with store.engine.connect() as conn:
             columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(ag_models)")}
         assert set(added) <= columns

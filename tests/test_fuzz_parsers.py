@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from activeguard.credentials import licenses, sessions
@@ -25,15 +24,8 @@ from activeguard.guard.guard import Guard
 from activeguard.guard.outcomes import Request
 from activeguard_proto.v1 import gateway_pb2
 from gateway.tensors import from_tensor, to_tensor
+from tests.fuzzing import FUZZ
 from tests.serving_fixtures import json_body
-
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 
 # -- strategies ---------------------------------------------------------------------------------
 

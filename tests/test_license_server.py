@@ -4,7 +4,7 @@ health/reflection/metrics (the free-slot gauge), pre-generation, CLI, prompt cli
 
 Servers run as separate processes (``python -m license_server serve``) and are always stopped in
 teardown. PostgreSQL tests use 127.0.0.1:5432, database ``test`` (user root, else postgres), each
-in a fresh schema dropped afterwards; they are skipped with a message when no server answers.
+in a fresh schema dropped afterwards (tests/postgres.py); they are skipped with a message when no server answers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from license_server.process import in_process  # noqa: E402
 from license_server.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
+from tests.postgres import fresh_schema  # noqa: E402
 from tests.processes import TOKEN, ServerProcess  # noqa: E402
 
 
@@ -59,35 +59,11 @@ def model_paths(lenet, tmp_path_factory) -> list[Path]:
     return paths
 
 
-def _pg_url() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return None
-    for user in ("root", "postgres"):
-        try:
-            with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, connect_timeout=3):
-                return f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
-        except Exception:  # noqa: BLE001
-            continue
-    return None
-
-
 @pytest.fixture
 def pg_url():
     """A PostgreSQL URL confined to a fresh schema, dropped afterwards."""
-    base = _pg_url()
-    if base is None:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (database 'test', user root or postgres)")
-    import psycopg
-
-    schema = f"ag_test_{uuid.uuid4().hex[:12]}"
-    user = base.split("//")[1].split("@")[0]
-    with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with fresh_schema() as url:
+        yield url
 
 
 def _sqlite_url(data_dir: Path) -> str:

@@ -95,6 +95,7 @@ def test_every_admin_method_is_gated(server, method):
         "GetLicense": license_pb2.GetLicenseRequest(),
         "ListLicenses": license_pb2.ListLicensesRequest(),
         "RevokeLicense": license_pb2.RevokeLicenseRequest(),
+        "GetLicenseUsage": license_pb2.GetLicenseRequest(),
     }
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = license_pb2_grpc.LicenseServiceStub(channel)

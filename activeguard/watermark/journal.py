@@ -12,8 +12,11 @@ Entries (``kind``):
   model saw it (float32, zlib-compressed), the model's top three classes and the label returned.
   Inputs may be the users' own data: only those in the band (where the model is unsure; a few percent
   of natural queries) are kept, for as long as the license server's retention setting says.
-* ``usage``: rows served and refused per license since the last entry.
-* ``alert``: the extraction monitor flagged a license.
+* ``usage``: rows served and refused per license since the last entry;
+* ``alert``: the extraction monitor flagged a license (both: :mod:`activeguard.watermark.traffic`).
+
+The license server ingests the files (``--answer-journal``) into its database, where the audit reads
+the answer records too (:mod:`activeguard.watermark.record_store`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from activeguard.watermark import fields
 from activeguard.watermark.answers import Mark
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".agjournal"
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a line longer than this is not ours
+MAX_DIMS = 8
+MAX_INPUT_VALUES = 16 * 1024 * 1024  # float32 values of one recorded input (64 MiB)
+MAX_CLASS = 2**31 - 1  # class indices: INTEGER columns in the record store
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ class AnswerRecord:
             "license_id": self.license_id,
             "user": self.user,
             "shape": list(self.shape),
-            "input": base64.b64encode(zlib.compress(self.values, 6)).decode("ascii"),
+            "input": base64.b64encode(pack_input(self.values)).decode("ascii"),
             "owner_label": self.owner_label,
             "runner_up": self.runner_up,
             "third": self.third,
@@ -99,26 +107,52 @@ class AnswerRecord:
     def from_entry(cls, entry: dict[str, Any]) -> AnswerRecord:
         """A record from its journal entry; ValueError when it is not a well-formed one."""
         try:
-            shape = tuple(int(d) for d in entry["shape"])
-            values = zlib.decompress(base64.b64decode(entry["input"], validate=True), bufsize=4 * int(np.prod(shape)))
-            record = cls(
-                str(entry["model_id"]),
-                str(entry["license_id"]),
-                str(entry["user"]),
-                shape,
-                values,
-                int(entry["owner_label"]),
-                int(entry["runner_up"]),
-                int(entry["third"]),
-                int(entry["label"]),
-                float(entry["margin"]),
-                float(entry["at"]),
-            )
-        except (KeyError, TypeError, ValueError, zlib.error) as exc:
+            shape = input_shape(entry.get("shape"))
+            packed = base64.b64decode(fields.text(entry, "input", MAX_LINE_BYTES), validate=True)
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"not an answer record: {exc}") from None
-        if any(d <= 0 for d in shape) or len(values) != 4 * int(np.prod(shape)):
-            raise ValueError("an answer record whose input does not match its shape")
-        return record
+        return cls(
+            fields.text(entry, "model_id"),
+            fields.text(entry, "license_id"),
+            fields.text(entry, "user", fields.MAX_TEXT, required=False),
+            shape,
+            unpack_input(packed, shape),
+            fields.integer(entry, "owner_label", 0, MAX_CLASS),
+            fields.integer(entry, "runner_up", 0, MAX_CLASS),
+            fields.integer(entry, "third", -1, MAX_CLASS),
+            fields.integer(entry, "label", 0, MAX_CLASS),
+            fields.number(entry, "margin", 0.0),
+            fields.number(entry, "at", 0.0),
+        )
+
+
+def input_shape(value: Any) -> tuple[int, ...]:
+    """A recorded input's shape: 1 to :data:`MAX_DIMS` positive sizes, at most :data:`MAX_INPUT_VALUES` values."""
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_DIMS:
+        raise ValueError(f"shape is not a list of 1 to {MAX_DIMS} sizes")
+    shape = tuple(fields.integer({"size": d}, "size", 1, MAX_INPUT_VALUES) for d in value)
+    if math.prod(shape) > MAX_INPUT_VALUES:
+        raise ValueError(f"an input of more than {MAX_INPUT_VALUES} values")
+    return shape
+
+
+def pack_input(values: bytes) -> bytes:
+    """An input row as it is kept (journal and record store): its float32 bytes, zlib-compressed."""
+    return zlib.compress(values, 6)
+
+
+def unpack_input(packed: bytes, shape: tuple[int, ...]) -> bytes:
+    """The float32 bytes of a packed input of ``shape``; ValueError unless exactly that many come out
+    (never inflating more than one byte past it, so a zlib bomb costs nothing)."""
+    expected = 4 * math.prod(shape)
+    inflater = zlib.decompressobj()
+    try:
+        values = inflater.decompress(packed, expected + 1)
+    except zlib.error as exc:
+        raise ValueError(f"an unreadable input: {exc}") from None
+    if len(values) != expected or not inflater.eof or inflater.unused_data:
+        raise ValueError("an answer record whose input does not match its shape")
+    return values
 
 
 class JournalWriter:
@@ -150,40 +184,75 @@ def journal_files(directory: str | Path) -> list[Path]:
     return sorted(root.glob(f"*{SUFFIX}")) if root.is_dir() else []
 
 
-def read_entries(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+def read_entries(path: str | Path, offset: int = 0, max_bytes: int | None = None) -> tuple[list[dict[str, Any]], int]:
     """Complete entries of one journal file from byte ``offset``, and the offset after the last one
-    read (a torn last line is left for the next read; an unreadable line is skipped and logged)."""
-    entries: list[dict[str, Any]] = []
+    read (a torn last line is left for the next read; an unreadable line is skipped and logged).
+
+    ``max_bytes`` bounds what one call reads (a backlog is then read in several calls); it must exceed
+    :data:`MAX_LINE_BYTES`, so that a chunk without a line end is a line that is not ours, skipped."""
+    if max_bytes is not None and max_bytes <= MAX_LINE_BYTES:
+        raise ValueError(f"max_bytes must exceed {MAX_LINE_BYTES}")
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
+        data = f.read(-1 if max_bytes is None else max_bytes)
+        end = data.rfind(b"\n") + 1
+        if end == 0 and max_bytes is not None and len(data) == max_bytes:
+            logger.warning("skipped an overlong line of journal %s", path)
+            return [], _next_line(f, offset, offset + len(data))
+    entries = []
     for line in data[:end].splitlines():
-        if not line.strip() or len(line) > MAX_LINE_BYTES:
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
+        entry = _entry(line)
+        if entry is None and line.strip():
             logger.warning("skipped an unreadable line of journal %s", path)
-            continue
-        if isinstance(entry, dict):
+        elif entry is not None:
             entries.append(entry)
     return entries, offset + end
 
 
-def answer_records(directory: str | Path, model_id: str | None = None) -> Iterator[AnswerRecord]:
-    """The answer records of every journal in ``directory`` (of one model when ``model_id`` is given),
+def _entry(line: bytes) -> dict[str, Any] | None:
+    """One line's entry; None for a blank, overlong or unreadable line, or JSON that is not an object."""
+    if len(line) > MAX_LINE_BYTES:
+        return None
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _next_line(f: Any, start: int, position: int) -> int:
+    """The offset after the first line end at or past ``position``; ``start`` when there is none yet
+    (the overlong line is still being written: it is skipped on a later read)."""
+    f.seek(position)
+    while chunk := f.read(1024 * 1024):
+        found = chunk.find(b"\n")
+        if found >= 0:
+            return position + found + 1
+        position += len(chunk)
+    return start
+
+
+def answers_in(entries: Iterable[dict[str, Any]], source: str | Path = "a journal") -> Iterator[AnswerRecord]:
+    """The well-formed answer records among ``entries`` (others are skipped; a malformed one is logged)."""
+    for entry in entries:
+        if entry.get("kind") != "answer":
+            continue
+        try:
+            yield AnswerRecord.from_entry(entry)
+        except ValueError as exc:
+            logger.warning("skipped a record of %s: %s", source, exc)
+
+
+def answer_records(
+    directory: str | Path, model_id: str | None = None, license_id: str | None = None
+) -> Iterator[AnswerRecord]:
+    """The answer records of every journal in ``directory`` (of one model and/or license when given),
     each once."""
     seen: set[str] = set()
     for path in journal_files(directory):
-        for entry in read_entries(path)[0]:
-            if entry.get("kind") != "answer":
+        for record in answers_in(read_entries(path)[0], path):
+            if model_id is not None and record.model_id != model_id:
                 continue
-            try:
-                record = AnswerRecord.from_entry(entry)
-            except ValueError as exc:
-                logger.warning("skipped a record of %s: %s", path, exc)
-                continue
-            if (model_id is None or record.model_id == model_id) and record.record_id not in seen:
+            if (license_id is None or record.license_id == license_id) and record.record_id not in seen:
                 seen.add(record.record_id)
                 yield record

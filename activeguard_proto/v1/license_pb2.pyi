@@ -215,3 +215,43 @@ class SignedRevocationList(_message.Message):
     text: str
     version: int
     def __init__(self, text: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RefusalCount(_message.Message):
+    __slots__ = ("reason", "rows")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    rows: int
+    def __init__(self, reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class LicenseAlert(_message.Message):
+    __slots__ = ("reason", "policy", "at", "detail", "acted_at", "action")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ACTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    policy: str
+    at: float
+    detail: str
+    acted_at: int
+    action: str
+    def __init__(self, reason: _Optional[str] = ..., policy: _Optional[str] = ..., at: _Optional[float] = ..., detail: _Optional[str] = ..., acted_at: _Optional[int] = ..., action: _Optional[str] = ...) -> None: ...
+
+class LicenseUsage(_message.Message):
+    __slots__ = ("license_id", "served", "refused", "last_seen", "alerts", "answer_records")
+    LICENSE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    license_id: str
+    served: int
+    refused: _containers.RepeatedCompositeFieldContainer[RefusalCount]
+    last_seen: float
+    alerts: _containers.RepeatedCompositeFieldContainer[LicenseAlert]
+    answer_records: int
+    def __init__(self, license_id: _Optional[str] = ..., served: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusalCount, _Mapping]]] = ..., last_seen: _Optional[float] = ..., alerts: _Optional[_Iterable[_Union[LicenseAlert, _Mapping]]] = ..., answer_records: _Optional[int] = ...) -> None: ...

@@ -75,6 +75,11 @@ class LicenseServiceStub:
                 request_serializer=activeguard_dot_v1_dot_license__pb2.GetRevocationListRequest.SerializeToString,
                 response_deserializer=activeguard_dot_v1_dot_license__pb2.SignedRevocationList.FromString,
                 _registered_method=True)
+        self.GetLicenseUsage = channel.unary_unary(
+                '/activeguard.v1.LicenseService/GetLicenseUsage',
+                request_serializer=activeguard_dot_v1_dot_license__pb2.GetLicenseRequest.SerializeToString,
+                response_deserializer=activeguard_dot_v1_dot_license__pb2.LicenseUsage.FromString,
+                _registered_method=True)
 
 
 class LicenseServiceServicer:
@@ -141,6 +146,15 @@ class LicenseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLicenseUsage(self, request, context):
+        """Admin. What the answer journals the server ingests (--answer-journal) say about one license: rows
+        served, refusals by reason, when it was last seen, the extraction monitor's alerts, and how many
+        answer records are kept for the extraction audit. NOT_FOUND for a license this server never issued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LicenseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_LicenseServiceServicer_to_server(servicer, server):
                     servicer.GetRevocationList,
                     request_deserializer=activeguard_dot_v1_dot_license__pb2.GetRevocationListRequest.FromString,
                     response_serializer=activeguard_dot_v1_dot_license__pb2.SignedRevocationList.SerializeToString,
+            ),
+            'GetLicenseUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLicenseUsage,
+                    request_deserializer=activeguard_dot_v1_dot_license__pb2.GetLicenseRequest.FromString,
+                    response_serializer=activeguard_dot_v1_dot_license__pb2.LicenseUsage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +420,33 @@ class LicenseService:
             '/activeguard.v1.LicenseService/GetRevocationList',
             activeguard_dot_v1_dot_license__pb2.GetRevocationListRequest.SerializeToString,
             activeguard_dot_v1_dot_license__pb2.SignedRevocationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLicenseUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/activeguard.v1.LicenseService/GetLicenseUsage',
+            activeguard_dot_v1_dot_license__pb2.GetLicenseRequest.SerializeToString,
+            activeguard_dot_v1_dot_license__pb2.LicenseUsage.FromString,
             options,
             channel_credentials,
             insecure,
