@@ -278,8 +278,8 @@ def _add_protection_arguments(p: argparse.ArgumentParser) -> None:
 
 ANSWER_WATERMARK_HELP = (
     "answer watermark: name the licensed user who extracts the model (activeguard audit extraction). Off by "
-    "default: it changes answers where the model is unsure (measured on the bundled MNIST model: 0.8% of "
-    "answers, 0.3% accuracy) and keeps those inputs, which may be your users' data, in a journal"
+    "default: it changes answers where the model is unsure (measured on the bundled MNIST model: 1.7% of "
+    "answers, 0.5% accuracy) and keeps those inputs, which may be your users' data, in a journal"
 )
 
 
@@ -303,7 +303,8 @@ def _add_answer_watermark_arguments(p: argparse.ArgumentParser) -> None:
         default=ANSWER_MARGIN,
         metavar="NATS",
         help="the band: answers whose runner-up class is within this log-probability of the top class (default "
-        "ln 2 = 0.693: the runner-up has at least half the top's probability)",
+        "ln 3 = 1.099: the runner-up has at least a third of the top's probability); wider names extractors "
+        "sooner and costs licensed users more accuracy",
     )
 
 

