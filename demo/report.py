@@ -82,6 +82,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{r['other_users_still_served']}.",
             "",
         ]
+    if "extraction" in s:
+        e = s["extraction"]
+        named = ", ".join(e["named"]) or "nobody"
+        lines += [
+            f"Extraction: {e['extractor']}, licensed, sent {e['queries']} queries ({e['attack']}) and trained a surrogate "
+            f"with {e['relative_accuracy']:.1%} of the owner's accuracy; the extraction audit named **{named}** "
+            f"(chance bound {e['bound']:.1e}, {e['licenses_audited']} licenses audited, {e['records']} records); the "
+            f"owner's own model was attributed to {', '.join(e['owner_model_named']) or 'nobody'}. "
+            f"By hand: `{e['command']}`.",
+            "",
+        ]
     if "audit" in s:
         a = s["audit"]
         lines += [

@@ -39,7 +39,8 @@ USERS = ("alice", "bob", "carol")
 REVOKED_USER = "bob"
 MODEL_NAME = "mnist"
 POLL_INTERVAL_S = 1.0
-STEPS = 8
+STEPS = 9
+EXTRACTOR = "alice"  # the licensed user who extracts the model in the demo
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,21 @@ class DemoSize:
     # the quick run needs three users' worth, and a bigger pool fills on a background thread that
     # competes with the rest of the run for the CPU
     license_pool: int = 1000
+    extraction_queries: int = 4000  # the extractor's natural digits of another dataset (plus 500 MNIST digits)
+    extraction_epochs: int = 10
 
     @classmethod
     def named(cls, quick: bool) -> DemoSize:
         if quick:
-            return cls(eval_images=300, audit_points=100, pirate_epochs=3, license_pool=20, references=6)
+            return cls(
+                eval_images=300,
+                audit_points=100,
+                pirate_epochs=3,
+                license_pool=20,
+                references=6,
+                extraction_queries=2500,
+                extraction_epochs=8,
+            )
         return cls()
 
 
@@ -105,7 +116,18 @@ class Demo:
 
     # what a run writes into its directory; a new run replaces the last one's (keys included: a demo's
     # keys sign only that demo's licenses and sessions) and touches nothing else there
-    RUN_OUTPUTS = ("gateway", "license-server", "licenses", "model_store", "torchserve", "model.pt", "watermark.agkey")
+    RUN_OUTPUTS = (
+        "gateway",
+        "license-server",
+        "licenses",
+        "model_store",
+        "torchserve",
+        "model.pt",
+        "watermark.agkey",
+        "answer-watermark.agkey",
+        "answer-journal",
+        "extraction",
+    )
 
     def _clear_previous_run(self) -> None:
         for name in self.RUN_OUTPUTS:
@@ -139,6 +161,11 @@ class Demo:
                     "licensed users predict through the gateway; an unlicensed client tries", "clients", self.clients
                 )
                 self._step(f"revoke {REVOKED_USER}'s license and show the refusal", "revocation", self.revoke)
+                self._step(
+                    f"{EXTRACTOR}, a licensed user, extracts a surrogate through the API; the audit names them",
+                    "extraction",
+                    self.extraction,
+                )
             self.report["processes"]["all_stopped"] = True
             self._step(
                 "play pirate: a fine-tuned copy, a pruned copy and an independent model", "pirates", self.pirates
@@ -239,6 +266,7 @@ class Demo:
         from activeguard.credentials import licenses
         from activeguard.credentials.control import ControlConfig
         from activeguard.guard.profile import Profile
+        from activeguard.watermark.answers import DEFAULT_MARGIN, create_secret_file
         from gateway.process import GatewayProcess
         from handlers.packaging import package
         from handlers.server import ManagedTorchServe
@@ -247,6 +275,7 @@ class Demo:
         gw_dir.mkdir(exist_ok=True)
         gateway_key = licenses.generate_signing_key(gw_dir / "gateway.key")
         revocations = gw_dir / "revoked.txt"
+        create_secret_file(self.out / "answer-watermark.agkey")  # the owner's secret for the answer watermark
         signed = ControlConfig.signed_default(10)  # the license server's default FO space, as registered
         profile = Profile(
             model_id=self.model_id,
@@ -257,6 +286,9 @@ class Demo:
             license_public_keys=self.license_keys,
             gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),
             revocation_file=str(revocations),
+            answer_watermark_margin=DEFAULT_MARGIN,
+            answer_key_file=str(self.out / "answer-watermark.agkey"),
+            answer_journal_dir=str(self.out / "answer-journal"),
         )
         mar = package(self.model_path, profile, MODEL_NAME, self.out / "model_store")
         self.torchserve = servers.enter_context(
@@ -314,11 +346,19 @@ class Demo:
         outputs = np.concatenate([client.predict(MODEL_NAME, x[a : a + 100]) for a in range(0, len(x), 100)])
         with torch.no_grad():
             local = torch.softmax(predict(self.owner, torch.from_numpy(x)), 1).numpy()
+        same = np.abs(outputs - local).max(1) < 1e-4
+        swapped = local.copy()  # the answer watermark's change: the model's two top classes swapped
+        top2 = np.argsort(-local, 1)[:, :2]
+        rows = np.arange(len(local))
+        swapped[rows, top2[:, 0]], swapped[rows, top2[:, 1]] = local[rows, top2[:, 1]], local[rows, top2[:, 0]]
+        tilted = ~same & (np.abs(outputs - swapped).max(1) < 1e-4)
         return {
             "user": user,
             "authenticated_as": client.user,
             "accuracy": float(np.mean(outputs.argmax(1) == y)),
-            "max_abs_diff_from_local_model": float(np.abs(outputs - local).max()),
+            "identical_to_local_model": float(np.mean(same)),
+            "answer_watermark_swaps": float(np.mean(tilted)),
+            "other_differences": int(np.sum(~same & ~tilted)),
         }
 
     def _direct(self, x: np.ndarray, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -411,6 +451,56 @@ class Demo:
             "refused_after_s": round(refused_after, 2),
             "new_authenticate": new_auth,
             "other_users_still_served": others_ok,
+        }
+
+    def extraction(self) -> dict:
+        """The extractor queries TorchServe with their license (Knockoff-style: scikit-learn's digits,
+        upscaled, plus 500 MNIST digits), trains a surrogate of their own architecture, and the extraction
+        audit replays the journal's records to it (and, as a control, to the owner's own model)."""
+        import torch
+
+        from activeguard.audit.extraction import audit_extraction
+        from activeguard.credentials.header import encode_license_header
+        from activeguard.experiments import extraction_attacks as attacks
+        from activeguard.models.architectures import accuracy
+        from activeguard.watermark.answers import AnswerWatermark, load_secret_file
+        from activeguard.watermark.journal import answer_records
+
+        headers = {"X-ActiveGuard-License": encode_license_header(self.licenses[EXTRACTOR].to_text())}
+
+        def api(x: torch.Tensor) -> torch.Tensor:
+            labels = []
+            for start in range(0, len(x), 100):
+                status, body = self._direct(x[start : start + 100].numpy(), headers)
+                if status != 200:
+                    raise RuntimeError(f"TorchServe refused the extractor: {body}")
+                labels.append(torch.tensor(body["outputs"]).argmax(1))
+            return torch.cat(labels)
+
+        s, p = self.split, self.size
+        known, held_out = s.x_test[:500], (s.x_test[500:], s.y_test[500:])
+        queries = torch.cat([attacks.related_digits(p.extraction_queries, seed=self.seed), known])
+        surrogate, spent = attacks.knockoff(api, queries, epochs=p.extraction_epochs, seed=self.seed)
+        folder = self.out / "extraction"
+        folder.mkdir(exist_ok=True)
+        torch.jit.save(torch.jit.script(surrogate), str(folder / f"{EXTRACTOR}-surrogate.pt"))
+        records = list(answer_records(self.out / "answer-journal", self.model_id))
+        watermark = AnswerWatermark(load_secret_file(self.out / "answer-watermark.agkey"))
+        found = audit_extraction(records, surrogate, 10, watermark=watermark)
+        control = audit_extraction(records, self.owner, 10, watermark=watermark)
+        own = next(e for e in found.licenses if e.user == EXTRACTOR)
+        return {
+            "extractor": EXTRACTOR,
+            "attack": "Knockoff-style, label-only",
+            "queries": spent,
+            "relative_accuracy": accuracy(surrogate, *held_out) / accuracy(self.owner, *held_out),
+            "named": [e.user for e in found.named],
+            "bound": own.bound,
+            "licenses_audited": len(found.licenses),
+            "records": len(records),
+            "owner_model_named": [e.user for e in control.named],
+            "command": f"activeguard audit extraction --suspect {folder / f'{EXTRACTOR}-surrogate.pt'} "
+            f"--records {self.out / 'answer-journal'} --key {self.out / 'answer-watermark.agkey'}",
         }
 
     def pirates(self) -> dict:

@@ -278,8 +278,8 @@ def _add_protection_arguments(p: argparse.ArgumentParser) -> None:
 
 ANSWER_WATERMARK_HELP = (
     "answer watermark: name the licensed user who extracts the model (activeguard audit extraction). Off by "
-    "default: it changes answers where the model is unsure (measured on the bundled MNIST model: 1.7% of "
-    "answers, 0.5% accuracy) and keeps those inputs, which may be your users' data, in a journal"
+    "default: it changes answers where the model is unsure (measured on the bundled MNIST model: 1.0% of "
+    "answers, 0.6 points of accuracy) and keeps those inputs, which may be your users' data, in a journal"
 )
 
 

@@ -3,16 +3,21 @@
 Each license's answers in the watermark's band (:mod:`activeguard.watermark.answers`,
 :mod:`activeguard.watermark.journal`) are replayed to the suspect. In every group (a pair of classes
 and the model's third-ranked class) the license's answers leaned to the class its key prefers. Per
-group the suspect's lean is measured against the model's own answers: ``up`` counts records where the
-model said the other class and the suspect says the preferred one, ``down`` the reverse, and the
-group's evidence is ``v = ln((up + 1) / (down + 1))``. A model that never learnt from this license's
-answers cannot know which class its key prefers in any group: each preference is an independent fair
-coin given everything the suspect is (one bit of an HMAC), and flipping it turns ``v`` into ``−v``.
-So under the null "this suspect did not learn from this license", the sum of the ``v`` is distributed
-as a sum of ``±|v|`` with independent fair signs, and P(that sum ≥ the observed one) is an exact
-chance bound, computed exactly on a grid of 0.001 (made conservative by the grid's largest rounding
-error). It needs no reference models, and the suspect's own leanings (its confusions between two
-classes) are its own baseline: they enter both signs alike.
+group the suspect's lean is measured against the model's own:
+
+* a suspect that answers scores: per record, ``(ln p_s(pref) − ln p_s(other)) − (ln p(pref) − ln
+  p(other))`` (clipped to ±10 nats), and the group's evidence ``v`` is their sum over √(records);
+* a suspect that answers labels only: ``up`` counts records where the model said the other class
+  and the suspect says the preferred one, ``down`` the reverse, and ``v = ln((up + 1) / (down + 1))``.
+
+A model that never learnt from this license's answers cannot know which class its key prefers in any
+group: each preference is an independent fair coin given everything the suspect is (one bit of an
+HMAC), and flipping it turns ``v`` into ``−v``. So under the null "this suspect did not learn from
+this license", the sum of the ``v`` is distributed as a sum of ``±|v|`` with independent fair signs,
+and P(that sum ≥ the observed one) is an exact chance bound, computed exactly on a grid of 0.001
+(made conservative by the grid's largest rounding error). It needs no reference models, and the
+suspect's own leanings (its confusions between two classes) are its own baseline: they enter both
+signs alike.
 
 Bounds are multiplied by the number of licenses that could be named at all (Tarone's correction of
 Bonferroni: a license with too few groups to ever reach ``alpha`` costs nothing), and a license is

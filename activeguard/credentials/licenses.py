@@ -24,8 +24,6 @@ import binascii
 import hashlib
 import json
 import math
-import os
-import stat
 import time
 import uuid
 from collections.abc import Container, Mapping
@@ -36,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from activeguard.runtime.private_files import PrivateFileError, read_private, write_private
 
 if TYPE_CHECKING:  # torch and numpy load only where a fingerprint becomes a tensor: reading a license needs neither
     import torch
@@ -131,16 +131,6 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return public_key_from_pem(Path(path).read_bytes(), str(path))
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def generate_signing_key(path: str | Path) -> Ed25519PrivateKey:
     """Create a new Ed25519 key in a fresh 0600 PEM (PKCS#8) file; refuses to overwrite."""
     path = Path(path)
@@ -148,20 +138,19 @@ def generate_signing_key(path: str | Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a signing key")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_private(path, pem)
+    write_private(path, pem)
     return key
 
 
 def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
     """Load a PEM Ed25519 private key; refuses a file that group or others can read."""
     path = Path(path)
-    if not path.is_file():
-        raise KeyFileError(f"signing key {path} does not exist")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KeyFileError(f"signing key {path} has mode {mode:04o}; run `chmod 600 {path}` first")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = read_private(path, "signing key")
+    except PrivateFileError as exc:
+        raise KeyFileError(str(exc)) from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
@@ -474,7 +463,7 @@ def write_license(lic: SignedLicense, path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         path.unlink()
-    _write_private(path, lic.to_text().encode("ascii"))
+    write_private(path, lic.to_text().encode("ascii"))
     return path
 
 

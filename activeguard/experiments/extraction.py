@@ -3,9 +3,10 @@
 The bundled MNIST LeNet-5 is served behind the guard in this process (:mod:`activeguard.experiments.served`)
 with the answer watermark on. Licensed users query it:
 
-* ``alice`` runs a Knockoff-style attack (natural digits of another dataset, augmented);
-* ``bob`` runs a JBDA-style attack (a few hundred seeds grown by Jacobian augmentation);
-* ``carol`` sends the owner's own test digits, as a benign client would;
+* ``alice`` runs a Knockoff-style attack: natural digits of another dataset (scikit-learn's, upscaled and
+  augmented) plus 500 MNIST test digits;
+* ``bob`` runs a JBDA-style attack: 300 seeds (half MNIST test digits) grown by Jacobian augmentation;
+* ``carol`` sends the other MNIST test digits, as a benign client would;
 
 and each attacker trains a surrogate of their own architecture on the labels they got. Every
 surrogate, and independent models trained on the true labels without the API, is audited against
@@ -40,6 +41,13 @@ def _accuracy(model: nn.Module, split: Split) -> float:
         return float((model(split.x_test).argmax(1) == split.y_test).float().mean())
 
 
+def _attacker_rows(split: Split) -> tuple[torch.Tensor, Split]:
+    """(test digits the attackers hold, the split whose test rows measure accuracy): half of the test rows each."""
+    half = len(split.x_test) // 2
+    held_out = Split(split.name, split.task, split.x_train, split.y_train, split.x_test[half:], split.y_test[half:])
+    return split.x_test[:half][:500], held_out
+
+
 def _independents(split: Split, seed: int, epochs: int) -> dict[str, nn.Module]:
     """Models trained on the true labels, never on the API's answers."""
     torch.manual_seed(seed + 100)
@@ -71,8 +79,9 @@ def measure(
         answer_key_file=str(key_file),
         answer_journal_dir=str(journal),
     )
-    owner_accuracy = _accuracy(loaded.model, split)
-    sizes = {"knockoff": 3000 if quick else 6000, "seeds": 150 if quick else 300, "rounds": 3 if quick else 4}
+    known, held_out = _attacker_rows(split)
+    owner_accuracy = _accuracy(loaded.model, held_out)
+    sizes = {"related": 2500 if quick else 4000, "seeds": 150, "rounds": 3 if quick else 4}
     epochs = 8 if quick else 10
 
     def api(session: str):
@@ -80,14 +89,15 @@ def measure(
 
     started = time.perf_counter()
     models: dict[str, tuple[str | None, nn.Module, str, int]] = {}  # name -> (user, model, attack, queries)
-    queries = attacks.related_digits(sizes["knockoff"], split.input_shape[-1], seed)
+    side = split.input_shape[-1]
+    queries = torch.cat([attacks.related_digits(sizes["related"], side, seed), known])
     model, spent = attacks.knockoff(api(served.session("alice")), queries, epochs=epochs, seed=seed)
     models["alice's Knockoff surrogate"] = ("alice", model, "knockoff", spent)
-    seeds = attacks.related_digits(sizes["seeds"], split.input_shape[-1], seed + 1)
+    seeds = torch.cat([attacks.related_digits(sizes["seeds"], side, seed + 1), known[: sizes["seeds"]]])
     model, spent = attacks.jbda(api(served.session("bob")), seeds, rounds=sizes["rounds"], epochs=epochs, seed=seed)
     models["bob's JBDA surrogate"] = ("bob", model, "jbda", spent)
     carol = served.session("carol")
-    licensed = served.answer(split.x_test, carol).argmax(1)
+    licensed = served.answer(held_out.x_test, carol).argmax(1)
     for name, independent in _independents(split, seed, epochs).items():
         models[name] = (None, independent, "none (true labels)", 0)
     attack_seconds = time.perf_counter() - started
@@ -112,7 +122,7 @@ def measure(
             "user": user,
             "attack": attack,
             "queries": spent,
-            "relative_accuracy": round(_accuracy(model, split) / owner_accuracy, 4),
+            "relative_accuracy": round(_accuracy(model, held_out) / owner_accuracy, 4),
             "attributed_to": named,
             "bound": own.bound if own is not None else min((e.bound for e in audit.licenses), default=1.0),
             "bound_labels_only": own_labels_only.bound if own_labels_only is not None else None,
@@ -121,14 +131,14 @@ def measure(
         }
         (surrogates if user is not None else others).append(entry)
     with torch.no_grad():
-        own_labels = loaded.model(split.x_test).argmax(1)
+        own_labels = loaded.model(held_out.x_test).argmax(1)
     return {
         "owner_accuracy": round(owner_accuracy, 4),
         "margin": margin,
         "surrogates": surrogates,
         "independents": others,
         "false_attributions": false_attributions,
-        "licensed_accuracy_loss": round(owner_accuracy - float((licensed == split.y_test).float().mean()), 4),
+        "licensed_accuracy_loss": round(owner_accuracy - float((licensed == held_out.y_test).float().mean()), 4),
         "changed_answers": round(float((licensed != own_labels).float().mean()), 4),
         "records": len(records),
         "record_bytes_per_1000_queries": _journal_bytes(journal) * 1000 // max(1, _queries(models, split)),
@@ -148,7 +158,7 @@ class _LabelsOnly(nn.Module):
 
 
 def _queries(models: dict, split: Split) -> int:
-    return sum(m[3] for m in models.values()) + len(split.x_test)
+    return sum(m[3] for m in models.values()) + len(split.x_test) // 2
 
 
 def _journal_bytes(journal: Path) -> int:
