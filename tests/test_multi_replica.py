@@ -29,7 +29,7 @@ import pytest
 from activeguard.credentials import licenses
 from activeguard.credentials.header import encode_license_header
 from activeguard.guard.profile import Profile
-from activeguard.models.architectures import predict
+from activeguard.models.architectures import predict, save_model
 from gateway.client import DirectClient, DirectModeError, GatewayClient, channel_options
 from license_server.client import to_signed
 from tests.postgres import fresh_schema
@@ -51,12 +51,14 @@ def grpc_targets(ports: list[int]) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(deployment, tmp_path_factory):
+def cluster(lenet, tmp_path_factory):
     from handlers.packaging import package
     from handlers.server import ManagedTorchServe
     from tests.processes import GatewayProcess, ServerProcess
 
     root = tmp_path_factory.mktemp("cluster")
+    model_path = root / "model.pt"
+    save_model(lenet, model_path)  # the tests' LeNet-5
     licenses.generate_signing_key(root / "license-key.pem")  # one key for every license server (a Secret)
     gateway_key = licenses.generate_signing_key(root / "gateway.key")  # one key for every gateway
     started: list = []
@@ -69,7 +71,7 @@ def cluster(deployment, tmp_path_factory):
                 started.append(servers[-1])
             with servers[0].client() as admin:
                 mid = admin.register_model(
-                    model_path=str(deployment.model_path), name="mnist", pregenerate=True, fo_scheme="paper"
+                    model_path=str(model_path), name="mnist", pregenerate=True, fo_scheme="paper"
                 ).profile.model_id
                 pems = {kid: licenses.public_key_pem(k).decode() for kid, k in admin.verification_keys().items()}
             license_servers = grpc_targets([s.port for s in servers])
@@ -83,7 +85,7 @@ def cluster(deployment, tmp_path_factory):
                 revocation_refresh_s=REFRESH_S,
                 revocation_max_age_s=3600,
             )
-            package(deployment.model_path, profile, "mnist", root / "store")
+            package(model_path, profile, "mnist", root / "store")
             replicas = [
                 ManagedTorchServe(root / "store", {"mnist": "mnist.mar"}, batch_size=4, max_batch_delay_ms=2)
                 for _ in (1, 2)
