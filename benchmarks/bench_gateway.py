@@ -47,6 +47,7 @@ from benchmarks.common import (
     host_description,
     measure_interleaved,
     process_cpu_seconds,
+    process_group_cpu_seconds,
     timed,
     write_result,
 )
@@ -172,11 +173,19 @@ def measure(
         "plain": plain,
     }
     cpu = process_cpu_seconds(gateway_pid)
+    torchserve_cpu = {"torchserve": process_group_cpu_seconds(ts.process.pid)}  # frontend and workers
     results = {}
     for clients in (1, 8):
         per_run = [
             measure_interleaved(
-                calls, clients=clients, requests=requests, block=100, warmup=50, seed=run, cpu_seconds=cpu
+                calls,
+                clients=clients,
+                requests=requests,
+                block=100,
+                warmup=50,
+                seed=run,
+                cpu_seconds=cpu,
+                more_cpu=torchserve_cpu,
             )
             for run in range(runs)
         ]
@@ -229,6 +238,12 @@ def medians(per_run: list[dict[str, dict[str, float]]]) -> dict[str, float]:
         "direct_mode_added_p50_ms": direct_mode(lambda p, m: m["p50_ms"] - p["p50_ms"]),
         "direct_mode_throughput_vs_direct": direct_mode(lambda p, m: m["throughput_rps"] / p["throughput_rps"]),
         "direct_mode_p99_vs_plain": direct_mode(lambda p, m: m["p99_ms"] / p["p99_ms"]),
+        # TorchServe's CPU (frontend and workers) per request: less swayed by other load than wall time
+        "plain_torchserve_cpu_ms_per_request": direct_mode(lambda p, m: p["torchserve_cpu_ms_per_request"]),
+        "direct_mode_torchserve_cpu_ms_per_request": direct_mode(lambda p, m: m["torchserve_cpu_ms_per_request"]),
+        "direct_mode_torchserve_cpu_vs_plain": direct_mode(
+            lambda p, m: m["torchserve_cpu_ms_per_request"] / p["torchserve_cpu_ms_per_request"]
+        ),
     }
 
 
