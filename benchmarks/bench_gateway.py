@@ -1,10 +1,24 @@
-"""Gateway → TorchServe vs a client calling TorchServe directly (gRPC, and HTTP), same model, one run.
+"""Proxy mode, direct mode and plain TorchServe side by side: same model, same TorchServe, one run.
 
-Both paths carry a session token (direct: in TorchServe's ``input`` map; gateway: in call
-metadata), so the difference is the gateway's own hop. Blocks of requests alternate between the
-paths so drift in machine load hits both. Usage:
+Five paths, each one row per request on loopback, interleaved in blocks (order shuffled per round)
+so drift in machine load hits each alike:
 
-    .venv/bin/python -m benchmarks.bench_gateway [--requests 600] [--out FILE]
+* ``gateway`` (**proxy mode**): the client calls the gateway's Predict with its session; the
+  gateway forwards to TorchServe (HTTP by default, ``--upstream``);
+* ``direct_mode`` (**direct mode**): ``gateway.client.DirectClient``, the protected archive called
+  straight over HTTP with the gateway's session token (``Authorization: Bearer``), ``.npy`` body,
+  the JSON answer parsed into numpy; the handler checks the session;
+* ``plain``: the owner's plain archive (benchmarks/plain_handler.py, no ActiveGuard at all), same
+  model, same ``.npy`` body over the same kind of kept-alive connection, answer parsed alike;
+* ``direct`` / ``direct_http``: the protected archive with the session, raw gRPC (``input`` map) /
+  raw HTTP with nothing parsed: the references proxy mode has been compared with since issue 20.
+
+The session is issued with the gateway's key exactly as its Authenticate would (no license server
+runs here). ``results.clientsN.median`` holds the proxy-mode figures as before plus
+``direct_mode_added_p50_ms`` (direct mode p50 - plain p50) and ``direct_mode_throughput_vs_direct``
+(direct-mode throughput / plain TorchServe throughput), each the median over runs. Usage:
+
+    .venv/bin/python -m benchmarks.bench_gateway [--requests 600] [--runs 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import io
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -26,14 +41,17 @@ from activeguard.models.architectures import train_lenet5
 from activeguard.models.data import load_mnist
 from activeguard_proto.torchserve import inference_pb2, inference_pb2_grpc
 from activeguard_proto.v1 import gateway_pb2, gateway_pb2_grpc
+from benchmarks.bench_serving import PLAIN_HANDLER
 from benchmarks.common import (
     HTTPClients,
     host_description,
     measure_interleaved,
     process_cpu_seconds,
+    process_group_cpu_seconds,
     timed,
     write_result,
 )
+from gateway.client import DirectClient
 from gateway.process import GatewayProcess
 from gateway.tensors import to_tensor
 from handlers.packaging import package
@@ -55,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gateway.json"))
     args = parser.parse_args()
 
+    host = host_description()  # the load average before the run
     torch.set_num_threads(1)
     split = load_mnist(seed=0)
     model = train_lenet5(split, epochs=3, seed=0)
@@ -66,13 +85,16 @@ def main() -> None:
         licenses.generate_signing_key(key_path)
         gateway_key = licenses.load_signing_key(key_path)
         profile = dataclasses.replace(
-            d.profile(policy="reject"), gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode()
+            d.profile(policy="reject", revocation_max_age_s=24 * 3600),  # the list is written once, never refreshed
+            gateway_public_key=licenses.public_key_pem(gateway_key.public_key()).decode(),
         )
         package(d.model_path, profile, "mnist", d.store)
+        package(d.model_path, profile, "plain", d.store, handler=PLAIN_HANDLER)  # the owner's plain archive
         token, _ = sessions.issue_session(
             gateway_key, user="bench", user_index=4, license_id="L", model_id=d.model_id, ttl_seconds=3600
         )
-        with ManagedTorchServe(d.store, {"mnist": "mnist.mar"}, batch_size=8, max_batch_delay_ms=2) as ts:
+        models = {"mnist": "mnist.mar", "plain": "plain.mar"}
+        with ManagedTorchServe(d.store, models, batch_size=8, max_batch_delay_ms=2) as ts:
             config = {
                 "models": [
                     {
@@ -94,12 +116,23 @@ def main() -> None:
             finally:
                 gw.stop()
     out = {
-        "benchmark": "gateway vs direct TorchServe gRPC, LeNet-5 MNIST, 1 row per request, loopback",
+        "benchmark": "proxy mode (gateway) vs direct mode (session, then TorchServe) vs plain TorchServe, "
+        "LeNet-5 MNIST, 1 row per request, loopback",
         "requests_per_cell": args.requests,
         "runs": args.runs,
-        "goals": {"clients1": {"added_p50_ms": 1.0}, "clients8": {"throughput_vs_direct": 0.8, "p99_vs_direct": 1.3}},
+        "goals": {
+            "clients1": {"added_p50_ms": 1.0, "direct_mode_added_p50_ms": 0.3},
+            "clients8": {"throughput_vs_direct": 0.8, "p99_vs_direct": 1.3, "direct_mode_throughput_vs_direct": 0.95},
+        },
+        "definitions": {
+            "direct_mode_added_p50_ms": "direct mode p50 - plain TorchServe p50 (the owner's archive without "
+            "ActiveGuard), median over runs",
+            "direct_mode_throughput_vs_direct": "direct-mode throughput / plain TorchServe throughput, median over runs",
+            "added_p50_ms, throughput_vs_direct, p99_vs_direct": "proxy mode vs the protected archive over raw gRPC "
+            "with the session (as before)",
+        },
         "results": results,
-        "host": host_description(),
+        "host": host,
     }
     write_result(out, args.out)
 
@@ -122,17 +155,37 @@ def measure(
     metadata = (("authorization", f"Bearer {token}"),)
     http = HTTPClients(ts.ports.inference)
     http_headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    direct_mode = DirectClient(FixedSession(token), ts.url)
+    plain_headers = {"Content-Type": "application/octet-stream"}
+
+    def plain(_i: int) -> float:  # what a client of the owner's plain archive does: send .npy, read the answer
+        start = time.perf_counter()
+        np.save(out := io.BytesIO(), np.ascontiguousarray(x, dtype=np.float32))
+        _, answer = http.post("/predictions/plain", out.getvalue(), plain_headers)
+        np.asarray(json.loads(answer)["outputs"], dtype=np.float32)
+        return 1000 * (time.perf_counter() - start)
+
     calls = {
         "direct": lambda _i: 1000 * timed(lambda: direct.Predictions(direct_request, timeout=30))[0],
         "direct_http": lambda _i: http.post("/predictions/mnist", buf.getvalue(), http_headers)[0],
         "gateway": lambda _i: 1000 * timed(lambda: gateway.Predict(gateway_request, metadata=metadata, timeout=30))[0],
+        "direct_mode": lambda _i: 1000 * timed(lambda: direct_mode.predict("mnist", x))[0],
+        "plain": plain,
     }
     cpu = process_cpu_seconds(gateway_pid)
+    torchserve_cpu = {"torchserve": process_group_cpu_seconds(ts.process.pid)}  # frontend and workers
     results = {}
     for clients in (1, 8):
         per_run = [
             measure_interleaved(
-                calls, clients=clients, requests=requests, block=100, warmup=50, seed=run, cpu_seconds=cpu
+                calls,
+                clients=clients,
+                requests=requests,
+                block=100,
+                warmup=50,
+                seed=run,
+                cpu_seconds=cpu,
+                more_cpu=torchserve_cpu,
             )
             for run in range(runs)
         ]
@@ -140,7 +193,21 @@ def measure(
     direct_channel.close()
     gateway_channel.close()
     http.close()
+    direct_mode.close()
     return results
+
+
+class FixedSession:
+    """The session source ``DirectClient`` asks for a token: here one the gateway's key signed up front."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def session(self, model: str) -> str:
+        return self.token
+
+    def forget(self, model: str) -> None:
+        pass
 
 
 def medians(per_run: list[dict[str, dict[str, float]]]) -> dict[str, float]:
@@ -151,6 +218,9 @@ def medians(per_run: list[dict[str, dict[str, float]]]) -> dict[str, float]:
 
     def versus_http(fn) -> float:
         return statistics.median(fn(run["direct_http"], run["gateway"]) for run in per_run)
+
+    def direct_mode(fn) -> float:
+        return statistics.median(fn(run["plain"], run["direct_mode"]) for run in per_run)
 
     return {
         "direct_p50_ms": median(lambda d, g: d["p50_ms"]),
@@ -163,6 +233,17 @@ def medians(per_run: list[dict[str, dict[str, float]]]) -> dict[str, float]:
         "p99_vs_direct": median(lambda d, g: g["p99_ms"] / d["p99_ms"]),
         "gateway_cpu_ms_per_request": median(lambda d, g: g["cpu_ms_per_request"]),
         "gateway_cpu_ms_per_direct_request": median(lambda d, g: d["cpu_ms_per_request"]),
+        "plain_p50_ms": direct_mode(lambda p, m: p["p50_ms"]),
+        "direct_mode_p50_ms": direct_mode(lambda p, m: m["p50_ms"]),
+        "direct_mode_added_p50_ms": direct_mode(lambda p, m: m["p50_ms"] - p["p50_ms"]),
+        "direct_mode_throughput_vs_direct": direct_mode(lambda p, m: m["throughput_rps"] / p["throughput_rps"]),
+        "direct_mode_p99_vs_plain": direct_mode(lambda p, m: m["p99_ms"] / p["p99_ms"]),
+        # TorchServe's CPU (frontend and workers) per request: less swayed by other load than wall time
+        "plain_torchserve_cpu_ms_per_request": direct_mode(lambda p, m: p["torchserve_cpu_ms_per_request"]),
+        "direct_mode_torchserve_cpu_ms_per_request": direct_mode(lambda p, m: m["torchserve_cpu_ms_per_request"]),
+        "direct_mode_torchserve_cpu_vs_plain": direct_mode(
+            lambda p, m: m["torchserve_cpu_ms_per_request"] / p["torchserve_cpu_ms_per_request"]
+        ),
     }
 
 

@@ -124,6 +124,7 @@ def measure_interleaved(
     warmup: int = 0,
     seed: int = 0,
     cpu_seconds: Callable[[], float] | None = None,
+    more_cpu: dict[str, Callable[[], float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Closed-loop load on several alternatives, interleaved so drift in machine load hits each alike.
 
@@ -134,28 +135,31 @@ def measure_interleaved(
     to whole blocks). ``warmup`` unmeasured requests per alternative come first. Throughput is
     requests over the summed wall time of that alternative's blocks. Returns name → ``latency_summary``;
     with ``cpu_seconds`` (a cumulative CPU clock, e.g. :func:`process_cpu_seconds` of a server), also
-    ``cpu_ms_per_request``: that clock's advance during the alternative's blocks, per request.
+    ``cpu_ms_per_request``: that clock's advance during the alternative's blocks, per request; and for
+    each ``more_cpu`` clock, ``<name>_cpu_ms_per_request`` alike.
     """
     names = list(calls)
     order = random.Random(seed)
     latencies: dict[str, list[float]] = {n: [] for n in names}
     wall = dict.fromkeys(names, 0.0)
-    cpu = dict.fromkeys(names, 0.0)
-    clock = cpu_seconds or (lambda: 0.0)
+    clocks = {"": cpu_seconds or (lambda: 0.0), **{f"{k}_": v for k, v in (more_cpu or {}).items()}}
+    cpu = {key: dict.fromkeys(names, 0.0) for key in clocks}
     with ThreadPoolExecutor(clients) if clients > 1 else _Inline() as pool:
         for name in names:
             list(pool.map(calls[name], range(warmup)))
         for round_ in range(-(-requests // block)):
             order.shuffle(names)  # no alternative always follows another
             for name in names:
-                cpu_start, start = clock(), time.perf_counter()
+                cpu_start, start = {k: c() for k, c in clocks.items()}, time.perf_counter()
                 latencies[name] += pool.map(calls[name], range(round_ * block, (round_ + 1) * block))
                 wall[name] += time.perf_counter() - start
-                cpu[name] += clock() - cpu_start
+                for key, c in clocks.items():
+                    cpu[key][name] += c() - cpu_start[key]
     summaries = {name: latency_summary(latencies[name], wall[name]) for name in calls}
-    if cpu_seconds is not None:
-        for name, summary in summaries.items():
-            summary["cpu_ms_per_request"] = 1000 * cpu[name] / len(latencies[name])
+    for key in clocks:
+        if key or cpu_seconds is not None:
+            for name, summary in summaries.items():
+                summary[f"{key}cpu_ms_per_request"] = 1000 * cpu[key][name] / len(latencies[name])
     return summaries
 
 
@@ -166,6 +170,25 @@ def process_cpu_seconds(pid: int) -> Callable[[], float]:
     def read() -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15 of stat)
+
+    return read
+
+
+def process_group_cpu_seconds(pgid: int) -> Callable[[], float]:
+    """A clock of the user + system CPU time of every live process in process group ``pgid`` (a
+    TorchServe started as its own group: the frontend and its workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
     return read
 

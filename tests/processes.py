@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.process import GatewayProcess
@@ -16,5 +17,12 @@ __all__ = ["TOKEN", "GatewayProcess", "ServerProcess"]
 class ServerProcess(LicenseServerProcess):
     """A license server with the tests' admin token."""
 
-    def __init__(self, data_dir: Path, database_url: str = "", token: str = TOKEN, register_pool: int = 100):
-        super().__init__(data_dir, token, database_url, register_pool=register_pool)
+    def __init__(
+        self,
+        data_dir: Path,
+        database_url: str = "",
+        token: str = TOKEN,
+        register_pool: int = 100,
+        extra_args: Sequence[str] = (),
+    ):
+        super().__init__(data_dir, token, database_url, register_pool=register_pool, extra_args=extra_args)

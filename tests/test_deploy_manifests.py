@@ -310,7 +310,7 @@ def test_server_arguments_parse_with_their_command_lines():
                 args = _parse(gateway_parser, ["gateway", *c["args"]])
                 assert args.host == "0.0.0.0"
                 parsed.append(c["name"])
-    assert {"license-server", "gateway", "revocation-sync"} <= set(parsed)
+    assert {"license-server", "gateway"} <= set(parsed)
 
 
 def test_config_files_load_and_name_mounted_paths(tmp_path):
@@ -325,20 +325,15 @@ def test_config_files_load_and_name_mounted_paths(tmp_path):
             config = GatewayConfig.from_json(path)
             assert config.license_server == "license-server:50061" and config.models
         ts = _config_map(docs, "torchserve-config")["data"]
-        (tmp_path / "sync.json").write_text(ts["revocation-sync.json"])
-        sync = GatewayConfig.from_json(tmp_path / "sync.json")
-        assert sync.models == [] and sync.revocation_file is not None
         (tmp_path / "config.properties").write_text(ts["config.properties"])
         props = read_config(tmp_path / "config.properties")
         assert props["metrics_mode"] == "prometheus" and props["disable_token_authorization"] == "true"
         assert props["management_address"].startswith("http://127.0.0.1:")
         assert props["grpc_management_address"] == "127.0.0.1"
         assert props["inference_address"] == "http://0.0.0.0:8080" and props["metrics_address"] == "http://0.0.0.0:8082"
-    # the handler reads the revocation file the sidecar writes: one emptyDir, mounted in both
+    # the handler fetches revocations itself (--revocation-server): TorchServe is the pod's one container
     pod = _pod_spec(render("small"), "Deployment", "torchserve")
-    sync_dir = str(sync.revocation_file.parent)
-    mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in pod["containers"]}
-    assert mounts["torchserve"][sync_dir] == mounts["revocation-sync"][sync_dir]
+    assert [c["name"] for c in pod["containers"]] == ["torchserve"]
     assert _arg(_container(pod, "torchserve"), "--model-store") == props["model_store"]
 
 
@@ -560,6 +555,41 @@ def _ingress_peers(docs: list[dict[str, Any]], labels: dict[str, str], port: int
     return peers
 
 
+def _egress_peers(docs: list[dict[str, Any]], labels: dict[str, str], port: int) -> list[Any]:
+    """Every peer pods with ``labels`` may reach on ``port`` (``"anyone"`` for a rule without ``to``)."""
+    peers: list[Any] = []
+    for policy in docs:
+        if policy["kind"] != "NetworkPolicy" or not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            peers.extend(rule.get("to", ["anyone"]))
+    return peers
+
+
+def test_handlers_reach_the_license_server_for_revocations():
+    """Each handler fetches the signed revocation list itself (--revocation-server license-server:50061):
+    TorchServe's pods, and KServe's predictor pods, may reach the license server's gRPC port, and it them."""
+    license_server = {"app.kubernetes.io/name": "license-server"}
+    for target, labels, peer in [
+        ("small", {"app.kubernetes.io/name": "torchserve"}, _pod("torchserve")),
+        ("production", {"app.kubernetes.io/name": "torchserve"}, _pod("torchserve")),
+        (
+            "small+kserve",
+            {"serving.kserve.io/inferenceservice": "activeguard"},
+            {"podSelector": {"matchLabels": {"serving.kserve.io/inferenceservice": "activeguard"}}},
+        ),
+    ]:
+        docs = render(target)
+        assert _egress_peers(docs, labels, 50061) == [_pod("license-server")], target
+        assert peer in _ingress_peers(docs, license_server, 50061), target
+        properties = _config_map(docs, "torchserve-config")["data"]
+        assert "revocation-sync.json" not in properties, "the revocation-sync sidecar's config is gone"
+    assert "--revocation-server license-server:50061" in OPERATIONS.read_text()
+
+
 def _pod(name: str) -> dict[str, Any]:
     return {"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}}
 
@@ -590,7 +620,6 @@ def test_network_policies_admit_only_the_documented_peers(target):
         (license_server, 9462),
         ({"app.kubernetes.io/name": "gateway"}, 9471),
         (torchserve, 8082),
-        (torchserve, 9472),
     ]:
         assert _ingress_peers(docs, labels, port) == [MONITORING_NAMESPACE], f"metrics port {port}"
     assert _ingress_peers(docs, {"app.kubernetes.io/name": "gateway"}, 50071) == ["anyone"]

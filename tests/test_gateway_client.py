@@ -131,3 +131,66 @@ def test_a_foreign_session_is_not_mistaken_for_a_payload_model(gateway):
     with pytest.raises(grpc.RpcError) as info:
         c.predict("fashion", np.zeros((1, 1, 28, 28), np.float32))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and not isinstance(info.value, PayloadModelError)
+
+
+class _Sessions:
+    """The session source DirectClient asks: numbered tokens, renewed when forgotten."""
+
+    def __init__(self):
+        self.issued = 0
+
+    def session(self, model: str) -> str:
+        return f"token-{self.issued}"
+
+    def forget(self, model: str) -> None:
+        self.issued += 1
+
+
+def test_direct_mode_skips_a_dead_replica_renews_an_expired_session_and_names_refusals():
+    """DirectClient against stand-ins answering as the handler does: the first replica's port is
+    closed, the live one calls token-0 expired, admits token-1 and then refuses it as revoked."""
+    from gateway.client import DirectClient, DirectModeError
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            token = self.headers["Authorization"].removeprefix("Bearer ")
+            seen.append(token)
+            if token == "token-0":
+                status, reason = 401, "expired_session"
+            elif len(seen) <= 2:
+                status, reason = 200, "session_authorized"
+            else:
+                status, reason = 403, "revoked"
+            decision = {"authorized": status == 200, "reason": reason}
+            body = {"outputs": [[0.25, 0.75]]} if status == 200 else {"error": reason, "reason": reason}
+            body["activeguard"] = decision
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    live = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=live.serve_forever, daemon=True).start()
+    sessions_ = _Sessions()
+    try:
+        urls = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{live.server_address[1]}"]
+        with DirectClient(sessions_, urls, timeout=5) as client:
+            assert client.predict("mnist", np.zeros((1, 1, 28, 28), np.float32)).tolist() == [[0.25, 0.75]]
+            assert seen == ["token-0", "token-1"] and sessions_.issued == 1  # renewed once
+            with pytest.raises(DirectModeError) as refused:
+                client.predict("mnist", np.zeros((1, 1, 28, 28), np.float32))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (refused.value.reason, refused.value.status) == ("revoked", 403)
+            assert isinstance(refused.value, grpc.RpcError)
+        with DirectClient(sessions_, urls[:1], timeout=5) as dead, pytest.raises(DirectModeError) as down:
+            dead.predict("mnist", np.zeros((1, 1, 28, 28), np.float32))
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        live.shutdown()
