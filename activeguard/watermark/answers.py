@@ -39,7 +39,9 @@ import torch
 
 from activeguard.runtime.private_files import PrivateFileError, read_private, write_private
 
-DEFAULT_MARGIN = math.log(3)  # the band: runner-up probability at least a third of the top's (measured: docs/results.md)
+DEFAULT_MARGIN = math.log(
+    3
+)  # the band: runner-up probability at least a third of the top's (measured: docs/results.md)
 MIN_SECRET_BYTES = 32
 KEY_CACHE = 4096  # per-license keys a worker remembers
 
