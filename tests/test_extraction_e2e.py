@@ -62,7 +62,9 @@ def client(ts, license_text: str):
         rows = torch.as_tensor(np.asarray(x, dtype=np.float32))
         answers = []
         for start in range(0, len(rows), ROWS_PER_REQUEST):
-            status, body = post(f"{ts.url}/predictions/marked", json_body(rows[start : start + ROWS_PER_REQUEST]), headers)
+            status, body = post(
+                f"{ts.url}/predictions/marked", json_body(rows[start : start + ROWS_PER_REQUEST]), headers
+            )
             assert status == 200, body
             answers.extend(body["outputs"])
         return np.asarray(answers, dtype=np.float32)
