@@ -223,7 +223,10 @@ class ActiveGuardHandler(BaseHandler):
         record_batch(context.metrics, answers, (time.perf_counter() - start) * 1000, self.guard.revocations.current())
         monitor = self.guard.monitor
         statistic = monitor.statistic if monitor is not None else None
-        record_licenses(context.metrics, verdicts, answers, self.guard.flags, statistic, self.license_labels)
+        try:  # a metric must never cost a batch its answers
+            record_licenses(context.metrics, verdicts, answers, self.guard.flags, statistic, self.license_labels)
+        except Exception:
+            logger.exception("could not record the per-license metrics of a batch")
         return [outcome.body if composed and outcome.status == 200 else json.dumps(outcome.body) for outcome in answers]
 
     def _answer(self, i: int, verdict: Verdict, value: Any, context) -> Outcome:

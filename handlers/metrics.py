@@ -96,6 +96,8 @@ def record_licenses(
         if w is not None:
             dimensions = [Dimension("License", labels(license_id))]
             try:
-                metrics.add_metric(EXTRACTION_STATISTIC_METRIC, w, dimensions=dimensions, metric_type=MetricTypes.GAUGE)
-            except TypeError:  # the legacy MetricsStore
-                metrics.add_metric(EXTRACTION_STATISTIC_METRIC, w, dimensions=dimensions)
+                metrics.add_metric(
+                    EXTRACTION_STATISTIC_METRIC, w, unit="", dimensions=dimensions, metric_type=MetricTypes.GAUGE
+                )
+            except TypeError:  # TorchServe's legacy MetricsStore (its MockContext's) knows no metric types
+                metrics.add_metric(EXTRACTION_STATISTIC_METRIC, w, unit="", dimensions=dimensions)

@@ -183,3 +183,35 @@ def served_request(x: torch.Tensor, session: str):
     from activeguard.guard.outcomes import Request
 
     return Request(json.dumps({"inputs": x.tolist()}).encode(), session=session)
+
+
+class Metrics:
+    """TorchServe's metric cache as the handler calls it (its signatures: a generic metric needs a unit)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, float, tuple]] = []
+
+    def add_counter(self, name, value, idx=None, dimensions=()):
+        self.calls.append((name, value, tuple((d.name, d.value) for d in dimensions)))
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=(), metric_type=None):
+        self.calls.append((name, value, tuple((d.name, d.value) for d in dimensions)))
+
+
+def test_license_metrics_name_the_first_licenses_and_count_rows():
+    from activeguard.guard.outcomes import Outcome, Verdict
+    from handlers.metrics import LicenseLabels, record_licenses
+
+    labels = LicenseLabels(named=2)
+    verdicts = [Verdict(200, "authorized", license_id=f"lic-{k}", rows=3) for k in range(4)]
+    verdicts.append(Verdict(429, "extraction_throttled", license_id="lic-0", rows=5))
+    answers = [Outcome(v.status, v.reason, {}) for v in verdicts]
+    flag = monitor.Flag("lic-1", 0.9, 300, monitor.ALERT)
+    metrics = Metrics()
+    record_licenses(metrics, verdicts, answers, [flag], lambda license_id: 0.97, labels)
+    served = {c[2]: c[1] for c in metrics.calls if c[0] == "ActiveGuardRowsServed"}
+    assert served == {(("License", "lic-0"),): 3, (("License", "lic-1"),): 3, (("License", "other"),): 6}
+    refused = [c for c in metrics.calls if c[0] == "ActiveGuardRowsRefused"]
+    assert refused == [("ActiveGuardRowsRefused", 5, (("License", "lic-0"), ("Reason", "extraction_throttled")))]
+    assert ("ActiveGuardExtractionAlerts", 1, (("License", "lic-1"),)) in metrics.calls
+    assert ("ActiveGuardExtractionStatistic", 0.97, (("License", "lic-0"),)) in metrics.calls

@@ -57,8 +57,12 @@ def test_policies_act_on_extraction_and_a_benign_license_is_served(monitored, de
     ts, root = monitored
     half = len(mnist.x_test) // 2
     seeds = torch.cat([attacks.related_digits(150, 28, 1), mnist.x_test[:half][:150]])
-    with torch.no_grad():
-        stream = attacks.jbda_stream(lambda x: lenet(x).argmax(1), seeds, rounds=3, epochs=1, seed=0)[:STREAM]
+
+    def owner(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return lenet(x).argmax(1)
+
+    stream = attacks.jbda_stream(owner, seeds, rounds=3, epochs=1, seed=0)[:STREAM]
     bob_text, carol_text = deployment.license(1, user="bob"), deployment.license(0, user="carol")
     bob, carol = ({"X-ActiveGuard-License": header_value(t)} for t in (bob_text, carol_text))
     expected = {"throttle": (429, "extraction_throttled"), "suspend": (403, "extraction_suspended")}

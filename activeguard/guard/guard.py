@@ -136,7 +136,7 @@ class Guard:
             )
             entries.append(alert.to_entry())
         if self.usage is not None:
-            entries += self.usage.due(force=bool(entries))
+            entries += self.usage.due(force=bool(self.flags))  # an alert goes with the usage behind it
         self.journal.write(entries)
 
     def _verdict(self, i: int, outputs: Outputs, batch: Batch, front: FrontEnd) -> Verdict:
