@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay, ms")
     parser.add_argument("--runs", type=int, default=3, help="measurements per setting; ratios are their median")
     parser.add_argument("--quick", action="store_true", help="smoke run: one run of 64 requests, 16 warm-up")
+    parser.add_argument(
+        "--no-serving", action="store_true", help="only the in-process measurement (the guard without TorchServe)"
+    )
     parser.add_argument("--out", type=Path, help="default benchmarks/results/extraction_costs.json (-quick)")
     args = parser.parse_args()
     if args.quick:
@@ -80,9 +84,11 @@ def main() -> None:
             names[mode] = mode.replace("+", "-")
             package(deployment.model_path, profile, names[mode], deployment.store)
         bodies = [json_body(x[None]) for x in mnist.x_test]
-        headers = {"Content-Type": "application/json", "X-ActiveGuard-License": header_value(deployment.license(0))}
+        license_header = header_value(deployment.license(0))
+        headers = {"Content-Type": "application/json", "X-ActiveGuard-License": license_header}
+        in_process = measure_in_process(model, profiles, bodies, license_header, args)
         results: dict[str, dict] = {}
-        for setting, (batch_size, clients) in SETTINGS.items():
+        for setting, (batch_size, clients) in SETTINGS.items() if not args.no_serving else ():
             models = {names[m]: f"{names[m]}.mar" for m in MODES}
             with ManagedTorchServe(
                 deployment.store, models, batch_size=batch_size, max_batch_delay_ms=args.max_batch_delay
@@ -100,12 +106,12 @@ def main() -> None:
                 "clients": clients,
                 "runs": runs,
             }
-        records = {
+        records = {  # journal entries written by kind (TorchServe and in-process together)
             mode: _journal_lines(root / f"journal-{suffix}")
             for mode, suffix in (("watermark", "w"), ("watermark+monitor", "wm"))
         }
 
-    ratios = {setting: {mode: ratio(results[setting]["runs"], mode) for mode in MODES[1:]} for setting in SETTINGS}
+    ratios = {setting: {mode: ratio(results[setting]["runs"], mode) for mode in MODES[1:]} for setting in results}
     result = {
         "benchmark": "extraction costs: the reference MNIST LeNet-5 with ActiveGuard's tensor handler, licensed, "
         "answer watermark and extraction monitor off vs on; one digit per HTTP request, kept-alive, loopback",
@@ -124,9 +130,43 @@ def main() -> None:
         "ratios": ratios,
         "goal_met": all(r["met"] for per_setting in ratios.values() for r in per_setting.values()),
         "journal_lines": records,
+        "in_process": in_process,
         "host": host | {"load_average_after": host_description()["load_average_1_5_15"]},
     }
     write_result(result, out)
+
+
+def measure_in_process(model, profiles: dict, bodies: list[bytes], license_header: str, args) -> dict:
+    """The guard alone (no TorchServe, no HTTP): one single-row request per ``Guard.handle`` call, modes
+    interleaved in blocks of 32, shuffled per round; p50 per request and the ratio to ``off``."""
+    from activeguard.guard.guard import Guard
+    from activeguard.guard.outcomes import Request
+
+    guards = {mode: Guard(model, profile) for mode, profile in profiles.items()}
+
+    def call_fn(mode: str) -> Callable[[int], float]:
+        guard = guards[mode]
+
+        def call(i: int) -> float:
+            start = time.perf_counter()
+            outcome = guard.handle([Request(bodies[i % len(bodies)], license=license_header)])[0]
+            ms = (time.perf_counter() - start) * 1000
+            if outcome.status != 200:
+                raise RuntimeError(f"{mode}: {outcome.reason}")
+            return ms
+
+        return call
+
+    requests = max(args.requests, 1000) if not args.quick else args.requests
+    cells = measure_interleaved(
+        {mode: call_fn(mode) for mode in MODES}, clients=1, requests=requests, block=32, warmup=args.warmup
+    )
+    return {
+        "requests_per_mode": requests,
+        "cells": cells,
+        "p50_ratio": {mode: cells[mode]["p50_ms"] / cells["off"]["p50_ms"] for mode in MODES[1:]},
+        "added_p50_ms": {mode: cells[mode]["p50_ms"] - cells["off"]["p50_ms"] for mode in MODES[1:]},
+    }
 
 
 def request_fn(http: HTTPClients, model: str, bodies: list[bytes], headers: dict[str, str]) -> Callable[[int], float]:
