@@ -138,10 +138,12 @@ def main() -> None:
 
 def measure_in_process(model, profiles: dict, bodies: list[bytes], license_header: str, args) -> dict:
     """The guard alone (no TorchServe, no HTTP): one single-row request per ``Guard.handle`` call, modes
-    interleaved in blocks of 32, shuffled per round; p50 per request and the ratio to ``off``."""
+    interleaved in blocks of 32, shuffled per round; p50 per request and the ratio to ``off``. One torch
+    thread, so that the figure is the guard's work and not two threads contending for shared cores."""
     from activeguard.guard.guard import Guard
     from activeguard.guard.outcomes import Request
 
+    torch.set_num_threads(1)
     guards = {mode: Guard(model, profile) for mode, profile in profiles.items()}
 
     def call_fn(mode: str) -> Callable[[int], float]:
@@ -163,6 +165,7 @@ def measure_in_process(model, profiles: dict, bodies: list[bytes], license_heade
     )
     return {
         "requests_per_mode": requests,
+        "torch_threads": 1,
         "cells": cells,
         "p50_ratio": {mode: cells[mode]["p50_ms"] / cells["off"]["p50_ms"] for mode in MODES[1:]},
         "added_p50_ms": {mode: cells[mode]["p50_ms"] - cells["off"]["p50_ms"] for mode in MODES[1:]},
