@@ -33,6 +33,8 @@ HANDLER_REASON_CODES: dict[str, grpc.StatusCode] = {
     p.MALFORMED_INPUT: Code.INVALID_ARGUMENT,
     p.INTERNAL_ERROR: Code.INTERNAL,
     p.REVOCATION_LIST_STALE: Code.UNAVAILABLE,  # the handler holds no fresh revocation list: retry later
+    p.EXTRACTION_THROTTLED: Code.RESOURCE_EXHAUSTED,  # the extraction monitor's cool-down: slow down
+    p.EXTRACTION_SUSPENDED: Code.PERMISSION_DENIED,  # flagged as extraction; the license is being revoked
 }
 
 # TorchServe's codes that mean "this worker or frontend cannot answer now": retried once.

@@ -31,7 +31,7 @@ from handlers.composition import (
     postprocess_all,
 )
 from handlers.envelopes import ROW_ORIGINS, RowOrigin, install
-from handlers.metrics import record_batch
+from handlers.metrics import LicenseLabels, record_batch, record_licenses
 from handlers.revocations import ServerFetch
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ class ActiveGuardHandler(BaseHandler):
             self.guard = Guard(loaded.model, profile, device=self.device, revocation_fetch=_fetch(profile))
             self.model, self.owner, self.front = self.guard.model, None, self.guard.front
         self.guard.revocations.start()  # a background refresh: no request waits for the list
+        self.license_labels = LicenseLabels()
         self.initialized = True
         logger.info(
             "ActiveGuard ready: %s model %s on %s, handler %s, policy %s, paper mode %s",
@@ -220,6 +221,12 @@ class ActiveGuardHandler(BaseHandler):
                 request = request_of_row[i]
                 context.set_response_status(outcome.status, outcome.reason, idx=i if request is None else request)
         record_batch(context.metrics, answers, (time.perf_counter() - start) * 1000, self.guard.revocations.current())
+        monitor = self.guard.monitor
+        statistic = monitor.statistic if monitor is not None else None
+        try:  # a metric must never cost a batch its answers
+            record_licenses(context.metrics, verdicts, answers, self.guard.flags, statistic, self.license_labels)
+        except Exception:
+            logger.exception("could not record the per-license metrics of a batch")
         return [outcome.body if composed and outcome.status == 200 else json.dumps(outcome.body) for outcome in answers]
 
     def _answer(self, i: int, verdict: Verdict, value: Any, context) -> Outcome:

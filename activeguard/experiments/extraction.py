@@ -28,7 +28,8 @@ from torch import nn
 
 from activeguard.audit.extraction import audit_extraction
 from activeguard.experiments import extraction_attacks as attacks
-from activeguard.experiments.served import ServedModel
+from activeguard.experiments.served import ROWS_PER_REQUEST, ServedModel
+from activeguard.guard.monitor import ALERT, ExtractionMonitor, MonitorSettings
 from activeguard.models.architectures import LeNet5, train
 from activeguard.models.data import Split
 from activeguard.models.sources import LoadedModel
@@ -84,17 +85,21 @@ def measure(
     sizes = {"related": 2500 if quick else 4000, "seeds": 150, "rounds": 3 if quick else 4}
     epochs = 8 if quick else 10
 
-    def api(session: str):
-        return lambda x: served.answer(x, session).argmax(1)
+    streams: dict[str, list[torch.Tensor]] = {"knockoff": [], "jbda": []}  # each attacker's queries, in order
+
+    def api(session: str, stream: list[torch.Tensor]):
+        return attacks.recording(lambda x: served.answer(x, session).argmax(1), stream)
 
     started = time.perf_counter()
     models: dict[str, tuple[str | None, nn.Module, str, int]] = {}  # name -> (user, model, attack, queries)
     side = split.input_shape[-1]
     queries = torch.cat([attacks.related_digits(sizes["related"], side, seed), known])
-    model, spent = attacks.knockoff(api(served.session("alice")), queries, epochs=epochs, seed=seed)
+    alice = api(served.session("alice"), streams["knockoff"])
+    model, spent = attacks.knockoff(alice, queries, epochs=epochs, seed=seed)
     models["alice's Knockoff surrogate"] = ("alice", model, "knockoff", spent)
     seeds = torch.cat([attacks.related_digits(sizes["seeds"], side, seed + 1), known[: sizes["seeds"]]])
-    model, spent = attacks.jbda(api(served.session("bob")), seeds, rounds=sizes["rounds"], epochs=epochs, seed=seed)
+    bob = api(served.session("bob"), streams["jbda"])
+    model, spent = attacks.jbda(bob, seeds, rounds=sizes["rounds"], epochs=epochs, seed=seed)
     models["bob's JBDA surrogate"] = ("bob", model, "jbda", spent)
     carol = served.session("carol")
     licensed = served.answer(held_out.x_test, carol).argmax(1)
@@ -143,6 +148,59 @@ def measure(
         "records": len(records),
         "record_bytes_per_1000_queries": _journal_bytes(journal) * 1000 // max(1, _queries(models, split)),
         "attack_seconds": round(attack_seconds, 1),
+        "monitor": monitor_measurement(
+            loaded.model, {k: torch.cat(v) for k, v in streams.items()}, split, held_out.x_test
+        ),
+    }
+
+
+BENIGN_STREAMS = 20
+BENIGN_STREAM_ROWS = 250
+BENIGN_ROWS_PER_REQUEST = 8
+
+
+def monitor_measurement(
+    model: nn.Module,
+    attacks_seen: dict[str, torch.Tensor],
+    split: Split,
+    carol: torch.Tensor,
+    settings: MonitorSettings | None = None,
+) -> dict[str, Any]:
+    """The extraction monitor (PRADA per license, :mod:`activeguard.guard.monitor`) on each attacker's
+    stream as sent (requests of :data:`ROWS_PER_REQUEST` rows), and on benign streams: at least
+    :data:`BENIGN_STREAMS` disjoint streams of the owner's natural digits (train and test, shuffled; up
+    to :data:`BENIGN_STREAM_ROWS` each, in requests of :data:`BENIGN_ROWS_PER_REQUEST`) and carol's."""
+    settings = settings or MonitorSettings(policy=ALERT)
+    digits = torch.cat([split.x_train, split.x_test])
+    digits = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))]
+    length = min(BENIGN_STREAM_ROWS, len(digits) // BENIGN_STREAMS)
+    benign = [digits[i * length : (i + 1) * length] for i in range(len(digits) // length)]
+
+    def flagged(x: torch.Tensor, rows: int) -> int | None:
+        watch = ExtractionMonitor(settings, x[0].numel())
+        with torch.no_grad():
+            labels = model(x).argmax(1)
+        for start in range(0, len(x), rows):
+            flag = watch.observe("license", x[start : start + rows], labels[start : start + rows])
+            if flag is not None:
+                return flag.queries
+        return None
+
+    alarms = sum(flagged(x, BENIGN_ROWS_PER_REQUEST) is not None for x in benign)
+    return {
+        "flagged_within_queries": {name: flagged(x, ROWS_PER_REQUEST) for name, x in attacks_seen.items()},
+        "stream_queries": {name: len(x) for name, x in attacks_seen.items()},
+        "false_alarm_rate": round(alarms / len(benign), 4),
+        "benign_streams": len(benign),
+        "benign_stream_queries": length,
+        "carol_flagged_within_queries": flagged(carol, ROWS_PER_REQUEST),
+        "thresholds": {
+            "delta": settings.delta,
+            "min_queries": settings.min_queries,
+            "window": settings.window,
+            "max_per_class": settings.max_per_class,
+            "sketch_dim": settings.sketch_dim,
+        },
     }
 
 
@@ -206,5 +264,19 @@ def _markdown(r: dict[str, Any]) -> str:
         f"({r['changed_answers']:.2%} of natural answers changed). Journal: {r['record_bytes_per_1000_queries']} bytes "
         "per 1,000 queries.",
         "",
+        _monitor_line(r["monitor"]),
+        "",
     ]
     return "\n".join(lines)
+
+
+def _monitor_line(m: dict[str, Any]) -> str:
+    within = ", ".join(
+        f"{name} {'within ' + str(q) if q is not None else 'not flagged in'} of {m['stream_queries'][name]} queries"
+        for name, q in m["flagged_within_queries"].items()
+    )
+    return (
+        f"Extraction monitor (PRADA, W < {m['thresholds']['delta']} after {m['thresholds']['min_queries']} queries): "
+        f"{within}; false alarms {m['false_alarm_rate']:.0%} of {m['benign_streams']} benign streams of "
+        f"{m['benign_stream_queries']} natural digits."
+    )

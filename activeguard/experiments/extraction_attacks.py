@@ -112,3 +112,20 @@ def jbda(
         x, y = torch.cat([x, fresh]), torch.cat([y, api(fresh)])
         model = surrogate(x, y, epochs=epochs, seed=seed + r + 1)
     return model, len(x)
+
+
+def recording(api: Api, queries: list[torch.Tensor]) -> Api:
+    """``api``, keeping every batch of rows it is asked, in order (the stream a monitor sees)."""
+
+    def ask(x: torch.Tensor) -> torch.Tensor:
+        queries.append(x.detach().clone())
+        return api(x)
+
+    return ask
+
+
+def jbda_stream(api: Api, seeds: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The queries a :func:`jbda` attack sends, in order."""
+    queries: list[torch.Tensor] = []
+    jbda(recording(api, queries), seeds, **kwargs)
+    return torch.cat(queries)

@@ -29,14 +29,15 @@ class AnswerStamp:
         self._pending: list[dict[str, Any]] = []
 
     @classmethod
-    def from_profile(cls, profile: Profile) -> AnswerStamp | None:
+    def from_profile(cls, profile: Profile, journal: JournalWriter | None = None) -> AnswerStamp | None:
         """The profile's stamp; None when its answer watermark is off. Raises (the worker does not
-        start) when the key file is missing or unsafe, or the journal cannot be written."""
+        start) when the key file is missing or unsafe, or the journal cannot be written. ``journal``:
+        the worker's journal, when the guard already opened it."""
         if not profile.answer_watermark_margin:
             return None
         secret = load_secret_file(profile.answer_key_file)
         watermark = AnswerWatermark(secret, profile.answer_watermark_margin, profile.num_classes)
-        return cls(profile, watermark, JournalWriter(profile.answer_journal_dir))
+        return cls(profile, watermark, journal or JournalWriter(profile.answer_journal_dir))
 
     def apply(self, raw: Any, rows: torch.Tensor, license_id: str, user: str, front: FrontEnd) -> Any:
         """The answer to return for ``rows`` (model input) whose model output is ``raw``."""
@@ -50,8 +51,11 @@ class AnswerStamp:
             return raw
         return front.permuted(raw, self.watermark.swap_index(marks, len(logits)))
 
+    def take(self) -> list[dict[str, Any]]:
+        """This batch's records, for the guard to write with the batch's other entries."""
+        entries, self._pending = self._pending, []
+        return entries
+
     def flush(self) -> None:
         """Make this batch's records durable (before any of its answers leaves the worker)."""
-        if self._pending:
-            entries, self._pending = self._pending, []
-            self.journal.write(entries)
+        self.journal.write(self.take())

@@ -112,8 +112,9 @@ class CredentialCheck:
             batch.sessions[i] = sessions.admit_claims(session, model_id=self.profile.model_id, revoked=batch.revoked)
             batch.license_ids[i] = batch.sessions[i].license_id
         elif _present(request.license) or "license" in extras:
-            payload = self._license(request.license if _present(request.license) else extras["license"], batch.revoked)
-            batch.license_ids[i] = payload.license_id
+            signed = self._signed(request.license if _present(request.license) else extras["license"])
+            batch.license_ids[i] = signed.license_id  # its signature held: its refusals count as its usage
+            payload = licenses.admit_payload(signed, model_id=self.profile.model_id, revoked=batch.revoked)
             passed = self._passed_fingerprints.get(_fingerprint_key(payload))
             if passed is not None:  # this license's fingerprint already authenticated on this model
                 batch.passed[i] = (payload.user, passed)
@@ -133,9 +134,9 @@ class CredentialCheck:
         """A license's fingerprint decoded to its user: its next requests skip the extra row."""
         self._passed_fingerprints.put(key, user_index)
 
-    def _license(self, raw: Any, revoked: frozenset[str]) -> licenses.LicensePayload:
-        """The verified payload of a license; the signature is checked once per license text (its
-        digest is remembered), validity, model and revocation on every request."""
+    def _signed(self, raw: Any) -> licenses.LicensePayload:
+        """The payload of a license whose signature holds, checked once per license text (its digest
+        is remembered); validity, model and revocation are the caller's to check on every request."""
         digest = _digest(raw)
         payload = self._signed_licenses.get(digest)
         if payload is None:
@@ -144,7 +145,7 @@ class CredentialCheck:
             if math.prod(payload.fingerprint_shape) != math.prod(self.profile.input_shape):
                 raise licenses.MalformedLicense("license fingerprint does not fit this model's input shape")
             self._signed_licenses.put(digest, payload)
-        return licenses.admit_payload(payload, model_id=self.profile.model_id, revoked=revoked)
+        return payload
 
     def _gateway_claims(self, token: Any) -> sessions.SessionClaims | sessions.SessionError | None:
         """Claims of a token the gateway signed (any purpose, even expired), the error that says why

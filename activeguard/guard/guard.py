@@ -20,22 +20,29 @@ A bad request gets its own 4xx outcome; it never fails the others in the batch.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from activeguard.credentials.control import decide
+from activeguard.guard import monitor
 from activeguard.guard import outcomes as o
 from activeguard.guard.answers import AnswerStamp
 from activeguard.guard.batch import Batch, ModelPass, Outputs
 from activeguard.guard.credentials import CredentialCheck
 from activeguard.guard.front import FrontEnd
+from activeguard.guard.monitor import ExtractionMonitor
 from activeguard.guard.outcomes import EXPLANATION, Outcome, Request, Verdict, internal_error
 from activeguard.guard.parsing import BodyParser
 from activeguard.guard.policy import RefusalPolicy
 from activeguard.guard.profile import Profile
 from activeguard.guard.revocation import Fetch, revocation_source
+from activeguard.guard.usage import UsageLedger
+from activeguard.watermark import traffic
+from activeguard.watermark.journal import JournalWriter
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,15 @@ class Guard:
         self.model_pass = ModelPass()
         self.policy = RefusalPolicy(self.config, profile.secret)
         self.front = FrontEnd(self.parser, self.model, self.device)
-        self.answers = AnswerStamp.from_profile(profile)  # None: the answer watermark is off
+        # the worker's journal (answer records, usage, alerts), when the profile names a directory
+        self.journal = JournalWriter(profile.answer_journal_dir) if profile.answer_journal_dir else None
+        self.answers = AnswerStamp.from_profile(profile, self.journal)  # None: the answer watermark is off
+        self.usage = UsageLedger(profile.model_id) if self.journal is not None else None
+        settings = profile.monitor_settings
+        self.monitor = (
+            ExtractionMonitor(settings, math.prod(profile.input_shape)) if settings.policy != monitor.OFF else None
+        )
+        self.flags: list[monitor.Flag] = []  # the licenses the last batch flagged (the handler's metrics)
 
     def handle(self, requests: list[Request]) -> list[Outcome]:
         """One JSON outcome per request, in order (the tensor front end: bodies are JSON or .npy)."""
@@ -79,6 +94,7 @@ class Guard:
         guard's own (JSON/.npy tensors in the input spec, the model is a :class:`ClientView`).
         """
         front = front or self.front
+        self.flags = []
         state = self.revocations.current()  # one look at the revocation list per batch
         batch = Batch(state.revoked, state.stale)
         reads = front.read_all(requests)
@@ -95,22 +111,55 @@ class Guard:
             except Exception:
                 logger.exception("request %d of a batch could not be decided", i)
                 batch.verdicts[i] = internal_error(batch.explain.get(i))
-        if self.answers is not None:
-            self.answers.flush()  # durable before any answer of the batch leaves
+        verdicts = [batch.verdicts[i] for i in range(len(requests))]
+        self._account(verdicts, batch)
         for i, verdict in batch.verdicts.items():
             if not verdict.admitted:
                 logger.info("refused request %d: %s", i, verdict.reason)
-        return [batch.verdicts[i] for i in range(len(requests))]
+        return verdicts
+
+    def _account(self, verdicts: list[Verdict], batch: Batch) -> None:
+        """Each verdict's license and rows; the batch's answer records, alerts and (every few seconds)
+        usage in one journal write, durable before any answer of the batch leaves."""
+        for i, verdict in enumerate(verdicts):
+            verdict.license_id = batch.license_ids.get(i)
+            verdict.rows = len(batch.inputs[i]) if i in batch.inputs else 1
+            if self.usage is not None and verdict.license_id is not None:
+                self.usage.count(verdict.license_id, verdict.reason, verdict.rows, verdict.admitted)
+        if self.journal is None:
+            return
+        entries = self.answers.take() if self.answers is not None else []
+        for flag in self.flags:
+            policy = traffic.SUSPEND if flag.policy == monitor.SUSPEND else traffic.NOTIFY
+            alert = traffic.AlertEntry(
+                self.profile.model_id, flag.license_id, "prada", policy, time.time(), flag.detail
+            )
+            entries.append(alert.to_entry())
+        if self.usage is not None:
+            entries += self.usage.due(force=bool(self.flags))  # an alert goes with the usage behind it
+        self.journal.write(entries)
 
     def _verdict(self, i: int, outputs: Outputs, batch: Batch, front: FrontEnd) -> Verdict:
         """Request ``i``'s verdict once the forward pass has answered its input and its fingerprint; an
         admitted answer under a license carries that license's answer watermark."""
         verdict = self._decision(i, outputs, batch, front)
         license_id = batch.license_ids.get(i)
-        if self.answers is not None and verdict.admitted and verdict.outputs is not None and license_id:
+        if not (verdict.admitted and verdict.outputs is not None and license_id):
+            return verdict
+        if self.monitor is not None:
+            blocked = self.monitor.refusal(license_id)
+            if blocked is not None:
+                return _extraction_refusal(blocked, verdict.explain)
+            raw = verdict.outputs
+        if self.answers is not None:
             verdict.outputs = self.answers.apply(
                 verdict.outputs, batch.inputs[i], license_id, verdict.user or "", front
             )
+        if self.monitor is not None:  # on the model's own top classes, not the watermark's
+            flag = self.monitor.observe(license_id, batch.inputs[i], front.logits(raw).argmax(1).cpu())
+            if flag is not None:
+                logger.warning("extraction monitor flagged license %s (%s): %s", license_id, flag.policy, flag.detail)
+                self.flags.append(flag)
         return verdict
 
     def _decision(self, i: int, outputs: Outputs, batch: Batch, front: FrontEnd) -> Verdict:
@@ -146,6 +195,23 @@ class Guard:
         if verdict.explain is not None:
             body[EXPLANATION] = verdict.explanation()
         return Outcome(verdict.status, verdict.reason, body, user=verdict.user if verdict.admitted else None)
+
+
+def _extraction_refusal(policy: str, explain: Any) -> Verdict:
+    """A license the extraction monitor flagged: refused while throttled, or until its revocation holds."""
+    if policy == monitor.THROTTLE:
+        return Verdict(
+            429,
+            o.EXTRACTION_THROTTLED,
+            message="throttled: this license's queries look like model extraction",
+            explain=explain,
+        )
+    return Verdict(
+        403,
+        o.EXTRACTION_SUSPENDED,
+        message="suspended: this license's queries look like model extraction",
+        explain=explain,
+    )
 
 
 def _model_device(model: nn.Module | None) -> torch.device:

@@ -27,6 +27,8 @@ FO_MISMATCH = "fo_mismatch"
 MALFORMED_INPUT = "malformed_input"
 INTERNAL_ERROR = "internal_error"
 REVOCATION_LIST_STALE = "revocation_list_stale"  # no fresh signed revocation list: credentials are refused
+EXTRACTION_THROTTLED = "extraction_throttled"  # the extraction monitor flagged the license: refused for a while
+EXTRACTION_SUSPENDED = "extraction_suspended"  # flagged under the suspend policy: refused until revoked
 BAD_SESSION = sessions.SessionError.reason
 EXPIRED_SESSION = sessions.ExpiredSession.reason
 
@@ -42,6 +44,8 @@ REFUSED_REASONS = (
     MALFORMED_INPUT,
     INTERNAL_ERROR,
     REVOCATION_LIST_STALE,
+    EXTRACTION_THROTTLED,
+    EXTRACTION_SUSPENDED,
     BAD_SESSION,
     EXPIRED_SESSION,
 )
@@ -89,6 +93,8 @@ class Verdict:
     user: str | None = None
     user_index: int | None = None
     explain: sessions.SessionClaims | None = None  # set only for gateway-attested requests
+    license_id: str | None = None  # the license behind the request, once its signature held
+    rows: int = 0  # the rows the request asked about (1 for a request whose input could not be read)
 
     @property
     def admitted(self) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from activeguard.credentials.control import ControlConfig
+from activeguard.guard import monitor
 from activeguard.guard.revocation import STALE_POLICIES
 from activeguard.models.inputs import InputSpec, SpecOverrides
 from activeguard.models.sources import SOURCES, SourceOptions
@@ -60,6 +61,14 @@ class Profile:
     answer_watermark_margin: float = 0.0
     answer_key_file: str | None = None
     answer_journal_dir: str | None = None
+    # the extraction monitor (activeguard.guard.monitor: PRADA per license): its policy on a flag (off, alert,
+    # throttle, suspend), the Shapiro-Wilk threshold, the distances before the first test, how long a throttled
+    # license is refused, and how many licenses a worker tracks. Alerts and usage go to the journal above.
+    extraction_monitor: str = monitor.OFF
+    extraction_delta: float = monitor.DEFAULT_DELTA
+    extraction_min_queries: int = monitor.DEFAULT_MIN_QUERIES
+    extraction_cooldown_s: float = monitor.DEFAULT_COOLDOWN_S
+    extraction_max_licenses: int = monitor.DEFAULT_MAX_LICENSES
 
     def validated(self) -> Profile:
         """This profile, once its control settings (K, C_fp, ε, policy) and input spec are known to be usable."""
@@ -84,6 +93,9 @@ class Profile:
             raise ValueError("answer_watermark_margin must be a non-negative number of nats (0: off)")
         if self.answer_watermark_margin and not (self.answer_key_file and self.answer_journal_dir):
             raise ValueError("an answer watermark needs its key file and a journal directory")
+        self.monitor_settings.validated()
+        if self.extraction_monitor != monitor.OFF and not self.answer_journal_dir:
+            raise ValueError("the extraction monitor needs a journal directory for its alerts")
         if self.source not in SOURCES:
             raise ValueError(f"profile source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.spec.shape != tuple(self.input_shape):  # SourceError is a ValueError too
@@ -106,6 +118,16 @@ class Profile:
             model_dir / (model_file or MODEL_CODE_FILE) if eager else None,
             self.model_class,
             SpecOverrides.pinned(self.spec),
+        )
+
+    @property
+    def monitor_settings(self) -> monitor.MonitorSettings:
+        return monitor.MonitorSettings(
+            policy=self.extraction_monitor,
+            delta=self.extraction_delta,
+            min_queries=self.extraction_min_queries,
+            cooldown_s=self.extraction_cooldown_s,
+            max_licenses=self.extraction_max_licenses,
         )
 
     @property
