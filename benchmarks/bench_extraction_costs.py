@@ -35,7 +35,14 @@ from activeguard.models.architectures import train_lenet5
 from activeguard.models.data import load_mnist
 from activeguard.runtime.private_files import write_private
 from activeguard.watermark.answers import KEY_FORMAT
-from benchmarks.common import HTTPClients, host_description, measure_interleaved, write_result
+from benchmarks.common import (
+    HTTPClients,
+    add_serving_arguments,
+    apply_quick,
+    host_description,
+    measure_interleaved,
+    write_result,
+)
 from handlers.server import ManagedTorchServe
 from tests.serving_fixtures import build, header_value, json_body
 
@@ -46,18 +53,13 @@ SETTINGS = {"batch1": (1, 1), "batch8": (8, 8)}  # name: (TorchServe batchSize, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=600, help="measured requests per mode and setting")
-    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests per mode and setting first")
-    parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay, ms")
-    parser.add_argument("--runs", type=int, default=3, help="measurements per setting; ratios are their median")
-    parser.add_argument("--quick", action="store_true", help="smoke run: one run of 64 requests, 16 warm-up")
+    add_serving_arguments(parser)
     parser.add_argument(
         "--no-serving", action="store_true", help="only the in-process measurement (the guard without TorchServe)"
     )
     parser.add_argument("--out", type=Path, help="default benchmarks/results/extraction_costs.json (-quick)")
     args = parser.parse_args()
-    if args.quick:
-        args.requests, args.warmup, args.runs = 64, 16, 1
+    apply_quick(args)
     out = args.out or Path(f"benchmarks/results/extraction_costs{'-quick' if args.quick else ''}.json")
     host = host_description()
 

@@ -48,7 +48,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from activeguard.cli.app import main as activeguard_main
 from activeguard.credentials import licenses, sessions
 from activeguard.credentials.header import encode_license_header
-from benchmarks.common import HTTPClients, host_description, measure_interleaved, write_result
+from benchmarks.common import (
+    HTTPClients,
+    add_serving_arguments,
+    apply_quick,
+    host_description,
+    measure_interleaved,
+    write_result,
+)
 from handlers.server import ManagedTorchServe
 from tests.protect_fixtures import fashion_deployment, png
 
@@ -59,20 +66,11 @@ SETTINGS = {"batch1": (1, 1), "batch8": (8, 8)}  # name: (TorchServe batchSize, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=600, help="measured requests per mode and setting")
-    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests per mode and setting first")
-    parser.add_argument(
-        "--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay, ms (only batch8 waits on it)"
-    )
+    add_serving_arguments(parser)
     parser.add_argument("--images", type=int, default=64, help="distinct test images the clients cycle through")
-    parser.add_argument(
-        "--runs", type=int, default=3, help="measurements per setting on the same servers; ratios are their median"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: one run of 64 requests, 16 warm-up per cell")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/protect.json (protect-quick.json)")
     args = parser.parse_args()
-    if args.quick:
-        args.requests, args.warmup, args.runs = 64, 16, 1
+    apply_quick(args)
     out = args.out or Path(f"benchmarks/results/protect{'-quick' if args.quick else ''}.json")
     host = host_description()  # the load average before the run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -14,6 +15,24 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every TorchServe-vs-TorchServe benchmark takes; ``apply_quick`` after parsing."""
+    parser.add_argument("--requests", type=int, default=600, help="measured requests per mode and setting")
+    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests per mode and setting first")
+    parser.add_argument(
+        "--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay, ms (only batch8 waits on it)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="measurements per setting on the same servers; ratios are their median"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: one run of 64 requests, 16 warm-up per cell")
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.requests, args.warmup, args.runs = 64, 16, 1
 
 
 def percentile(values: list[float], q: float) -> float:
