@@ -207,7 +207,7 @@ def bad_case(owner: OwnerFiles, d: Path, case: str) -> list[str]:  # noqa: F811
         ("npz-without-x", "has no array 'x'"),
         ("data-out-of-range", "outside the model's input range [0, 1]"),
         ("export-embed", "embed the watermark in the eager or TorchScript model and export it after"),
-        ("missing-layer", "no parameter 'conv2.weight'; conv weights: stem.0.weight, block.0.weight"),
+        ("missing-layer", "no parameter 'conv2.weight'; layer weights: stem.0.weight, block.0.weight"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(case, message, owner, bad_dir, capsys):  # noqa: F811
