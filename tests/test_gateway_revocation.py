@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from activeguard.credentials.revocations import verify_revocations
 from gateway.service import GatewayConfig, Metrics, ModelRoute, RevocationSync
 from handlers.server import free_port
 from license_server.client import LicenseClient
@@ -46,6 +47,7 @@ def test_a_revocation_reaches_the_gateway_within_poll_plus_one_second_after_a_re
             in_process(ls_config, TOKEN),
             LicenseClient(f"127.0.0.1:{port}", TOKEN, timeout=30, wait_for_ready=True) as admin,
         ):
+            keys = admin.verification_keys()
             admin.revoke(license_id, "test")
             revoked_at = time.monotonic()
             while license_id not in sync.revoked:
@@ -59,5 +61,6 @@ def test_a_revocation_reaches_the_gateway_within_poll_plus_one_second_after_a_re
         f"(poll interval {POLL_S:g} s)"
     )
     assert delay <= POLL_S + 1.0
-    assert license_id in (tmp_path / "revoked.txt").read_text()  # and the handler's file has it
+    # and the handler's file has it, in the license server's signed list
+    assert license_id in verify_revocations((tmp_path / "revoked.txt").read_text(), keys).revoked
     assert sync.staleness() < POLL_S + 1.0
