@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -309,25 +308,29 @@ def test_health_reflection_and_metrics(shared_server, model_paths):
         assert name in text
 
 
-def test_pregeneration_makes_issuance_fast(shared_server, model_paths, capsys):
+def _issued_by_path(server) -> dict[str, float]:
+    """IssueLicense calls so far by how the fingerprint was found (pregenerated, generated)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("activeguard_license_issue_seconds_count{"):
+            path = line.split('path="', 1)[1].split('"', 1)[0]
+            counts[path] = counts.get(path, 0.0) + float(line.split()[-1])
+    return counts
+
+
+def test_pregeneration_makes_issuance_fast(shared_server, model_paths):
+    """Licenses of a pre-generated model come from its pool, not a search (how fast each path is, is
+    measured by benchmarks/bench_license_server.py, not asserted here)."""
     with shared_server.client() as c:
         pre = c.register_model(model_path=str(model_paths[2]), pregenerate=True, fo_scheme="paper")
         assert pre.pregenerated == 30
-        cold = c.register_model(model_path=str(model_paths[3]), fo_scheme="paper").profile.model_id
-
-        def timed(mid: str, n: int = 10) -> list[float]:
-            out = []
-            for i in range(n):
-                t = time.perf_counter()
-                c.issue(mid, f"lat-{i}", 60)
-                out.append(time.perf_counter() - t)
-            return out
-
-        with_pre, without = timed(pre.profile.model_id), timed(cold)
-    p50_pre, p50_cold = statistics.median(with_pre), statistics.median(without)
-    with capsys.disabled():
-        print(f"\nIssueLicense p50: pre-generated {p50_pre * 1e3:.1f} ms, generated on demand {p50_cold * 1e3:.1f} ms")
-    assert p50_pre < p50_cold
+        before = _issued_by_path(shared_server)
+        for i in range(10):
+            c.issue(pre.profile.model_id, f"lat-{i}", 60)
+        after = _issued_by_path(shared_server)
+    assert after.get("pregenerated", 0) - before.get("pregenerated", 0) == 10
+    assert after.get("generated", 0) == before.get("generated", 0)
 
 
 def test_cli_issue_list_show_revoke_verify(shared_server, model_paths, tmp_path, monkeypatch, capsys):
