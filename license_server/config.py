@@ -50,14 +50,18 @@ class ServerConfig:
         self.admin_token_hash_file = Path(self.admin_token_hash_file or self.data_dir / "admin_token.sha256")
         self.answer_journals = tuple(Path(d) for d in self.answer_journals)
         if self.journal_poll_seconds <= 0 or self.answer_retention_days < 0:
-            raise ValueError("journal_poll_seconds must be positive and answer_retention_days at least 0")
+            raise ValueError(
+                "journal_poll_seconds (--journal-poll-s) must be positive and answer_retention_days "
+                "(--answer-retention-days) at least 0"
+            )
         self._check_tls()
 
     def _check_tls(self) -> None:
         """Refuse half a TLS setup: a client CA without a certificate used to start a plaintext server."""
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("give both tls_cert and tls_key, or neither")
+            raise ValueError("give both tls_cert and tls_key (--tls-cert, --tls-key), or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(
-                "tls_client_ca (mTLS) needs tls_cert and tls_key: client certificates are only checked over TLS"
+                "tls_client_ca (--tls-client-ca, mTLS) needs tls_cert and tls_key (--tls-cert, --tls-key): client "
+                "certificates are only checked over TLS"
             )

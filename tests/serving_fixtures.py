@@ -50,6 +50,9 @@ class Deployment:
             license_public_keys={licenses.key_id(pub): licenses.public_key_pem(pub).decode()},
             gateway_public_key=licenses.public_key_pem(self.gateway_key.public_key()).decode(),
             revocation_file=str(self.revocation_file),
+            # the fixture signs its list once and the session's TorchServe lives for the whole run (a license
+            # server or gateway re-signs it every sync): the list must not go stale mid-suite
+            revocation_max_age_s=kw.pop("revocation_max_age_s", 86400.0),
             **kw,
         )
 
