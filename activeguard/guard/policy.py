@@ -48,6 +48,7 @@ class RefusalPolicy:
         self.config = config
         self._secret = secret or os.urandom(32)
         self._permutations: Recent[int, torch.Tensor] = Recent(PERMUTATIONS_KEPT)
+        self._top_map: list[int] | None = None
 
     def refuse(self, raw: Any, reason: str, explain: SessionClaims | None, front: FrontEnd) -> Verdict:
         """The verdict of a refused request whose model output was ``raw`` (None: no input to answer)."""
@@ -58,11 +59,38 @@ class RefusalPolicy:
         return Verdict(200, reason, front.permuted(raw, index), explain=explain)
 
     def permutation(self, top: int) -> torch.Tensor:
-        """The keyed permutation of the classes for answers whose top class is ``top``."""
+        """The keyed permutation of the classes for answers whose top class is ``top``: the top class is
+        shown as ``shown_top(top)``, the other classes keyed at random."""
         found = self._permutations.get(top)
         if found is None:
-            digest = hmac.new(self._secret, f"permutation/{top}".encode(), hashlib.sha256).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            found = torch.randperm(self.config.num_classes, generator=generator)
+            found = torch.randperm(self.config.num_classes, generator=self._generator(f"permutation/{top}"))
+            shown, at = self.shown_top(top), int((found == top).nonzero()[0, 0])
+            found[at], found[shown] = found[shown].clone(), found[at].clone()  # column `shown` shows class `top`
             self._permutations.put(top, found)
         return found
+
+    def shown_top(self, top: int) -> int:
+        """Where an unlicensed answer puts the model's top class: a keyed permutation of the classes with
+        exactly one fixed point (three classes or more), so the dysfunctional model is right about as often
+        as chance (one class in K), whatever the secret. Independent permutations per top class left
+        0, 1, 2 or 3 of 10 classes right depending on the draw: accuracy 0% to 30%."""
+        if self._top_map is None:
+            k = self.config.num_classes
+            generator = self._generator("top-classes")
+            if k < 3:
+                self._top_map = torch.randperm(k, generator=generator).tolist()
+            else:
+                fixed = int(torch.randint(k, (1,), generator=generator))
+                others = [c for c in range(k) if c != fixed]
+                while True:  # a keyed derangement of the other classes (about e draws)
+                    order = torch.randperm(k - 1, generator=generator).tolist()
+                    if all(order[i] != i for i in range(k - 1)):
+                        break
+                self._top_map = list(range(k))
+                for i, c in enumerate(others):
+                    self._top_map[c] = others[order[i]]
+        return self._top_map[top]
+
+    def _generator(self, purpose: str) -> torch.Generator:
+        digest = hmac.new(self._secret, purpose.encode(), hashlib.sha256).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
