@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from activeguard.credentials.control import random_outputs
-from activeguard.experiments.served import ServedModel
+from activeguard.experiments.served import ServedModel, default_owner
 from activeguard.models.sources import LoadedModel
 
 FEATURES = ("top_probability", "entropy", "margin", "repeat_agreement", "perturbed_agreement", "perturbed_shift")
@@ -105,14 +105,7 @@ def run_control_layer_evaluation(
     """On ``loaded`` (default: the bundled MNIST LeNet-5 workload's owner) and ``data`` (its test rows),
     written to ``control_layer.json`` and ``control_layer.md``."""
     if loaded is None:
-        from activeguard.models import sources
-        from activeguard.models.workloads import DEFAULT_WORKLOAD, get
-
-        work = get(DEFAULT_WORKLOAD)
-        size = work.size(quick)
-        data = work.data(seed, size)
-        owner = work.owner(seed, size, progress=progress, split=data)
-        loaded = sources.load(owner.paths["checkpoint"])
+        data, loaded = default_owner(quick, seed, progress)
     n = 200 if quick else 1000
     if data is not None:
         x, y = data.x_test[:n], data.y_test[:n]

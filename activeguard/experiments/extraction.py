@@ -28,7 +28,7 @@ from torch import nn
 
 from activeguard.audit.extraction import audit_extraction
 from activeguard.experiments import extraction_attacks as attacks
-from activeguard.experiments.served import ROWS_PER_REQUEST, ServedModel
+from activeguard.experiments.served import ROWS_PER_REQUEST, ServedModel, default_owner
 from activeguard.guard.monitor import ALERT, ExtractionMonitor, MonitorSettings
 from activeguard.models.architectures import LeNet5, train
 from activeguard.models.data import Split
@@ -227,14 +227,7 @@ def run_extraction_evaluation(
     out_dir: str | Path, quick: bool = False, seed: int = 0, *, progress: bool = False, **_: Any
 ) -> dict[str, Any]:
     """On the bundled MNIST LeNet-5 workload's owner; ``extraction.json`` and ``extraction.md`` in ``out_dir``."""
-    from activeguard.models import sources
-    from activeguard.models.workloads import DEFAULT_WORKLOAD, get
-
-    work = get(DEFAULT_WORKLOAD)
-    size = work.size(quick)
-    split = work.data(seed, size)
-    owner = work.owner(seed, size, progress=progress, split=split)
-    loaded = sources.load(owner.paths["checkpoint"])
+    split, loaded = default_owner(quick, seed, progress)
     out = Path(out_dir)
     work_dir = out / "extraction-run"
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from activeguard.credentials.control import ControlConfig
 from activeguard.guard.guard import Guard
 from activeguard.guard.outcomes import Request
 from activeguard.guard.profile import Profile
+from activeguard.models.data import Split
 from activeguard.models.sources import LoadedModel
 
 ROWS_PER_REQUEST = 64
@@ -86,3 +87,15 @@ class ServedModel:
         if refused:
             raise RuntimeError(f"the guard refused a request it should answer: {refused[0].reason}")
         return torch.tensor([row for o in outcomes for row in o.body["outputs"]])
+
+
+def default_owner(quick: bool, seed: int, progress: bool = False) -> tuple[Split, LoadedModel]:
+    """The bundled MNIST LeNet-5 workload's data and trained owner (cached), as the serving evaluations use it."""
+    from activeguard.models import sources
+    from activeguard.models.workloads import DEFAULT_WORKLOAD, get
+
+    work = get(DEFAULT_WORKLOAD)
+    size = work.size(quick)
+    split = work.data(seed, size)
+    owner = work.owner(seed, size, progress=progress, split=split)
+    return split, sources.load(owner.paths["checkpoint"])
